@@ -1,0 +1,21 @@
+"""flask-reqconn: one PostgreSQL connection per Flask request, always given back."""
+
+from __future__ import annotations
+
+from .errors import ClientGone, ConfigError, ConnectionReleased, PoolExhausted, ReqConnError
+from .extension import ReqConn, get_conn
+from .lease import Lease, ReleaseReason
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ClientGone",
+    "ConfigError",
+    "ConnectionReleased",
+    "Lease",
+    "PoolExhausted",
+    "ReleaseReason",
+    "ReqConn",
+    "ReqConnError",
+    "get_conn",
+]

@@ -1,0 +1,277 @@
+"""Reading and checking the ``REQCONN_*`` configuration.
+
+All keys are read once, in :meth:`ReqConn.init_app`, into a frozen
+:class:`Settings`. Anything wrong fails there, with the key in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing as t
+from collections.abc import Iterable, Mapping
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .errors import ConfigError
+
+CHECKOUT_MODES = ("eager", "lazy")
+TRANSACTION_MODES = ("rollback", "autocommit", "atomic")
+
+#: Every key the extension reads, with its default. ``REQCONN_CONNINFO`` has
+#: no default: it is required.
+DEFAULTS: dict[str, t.Any] = {
+    "REQCONN_CONNINFO": None,
+    "REQCONN_MIN_SIZE": 1,
+    "REQCONN_MAX_SIZE": 10,
+    "REQCONN_TIMEOUT": 5.0,
+    "REQCONN_MAX_WAITING": 0,
+    "REQCONN_MAX_LIFETIME": 3600.0,
+    "REQCONN_MAX_IDLE": 600.0,
+    "REQCONN_CHECKOUT": "eager",
+    "REQCONN_EXEMPT_ENDPOINTS": ("static",),
+    "REQCONN_TRANSACTION": "rollback",
+    "REQCONN_RESET_SESSION": True,
+    "REQCONN_CONNECT_ARGS": {},
+    "REQCONN_SESSION_SETTINGS": {},
+    "REQCONN_CHECK_CLIENT": True,
+    "REQCONN_EOF_MEANS_GONE": True,
+    "REQCONN_RETRY_AFTER": 1,
+}
+
+_GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+_URL_USERINFO = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one app. Built by :func:`load_settings`."""
+
+    conninfo: str = dataclasses.field(repr=False)
+    min_size: int
+    max_size: int
+    timeout: float
+    max_waiting: int
+    max_lifetime: float
+    max_idle: float
+    checkout: str
+    exempt_endpoints: frozenset[str]
+    transaction: str
+    reset_session: bool
+    connect_args: Mapping[str, t.Any] = dataclasses.field(repr=False)
+    check_client: bool
+    eof_means_gone: bool
+    retry_after: int
+    application_name: str
+
+    @property
+    def safe_conninfo(self) -> str:
+        """The conninfo with any password replaced by ``***``, fit for logs."""
+        return redact_conninfo(self.conninfo)
+
+    @property
+    def autocommit(self) -> bool:
+        return self.transaction == "autocommit"
+
+
+def redact_conninfo(conninfo: str) -> str:
+    """Return *conninfo* with its password hidden. Never raises."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except Exception:
+        return scrub_secrets(conninfo)
+    if "password" in params:
+        params["password"] = "***"
+    try:
+        return make_conninfo("", **params)
+    except Exception:
+        return "<conninfo>"
+
+
+def scrub_secrets(text: str, secrets: Iterable[str] = ()) -> str:
+    """Remove passwords from free text (error messages, conninfo strings)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    return _PASSWORD_KV.sub(r"\1***", text)
+
+
+def load_settings(config: Mapping[str, t.Any], app_name: str) -> Settings:
+    """Validate the ``REQCONN_*`` keys of *config* and return :class:`Settings`.
+
+    :param config: the app's config (read only; defaults are not written back
+        here, :meth:`ReqConn.init_app` does that).
+    :param app_name: used as the default ``application_name``.
+    :raises ConfigError: naming the first key that is missing or invalid.
+    """
+    _reject_unknown_keys(config)
+    get = _Getter(config)
+
+    conninfo = get.conninfo("REQCONN_CONNINFO")
+    min_size = get.integer("REQCONN_MIN_SIZE", minimum=0)
+    max_size = get.integer("REQCONN_MAX_SIZE", minimum=1)
+    if max_size < min_size:
+        raise ConfigError(
+            "REQCONN_MAX_SIZE",
+            f"must be at least REQCONN_MIN_SIZE ({min_size}), got {max_size}",
+        )
+    connect_args = dict(get.mapping("REQCONN_CONNECT_ARGS"))
+    if "autocommit" in connect_args:
+        raise ConfigError(
+            "REQCONN_CONNECT_ARGS",
+            "do not pass 'autocommit' here; set REQCONN_TRANSACTION = 'autocommit' instead",
+        )
+    session_settings = get.mapping("REQCONN_SESSION_SETTINGS")
+    options = _session_options(session_settings)
+    if options:
+        previous = connect_args.get("options") or conninfo_to_dict(conninfo).get("options")
+        connect_args["options"] = f"{previous} {options}" if previous else options
+    application_name = str(
+        connect_args.get("application_name")
+        or conninfo_to_dict(conninfo).get("application_name")
+        or app_name
+    )[:63]
+    connect_args["application_name"] = application_name
+    try:
+        make_conninfo(conninfo, **{k: v for k, v in connect_args.items() if _is_conn_param(v)})
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(
+            "REQCONN_CONNECT_ARGS", scrub_secrets(str(exc), _passwords(conninfo, connect_args))
+        ) from None
+
+    return Settings(
+        conninfo=conninfo,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=get.number("REQCONN_TIMEOUT", positive=True),
+        max_waiting=get.integer("REQCONN_MAX_WAITING", minimum=0),
+        max_lifetime=get.number("REQCONN_MAX_LIFETIME", positive=True),
+        max_idle=get.number("REQCONN_MAX_IDLE", positive=True),
+        checkout=get.choice("REQCONN_CHECKOUT", CHECKOUT_MODES),
+        exempt_endpoints=get.names("REQCONN_EXEMPT_ENDPOINTS"),
+        transaction=get.choice("REQCONN_TRANSACTION", TRANSACTION_MODES),
+        reset_session=get.boolean("REQCONN_RESET_SESSION"),
+        connect_args=connect_args,
+        check_client=get.boolean("REQCONN_CHECK_CLIENT"),
+        eof_means_gone=get.boolean("REQCONN_EOF_MEANS_GONE"),
+        retry_after=get.integer("REQCONN_RETRY_AFTER", minimum=0),
+        application_name=application_name,
+    )
+
+
+def _reject_unknown_keys(config: Mapping[str, t.Any]) -> None:
+    for key in config:
+        if isinstance(key, str) and key.startswith("REQCONN_") and key not in DEFAULTS:
+            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(key, f"unknown flask-reqconn setting{hint}")
+
+
+def _session_options(settings: Mapping[str, t.Any]) -> str:
+    parts = []
+    for name, value in settings.items():
+        if not isinstance(name, str) or not _GUC_NAME.match(name):
+            raise ConfigError(
+                "REQCONN_SESSION_SETTINGS", f"{name!r} is not a PostgreSQL setting name"
+            )
+        if isinstance(value, bool):
+            text = "on" if value else "off"
+        elif isinstance(value, (str, int, float)):
+            text = str(value)
+        else:
+            raise ConfigError(
+                "REQCONN_SESSION_SETTINGS",
+                f"value of {name!r} must be a string, number or bool, got {type(value).__name__}",
+            )
+        escaped = text.replace("\\", "\\\\").replace(" ", "\\ ")
+        parts.append(f"-c {name}={escaped}")
+    return " ".join(parts)
+
+
+def _is_conn_param(value: t.Any) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _passwords(conninfo: str, connect_args: Mapping[str, t.Any]) -> list[str]:
+    found = [str(connect_args.get("password") or "")]
+    try:
+        found.append(str(conninfo_to_dict(conninfo).get("password") or ""))
+    except Exception:
+        pass
+    return found
+
+
+class _Getter:
+    """Typed access to config keys with defaults, raising :class:`ConfigError`."""
+
+    def __init__(self, config: Mapping[str, t.Any]) -> None:
+        self._config = config
+
+    def _get(self, key: str) -> t.Any:
+        return self._config.get(key, DEFAULTS[key])
+
+    def conninfo(self, key: str) -> str:
+        value = self._get(key)
+        if value is None or value == "":
+            raise ConfigError(
+                key,
+                "is required: set it to a libpq connection string or URL, "
+                "e.g. 'postgresql://user@host/dbname'",
+            )
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {type(value).__name__}")
+        try:
+            conninfo_to_dict(value)
+        except psycopg.ProgrammingError as exc:
+            reason = scrub_secrets(str(exc), _passwords(value, {}))
+            raise ConfigError(key, f"is not a valid connection string: {reason}") from None
+        return value
+
+    def integer(self, key: str, *, minimum: int) -> int:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        if value < minimum:
+            raise ConfigError(key, f"must be at least {minimum}, got {value}")
+        return value
+
+    def number(self, key: str, *, positive: bool) -> float:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number of seconds, got {value!r}")
+        if positive and not value > 0:
+            raise ConfigError(key, f"must be greater than 0, got {value}")
+        return float(value)
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be True or False, got {value!r}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self._get(key)
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(key, f"must be one of {allowed}, got {value!r}")
+        return t.cast(str, value)
+
+    def names(self, key: str) -> frozenset[str]:
+        value = self._get(key)
+        if isinstance(value, str) or not isinstance(value, Iterable):
+            raise ConfigError(key, f"must be a list of endpoint names, got {value!r}")
+        items = list(value)
+        for item in items:
+            if not isinstance(item, str):
+                raise ConfigError(key, f"must contain endpoint names (strings), got {item!r}")
+        return frozenset(items)
+
+    def mapping(self, key: str) -> Mapping[str, t.Any]:
+        value = self._get(key)
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"must be a dict, got {type(value).__name__}")
+        return value

@@ -1,0 +1,362 @@
+"""The Flask extension: configuration, request hooks and :func:`get_conn`."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import typing as t
+from collections.abc import Callable, Iterator
+
+import psycopg
+from flask import Blueprint, Flask, current_app, g, has_request_context, request
+from psycopg.pq import TransactionStatus
+
+from .clientgone import client_gone
+from .config import DEFAULTS, Settings, load_settings
+from .errors import ClientGone, ConnectionReleased, ReqConnError
+from .lease import Lease, ReleaseReason, RequestLeases
+from .middleware import LeaseGuard
+from .pool import PoolHolder
+
+if t.TYPE_CHECKING:
+    from werkzeug.wrappers import Response
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_KEY = "reqconn"
+DEFAULT_POOL = "default"
+_G_ATTR = "_flask_reqconn"
+_EXEMPT_ATTR = "_flask_reqconn_exempt"
+
+F = t.TypeVar("F", bound=Callable[..., t.Any])
+
+
+class ReqConn:
+    """Give every request one PostgreSQL connection from a psycopg pool.
+
+    ``ReqConn(app)`` or ``ReqConn()`` and later :meth:`init_app` (app
+    factories). One instance may serve several apps; each app has its own
+    pool, opened lazily in the process that serves requests.
+
+    :param app: the Flask app to set up now, if any.
+    """
+
+    def __init__(self, app: Flask | None = None) -> None:
+        self._exempt_views: set[Callable[..., t.Any]] = set()
+        self._exempt_blueprints: set[str] = set()
+        if app is not None:
+            self.init_app(app)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+    def init_app(self, app: Flask) -> None:
+        """Read the ``REQCONN_*`` config, register the hooks, wrap ``app.wsgi_app``.
+
+        Nothing is connected here: the pool opens on the first request in
+        the serving process.
+
+        :raises ConfigError: a key is missing or invalid; the message names it.
+        :raises RuntimeError: the app already has a ``ReqConn``.
+        """
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                "A 'ReqConn' instance has already been registered on this Flask app."
+                " Import and use that instance instead."
+            )
+        settings = load_settings(app.config, app.name)
+        for key, value in DEFAULTS.items():
+            if value is not None:
+                app.config.setdefault(key, value)
+        state = AppState(self, app.name, settings)
+        app.extensions[EXTENSION_KEY] = state
+        if settings.checkout == "eager":
+            app.before_request(state.before_request)
+        app.after_request(state.after_request)
+        app.teardown_request(state.teardown_request)
+        app.wsgi_app = LeaseGuard(app.wsgi_app, state)  # type: ignore[method-assign]
+
+    def exempt(self, view: F) -> F:
+        """Exempt a view function or a blueprint from the eager checkout.
+
+        Usable as a decorator. An exempt view still gets a connection if it
+        calls :func:`get_conn` (lazily, on that call).
+        """
+        if isinstance(view, Blueprint):
+            self._exempt_blueprints.add(view.name)
+        else:
+            self._exempt_views.add(view)
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(view, _EXEMPT_ATTR, True)
+        return view
+
+    def stats(self, app: Flask | None = None) -> dict[str, t.Any]:
+        """Counters of this process for *app* (default: the current app).
+
+        Keys: ``pid``, ``checked_out`` (leases held now), ``checkouts``,
+        ``releases`` (by reason), ``exhausted`` (503s), ``client_gone``
+        (499s), ``discarded_writes``, and ``pools`` with each pool's own
+        counters, current holders and psycopg_pool's ``get_stats()``.
+        """
+        return _state_of(app).stats()
+
+    def close(self, app: Flask | None = None) -> None:
+        """Close this process's pools for *app*; they reopen on next use."""
+        _state_of(app).close()
+
+    @contextlib.contextmanager
+    def connection(
+        self, name: str | None = None, *, app: Flask | None = None
+    ) -> Iterator[psycopg.Connection[t.Any]]:
+        """A pool connection outside of requests (CLI commands, scripts, tests).
+
+        The transaction is committed on success and rolled back on error,
+        as with psycopg_pool's ``connection()``.
+        """
+        holder = _state_of(app).holder(name or DEFAULT_POOL)
+        with holder.pool.connection() as conn:
+            yield conn
+
+
+class AppState:
+    """Everything flask-reqconn keeps for one app (``app.extensions["reqconn"]``)."""
+
+    def __init__(self, ext: ReqConn, app_name: str, settings: Settings) -> None:
+        self.ext = ext
+        self.app_name = app_name
+        self.settings = settings
+        self.environ_key = f"flask_reqconn.request.{id(self):x}"
+        self._deferred: collections.deque[Callable[[], None]] = collections.deque()
+        self.holders: dict[str, PoolHolder] = {
+            DEFAULT_POOL: PoolHolder(
+                DEFAULT_POOL,
+                settings,
+                label=f"reqconn:{app_name}",
+                deferred=self._deferred,
+            )
+        }
+        self._eager_by_endpoint: dict[str | None, bool] = {}
+        self._lock = threading.Lock()
+        self.client_gone_count = 0
+
+    def __repr__(self) -> str:
+        return f"<AppState {self.app_name!r} {self.settings.checkout}>"
+
+    def holder(self, name: str) -> PoolHolder:
+        try:
+            return self.holders[name]
+        except KeyError:
+            raise ReqConnError(
+                f"no pool named {name!r}; configured pools: {', '.join(sorted(self.holders))}"
+            ) from None
+
+    # -- deferred finalizers (run at safe points) ---------------------------
+
+    @property
+    def has_deferred(self) -> bool:
+        return bool(self._deferred)
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        self._deferred.append(fn)
+
+    def run_deferred(self) -> None:
+        self.holders[DEFAULT_POOL].run_deferred()
+
+    # -- request hooks ----------------------------------------------------------
+
+    def before_request(self) -> None:
+        """Eager mode: check out the default pool's connection before the view."""
+        endpoint = request.endpoint
+        eager = self._eager_by_endpoint.get(endpoint)
+        if eager is None:
+            eager = self._decide_eager(endpoint)
+        if eager and request.routing_exception is None:
+            self.checkout(self.request_leases(), DEFAULT_POOL)
+
+    def _decide_eager(self, endpoint: str | None) -> bool:
+        eager = endpoint is not None and endpoint not in self.settings.exempt_endpoints
+        if eager:
+            view = current_app.view_functions.get(t.cast(str, endpoint))
+            if view is not None and (
+                view in self.ext._exempt_views or getattr(view, _EXEMPT_ATTR, False)
+            ):
+                eager = False
+            elif any(bp in self.ext._exempt_blueprints for bp in request.blueprints):
+                eager = False
+        self._eager_by_endpoint[endpoint] = eager
+        return eager
+
+    def after_request(self, response: Response) -> Response:
+        req: RequestLeases | None = g.get(_G_ATTR)
+        if req is None:
+            return response
+        if response.is_streamed:
+            req.streamed = True
+        if self.settings.transaction == "atomic":
+            self._commit_atomic(req, response.status_code)
+        return response
+
+    def teardown_request(self, exc: BaseException | None = None) -> None:
+        req: RequestLeases | None = g.get(_G_ATTR)
+        if req is None:
+            return
+        if req.streamed:
+            # The body is not produced yet (Flask runs teardown before a
+            # stream_with_context body, and again at its end): the WSGI
+            # wrapper releases when the response iterable is closed.
+            return
+        try:
+            req.release_all(ReleaseReason.TEARDOWN)
+        except Exception:  # teardown must never raise
+            logger.exception("error while releasing connections in teardown")
+
+    def _commit_atomic(self, req: RequestLeases, status: int) -> None:
+        if status >= 400:
+            return  # rolled back at release
+        for lease in req.leases.values():
+            conn = lease.conn
+            if not lease.active or conn is None:
+                continue
+            tx = conn.pgconn.transaction_status
+            if tx == TransactionStatus.INTRANS:
+                conn.commit()
+            elif tx == TransactionStatus.INERROR:
+                raise ReqConnError(
+                    f"REQCONN_TRANSACTION is 'atomic' but the transaction of pool"
+                    f" {lease.pool_name!r} failed earlier in this request and cannot be"
+                    " committed; nothing was saved"
+                )
+
+    # -- checkout ---------------------------------------------------------------
+
+    def request_leases(self) -> RequestLeases:
+        req: RequestLeases | None = g.get(_G_ATTR)
+        if req is None:
+            req = RequestLeases()
+            setattr(g, _G_ATTR, req)
+            request.environ[self.environ_key] = req
+        return req
+
+    def checkout(self, req: RequestLeases, name: str) -> Lease:
+        """Check out *name*'s connection for this request, skipping dead clients."""
+        if req.client_gone:
+            raise ClientGone()
+        holder = self.holder(name)
+        environ = request.environ
+        settings = self.settings
+        if settings.check_client and client_gone(
+            environ, eof_means_gone=settings.eof_means_gone
+        ):
+            self._client_gone(req, None)
+        lease = holder.checkout(
+            method=environ.get("REQUEST_METHOD", ""),
+            path=environ.get("PATH_INFO", ""),
+            endpoint=request.endpoint,
+        )
+        req.leases[name] = lease
+        if settings.check_client and client_gone(
+            environ, eof_means_gone=settings.eof_means_gone
+        ):
+            lease.release(ReleaseReason.CLIENT_GONE)
+            self._client_gone(req, lease)
+        return lease
+
+    def _client_gone(self, req: RequestLeases, lease: Lease | None) -> t.NoReturn:
+        req.client_gone = True
+        with self._lock:
+            self.client_gone_count += 1
+        waited = f" after waiting {lease.wait_time:.3f} s for a connection" if lease else ""
+        logger.info(
+            "client gone before the view ran: %s %s%s; skipped (499)",
+            request.method,
+            request.path,
+            waited,
+        )
+        raise ClientGone()
+
+    # -- reporting ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, t.Any]:
+        pools = {name: holder.stats() for name, holder in self.holders.items()}
+        releases = {reason.value: 0 for reason in ReleaseReason}
+        for data in pools.values():
+            for reason, n in data["releases"].items():
+                releases[reason] += n
+        return {
+            "pid": os.getpid(),
+            "checked_out": sum(p["checked_out"] for p in pools.values()),
+            "checkouts": sum(p["checkouts"] for p in pools.values()),
+            "releases": releases,
+            "exhausted": sum(p["exhausted"] for p in pools.values()),
+            "client_gone": self.client_gone_count,
+            "discarded_writes": sum(p["discarded_writes"] for p in pools.values()),
+            "pools": pools,
+        }
+
+    def close(self) -> None:
+        for holder in self.holders.values():
+            holder.close()
+
+
+def _state_of(app: Flask | None) -> AppState:
+    if app is None:
+        try:
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+        except RuntimeError:
+            raise ReqConnError(
+                "no app given and no application context is active: pass the app,"
+                " or use 'with app.app_context():'"
+            ) from None
+    state = t.cast(Flask, app).extensions.get(EXTENSION_KEY)
+    if state is None:
+        raise ReqConnError(
+            f"flask-reqconn is not set up on app {t.cast(Flask, app).name!r}."
+            " Did you forget to call ReqConn(app) or reqconn.init_app(app)?"
+        )
+    return t.cast(AppState, state)
+
+
+def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
+    """Return the current request's connection, checking it out if needed.
+
+    The connection belongs to the request: do not close it or keep it after
+    the request; flask-reqconn rolls back what is left open and returns it.
+
+    :param name: the pool name; default pool when omitted.
+    :raises ReqConnError: outside a request, or before ``init_app``.
+    :raises PoolExhausted: no connection within ``REQCONN_TIMEOUT`` (503).
+    :raises ClientGone: the client already disconnected (499).
+    """
+    try:
+        req: RequestLeases | None = getattr(g, _G_ATTR, None)
+    except RuntimeError:
+        req = None
+    if req is not None:
+        lease = req.leases.get(name or DEFAULT_POOL)
+        if lease is not None and lease.conn is not None and lease.active:
+            return lease.conn
+    return _get_conn_slow(name or DEFAULT_POOL, req)
+
+
+def _get_conn_slow(name: str, req: RequestLeases | None) -> psycopg.Connection[t.Any]:
+    if not has_request_context():
+        raise ReqConnError(
+            "get_conn() was called outside of a request. In a streamed response, call"
+            " get_conn() in the view and use the connection in the generator, or wrap the"
+            " generator with flask.stream_with_context(). In scripts and CLI commands use"
+            " 'with reqconn.connection() as conn:'."
+        )
+    state = _state_of(None)
+    if req is not None:
+        lease = req.leases.get(name)
+        if lease is not None:
+            raise ConnectionReleased(
+                f"the connection of pool {name!r} for this request was already given back"
+                f" (released by {lease.released_by}); it cannot be used after that"
+            )
+    lease = state.checkout(req or state.request_leases(), name)
+    assert lease.conn is not None
+    return lease.conn

@@ -1,0 +1,113 @@
+"""Bringing a connection back to a clean state before it returns to the pool.
+
+What a request leaves behind must not reach the next one: an open transaction
+is rolled back, and session state (``SET``, ``SET ROLE``, ``set_config(...,
+false)``, ``LISTEN``, advisory locks, temporary tables, open cursors) is reset,
+in one round trip. Client-side attributes a view may have changed
+(``autocommit``, ``read_only``, ``isolation_level``, ``deferrable``,
+``row_factory``) are put back. A connection that is mid-query or broken is
+left for the pool to discard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing as t
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+logger = logging.getLogger(__name__)
+
+#: Statements that undo session state; run after any rollback, in the same
+#: round trip. Startup settings (``REQCONN_SESSION_SETTINGS``,
+#: ``application_name``) survive, since ``RESET ALL`` restores them.
+RESET_SESSION_SQL = (
+    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *;"
+    " SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+)
+_ROLLBACK_CHECKING_WRITES = "SELECT txid_current_if_assigned() IS NOT NULL; ROLLBACK"
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """The client-side connection attributes every request starts with."""
+
+    autocommit: bool
+    row_factory: t.Any
+
+
+@dataclasses.dataclass
+class HandBack:
+    """What cleaning a connection found and did."""
+
+    rolled_back: bool = False
+    discarded_writes: bool = False
+    #: the connection is unusable and was closed; the pool will replace it.
+    discarded: bool = False
+    error: str = ""
+
+
+def clean_connection(
+    conn: psycopg.Connection[t.Any], baseline: Baseline, *, reset_session: bool
+) -> HandBack:
+    """Roll back, reset session state and restore attributes. Never raises.
+
+    A connection that is closed, broken, or in the middle of a query is left
+    as it is: ``putconn`` discards such connections.
+    """
+    result = HandBack()
+    if conn.closed:
+        result.discarded = True
+        return result
+    status = conn.pgconn.transaction_status
+    if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
+        result.discarded = True
+        return result
+    try:
+        if status == TransactionStatus.INTRANS:
+            sql = _ROLLBACK_CHECKING_WRITES
+            if reset_session:
+                sql = f"{sql}; {RESET_SESSION_SQL}"
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                row = cur.fetchone()
+                result.discarded_writes = bool(row and row[0])
+            result.rolled_back = True
+        elif status == TransactionStatus.INERROR:
+            conn.execute(f"ROLLBACK; {RESET_SESSION_SQL}" if reset_session else "ROLLBACK")
+            result.rolled_back = True
+        elif reset_session:
+            if conn.autocommit:
+                conn.execute(RESET_SESSION_SQL)
+            else:
+                conn.autocommit = True
+                try:
+                    conn.execute(RESET_SESSION_SQL)
+                finally:
+                    conn.autocommit = False
+        if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+            raise psycopg.InterfaceError("connection not idle after reset")
+        _restore_attributes(conn, baseline)
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.discarded = True
+        try:
+            conn.close()
+        except Exception:  # pragma: no cover - close() does not raise in practice
+            pass
+    return result
+
+
+def _restore_attributes(conn: psycopg.Connection[t.Any], baseline: Baseline) -> None:
+    if conn.autocommit is not baseline.autocommit:
+        conn.autocommit = baseline.autocommit
+    if conn.read_only is not None:
+        conn.read_only = None
+    if conn.isolation_level is not None:
+        conn.isolation_level = None
+    if conn.deferrable is not None:
+        conn.deferrable = None
+    if conn.row_factory is not baseline.row_factory:
+        conn.row_factory = baseline.row_factory

@@ -1,0 +1,193 @@
+"""One checkout of one connection, and the set of checkouts of one request.
+
+A :class:`Lease` is released exactly once, by whoever gets there first: the
+``teardown_request`` hook, the response iterable's ``close()``, an error that
+leaves the app, or a finalizer. Later calls are no-ops, so callers never need
+to coordinate; the lease remembers who released it.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+import typing as t
+
+if t.TYPE_CHECKING:
+    import psycopg
+
+    from .pool import PoolHolder
+
+
+class ReleaseReason(str, enum.Enum):
+    """Who gave a connection back. Used in :meth:`ReqConn.stats` and logs."""
+
+    #: ``teardown_request`` after the view (the normal path).
+    TEARDOWN = "teardown"
+    #: ``close()`` of a fully sent streamed response.
+    CLOSE = "close"
+    #: a client-disconnect error, or a stream closed before it was fully sent.
+    ABORT = "abort"
+    #: another exception (``SystemExit``, ``GeneratorExit``...) left the app or the stream.
+    EXCEPTION = "exception"
+    #: the client was gone before the view ran; the view was skipped (499).
+    CLIENT_GONE = "client_gone"
+    #: nobody closed the response; a finalizer returned the connection.
+    FINALIZER = "finalizer"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class LeaseState(str, enum.Enum):
+    """Where a lease is in its life."""
+
+    WAITING = "waiting"
+    ACTIVE = "active"
+    RELEASING = "releasing"
+    RELEASED = "released"
+
+
+class Lease:
+    """A connection checked out from a pool for one request.
+
+    Created by :meth:`PoolHolder.checkout`; the connection is in
+    :attr:`conn` while :attr:`active`.
+    """
+
+    __slots__ = (
+        "conn",
+        "pool_name",
+        "method",
+        "path",
+        "endpoint",
+        "thread_id",
+        "requested_at",
+        "checked_out_at",
+        "released_at",
+        "released_by",
+        "_state",
+        "_lock",
+        "_holder",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        holder: PoolHolder,
+        *,
+        method: str = "",
+        path: str = "",
+        endpoint: str | None = None,
+    ) -> None:
+        self._holder = holder
+        self.pool_name = holder.name
+        self.conn: psycopg.Connection[t.Any] | None = None
+        self.method = method
+        self.path = path
+        self.endpoint = endpoint
+        self.thread_id = threading.get_ident()
+        self.requested_at = time.monotonic()
+        self.checked_out_at = 0.0
+        self.released_at = 0.0
+        self.released_by: ReleaseReason | None = None
+        self._state = LeaseState.WAITING
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Lease {self.pool_name!r} {self._state.value} {self.method} {self.path}"
+            f" released_by={self.released_by and self.released_by.value}>"
+        )
+
+    @property
+    def state(self) -> LeaseState:
+        return self._state
+
+    @property
+    def active(self) -> bool:
+        """True while the connection is checked out and usable by the request."""
+        return self._state is LeaseState.ACTIVE
+
+    @property
+    def wait_time(self) -> float:
+        """Seconds spent waiting for the pool."""
+        return max(0.0, self.checked_out_at - self.requested_at) if self.checked_out_at else 0.0
+
+    @property
+    def held_for(self) -> float:
+        """Seconds the connection has been (or was) held."""
+        if not self.checked_out_at:
+            return 0.0
+        end = self.released_at or time.monotonic()
+        return end - self.checked_out_at
+
+    def _activate(self, conn: psycopg.Connection[t.Any]) -> None:
+        self.conn = conn
+        self.checked_out_at = time.monotonic()
+        self._state = LeaseState.ACTIVE
+
+    def release(self, reason: ReleaseReason) -> bool:
+        """Give the connection back to its pool, once.
+
+        Safe to call from any thread, any number of times: only the first call
+        while the lease is active does anything.
+
+        :returns: True if this call released the connection.
+        """
+        with self._lock:
+            if self._state is not LeaseState.ACTIVE:
+                return False
+            self._state = LeaseState.RELEASING
+        self.released_by = reason
+        self.released_at = time.monotonic()
+        try:
+            self._holder.give_back(self, reason)
+        finally:
+            self._state = LeaseState.RELEASED
+        return True
+
+    def __del__(self) -> None:
+        # Last resort: the lease became unreachable while still active. This can
+        # run in any thread, at any allocation, so hand the work to the holder,
+        # which does it at a safe point (the next checkout or stats()).
+        if self._state is LeaseState.ACTIVE:
+            try:
+                self._holder.defer(self._finalize)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
+    def _finalize(self) -> None:
+        self._holder.warn_finalized(self)
+        self.release(ReleaseReason.FINALIZER)
+
+
+class RequestLeases:
+    """The leases of one request, one per pool at most.
+
+    Kept on :data:`flask.g` and in the WSGI environ, so that both the request
+    hooks and the WSGI wrapper (which runs after the context is gone) see it.
+    """
+
+    __slots__ = ("leases", "streamed", "app_returned", "client_gone", "__weakref__")
+
+    def __init__(self) -> None:
+        self.leases: dict[str, Lease] = {}
+        #: the response is an iterator: release waits for its ``close()``.
+        self.streamed = False
+        #: ``wsgi_app`` has returned (a second teardown is the end of a stream).
+        self.app_returned = False
+        #: the client was seen gone; no new checkouts for this request.
+        self.client_gone = False
+
+    def has_active(self) -> bool:
+        for lease in self.leases.values():
+            if lease._state is LeaseState.ACTIVE:
+                return True
+        return False
+
+    def release_all(self, reason: ReleaseReason) -> None:
+        """Release every active lease of the request. Never raises."""
+        for lease in tuple(self.leases.values()):
+            if lease._state is LeaseState.ACTIVE:
+                lease.release(reason)

@@ -1,0 +1,124 @@
+"""The WSGI wrapper that releases a request's connections whatever happens.
+
+``init_app`` wraps ``app.wsgi_app`` in :class:`LeaseGuard`. The request hooks
+release connections on the normal path; this wrapper covers the rest:
+
+- any exception (``BaseException`` included) leaving the app releases at once;
+- a streamed response keeps its connection until its iterable is closed (or
+  raises while iterating), which this wrapper observes;
+- if nothing ever calls ``close()``, a finalizer returns the connection at the
+  next safe point and logs a WARNING.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Iterable, Iterator
+
+from .clientgone import is_client_abort
+from .lease import ReleaseReason, RequestLeases
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from .extension import AppState
+
+
+def _reason_for(exc: BaseException) -> ReleaseReason:
+    return ReleaseReason.ABORT if is_client_abort(exc) else ReleaseReason.EXCEPTION
+
+
+class LeaseGuard:
+    """WSGI middleware: release every lease of a request exactly once.
+
+    :param app: the WSGI application to wrap (``app.wsgi_app``).
+    :param state: the extension's per-app state.
+    """
+
+    def __init__(self, app: WSGIApplication, state: AppState) -> None:
+        self.app = app
+        self._state = state
+        self._key = state.environ_key
+
+    def __call__(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        state = self._state
+        if state.has_deferred:
+            state.run_deferred()
+        try:
+            app_iter = self.app(environ, start_response)
+        except BaseException as exc:
+            req = environ.get(self._key)
+            if req is not None:
+                req.release_all(_reason_for(exc))
+            raise
+        req = environ.get(self._key)
+        if req is None:
+            return app_iter
+        req.app_returned = True
+        if not req.streamed and not req.has_active():
+            return app_iter
+        return GuardedIterable(app_iter, req, state)
+
+
+class GuardedIterable:
+    """A response iterable that releases the request's leases when it ends.
+
+    Released on ``close()`` (reason ``close`` if the body was fully produced,
+    ``abort`` if not), on an exception while iterating, or by a finalizer when
+    it is garbage collected without being closed.
+    """
+
+    __slots__ = ("_app_iter", "_iterator", "_req", "_state", "_exhausted", "_closed")
+
+    def __init__(self, app_iter: Iterable[bytes], req: RequestLeases, state: AppState) -> None:
+        self._app_iter = app_iter
+        self._req = req
+        self._state = state
+        self._exhausted = False
+        self._closed = False
+        self._iterator: Iterator[bytes] = iter(app_iter)
+
+    def __iter__(self) -> GuardedIterable:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self._exhausted = True
+            raise
+        except BaseException as exc:
+            self._req.release_all(_reason_for(exc))
+            raise
+
+    def close(self) -> None:
+        """Close the wrapped iterable (running stream teardown), then release."""
+        self._close(ReleaseReason.CLOSE if self._exhausted else ReleaseReason.ABORT)
+
+    def _close(self, reason: ReleaseReason) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._app_iter, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._req.release_all(reason)
+
+    def __del__(self) -> None:
+        if not self._closed:
+            try:
+                self._state.defer(self._finalize)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
+    def _finalize(self) -> None:
+        if self._closed:
+            return
+        for lease in self._req.leases.values():
+            if lease.active:
+                self._state.holder(lease.pool_name).warn_finalized(lease)
+        self._close(ReleaseReason.FINALIZER)

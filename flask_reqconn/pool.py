@@ -1,0 +1,273 @@
+"""The process-local psycopg pool behind one configured pool name.
+
+The pool is opened lazily, in the process that serves requests, on first use:
+nothing is opened at import or in ``init_app``, so a pool never crosses a
+``fork()`` (gunicorn ``--preload``). If the pid changes anyway, the child opens
+a fresh pool and leaves the parent's alone: it keeps a reference to it so that
+garbage collection never sends a ``Terminate`` over the parent's sockets.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import typing as t
+from collections.abc import Callable
+
+import psycopg
+from psycopg.rows import tuple_row
+from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
+
+from .config import Settings
+from .errors import PoolExhausted
+from .handback import Baseline, clean_connection
+from .lease import Lease, ReleaseReason
+from .stats import PoolCounters
+
+logger = logging.getLogger(__name__)
+
+#: Pools inherited across a fork: referenced forever, never closed, never used.
+_INHERITED_POOLS: list[ConnectionPool[t.Any]] = []
+
+
+class PoolHolder:
+    """Owns the pool of one name for one app: opening, checkout, hand-back, counters."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        *,
+        label: str,
+        deferred: collections.deque[Callable[[], None]] | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.label = label
+        self.counters = PoolCounters()
+        self.baseline = Baseline(
+            autocommit=settings.autocommit,
+            row_factory=settings.connect_args.get("row_factory", tuple_row),
+        )
+        self._pool: ConnectionPool[t.Any] | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._deferred = deferred if deferred is not None else collections.deque()
+        self._last_exhausted_log = 0.0
+        self._exhausted_unlogged = 0
+
+    def __repr__(self) -> str:
+        return f"<PoolHolder {self.label!r} pid={self._pid or None}>"
+
+    # -- the pool ---------------------------------------------------------
+
+    @property
+    def pool(self) -> ConnectionPool[t.Any]:
+        """The open pool of this process, opened on first access."""
+        pool = self._pool
+        if pool is not None and self._pid == os.getpid():
+            return pool
+        return self._open()
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None and self._pid == os.getpid()
+
+    def _open(self) -> ConnectionPool[t.Any]:
+        with self._lock:
+            pid = os.getpid()
+            if self._pool is not None and self._pid == pid:
+                return self._pool
+            if self._pool is not None:
+                logger.warning(
+                    "pool %r was opened in process %d before a fork; process %d opens its"
+                    " own and leaves the inherited one untouched (open pools after the fork:"
+                    " do not use the database at import time or in gunicorn's master)",
+                    self.label,
+                    self._pid,
+                    pid,
+                )
+                _INHERITED_POOLS.append(self._pool)
+                self.counters = PoolCounters()
+            s = self.settings
+            kwargs = dict(s.connect_args)
+            pool: ConnectionPool[t.Any] = ConnectionPool(
+                s.conninfo,
+                kwargs=kwargs,
+                min_size=s.min_size,
+                max_size=s.max_size,
+                timeout=s.timeout,
+                max_waiting=s.max_waiting,
+                max_lifetime=s.max_lifetime,
+                max_idle=s.max_idle,
+                name=self.label,
+                configure=self._configure if s.autocommit else None,
+                open=False,
+            )
+            pool.open(wait=False)
+            self._pool, self._pid = pool, pid
+            logger.debug(
+                "opened pool %r in process %d: %s (min_size=%d, max_size=%d)",
+                self.label,
+                pid,
+                s.safe_conninfo,
+                s.min_size,
+                s.max_size,
+            )
+            return pool
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection[t.Any]) -> None:
+        conn.autocommit = True
+
+    def close(self) -> None:
+        """Close this process's pool, if open. It reopens on next use."""
+        with self._lock:
+            pool, pid = self._pool, self._pid
+            self._pool = None
+        if pool is not None and pid == os.getpid():
+            pool.close()
+
+    # -- checkout and hand-back --------------------------------------------
+
+    def checkout(self, *, method: str, path: str, endpoint: str | None) -> Lease:
+        """Wait for a connection and return it as an active :class:`Lease`.
+
+        :raises PoolExhausted: when no connection came within the timeout or
+            the wait queue is full.
+        """
+        if self._deferred:
+            self.run_deferred()
+        pool = self.pool
+        lease = Lease(self, method=method, path=path, endpoint=endpoint)
+        try:
+            lease._activate(pool.getconn())
+        except (PoolTimeout, TooManyRequests) as exc:
+            self.counters.add("exhausted")
+            self._log_exhausted(lease, exc)
+            raise PoolExhausted(self.name, self.settings.retry_after) from exc
+        self.counters.checked_out(lease)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "checked out %s for %s %s after %.3f s",
+                self.label,
+                method,
+                path,
+                lease.wait_time,
+            )
+        return lease
+
+    def give_back(self, lease: Lease, reason: ReleaseReason) -> None:
+        """Clean the lease's connection and return it to the pool. Never raises."""
+        conn = lease.conn
+        try:
+            if conn is not None:
+                outcome = clean_connection(
+                    conn, self.baseline, reset_session=self.settings.reset_session
+                )
+                if outcome.discarded_writes:
+                    self.counters.add("discarded_writes")
+                    logger.warning(
+                        "rolled back uncommitted writes left by %s %s (endpoint %r): the"
+                        " view did not commit. Call get_conn().commit(), or set"
+                        " REQCONN_TRANSACTION = 'atomic'",
+                        lease.method,
+                        lease.path,
+                        lease.endpoint,
+                    )
+                if outcome.discarded:
+                    self.counters.add("discarded_connections")
+                    if outcome.error:
+                        logger.warning(
+                            "could not clean the connection of %s %s; discarding it: %s",
+                            lease.method,
+                            lease.path,
+                            outcome.error,
+                        )
+                self._putconn(conn)
+        finally:
+            self.counters.released(lease, reason)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "released %s of %s %s by %s after %.3f s",
+                    self.label,
+                    lease.method,
+                    lease.path,
+                    reason.value,
+                    lease.held_for,
+                )
+
+    def _putconn(self, conn: psycopg.Connection[t.Any]) -> None:
+        pool = conn._pool
+        if pool is None or not isinstance(pool, ConnectionPool):
+            conn.close()
+            return
+        try:
+            pool.putconn(conn)
+        except Exception as exc:  # the pool was closed meanwhile
+            logger.debug("putconn to %r failed (%s); closing the connection", pool.name, exc)
+            conn.close()
+
+    # -- deferred finalization -------------------------------------------
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        """Schedule *fn* to run at the next safe point (a checkout or stats())."""
+        self._deferred.append(fn)
+
+    def run_deferred(self) -> None:
+        while True:
+            try:
+                fn = self._deferred.popleft()
+            except IndexError:
+                return
+            try:
+                fn()
+            except Exception:
+                logger.exception("error while finalizing an abandoned lease")
+
+    def warn_finalized(self, lease: Lease) -> None:
+        self.counters.add("finalized")
+        logger.warning(
+            "connection of %s %s (endpoint %r) was never released: nothing closed the"
+            " response; returned it from a finalizer after %.1f s. A server or"
+            " middleware above the app does not call close() on the WSGI response.",
+            lease.method,
+            lease.path,
+            lease.endpoint,
+            lease.held_for,
+        )
+
+    # -- reporting ------------------------------------------------------------
+
+    def _log_exhausted(self, lease: Lease, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_exhausted_log < 1.0:
+            self._exhausted_unlogged += 1
+            return
+        suppressed, self._exhausted_unlogged = self._exhausted_unlogged, 0
+        self._last_exhausted_log = now
+        stats = self.pool.get_stats() if self.is_open else {}
+        logger.warning(
+            "pool %r exhausted: %s %s answered 503 after waiting %.3f s (%s);"
+            " pool_size=%s available=%s waiting=%s max_size=%d%s",
+            self.label,
+            lease.method,
+            lease.path,
+            time.monotonic() - lease.requested_at,
+            type(exc).__name__,
+            stats.get("pool_size"),
+            stats.get("pool_available"),
+            stats.get("requests_waiting"),
+            self.settings.max_size,
+            f"; {suppressed} more since the last report" if suppressed else "",
+        )
+
+    def stats(self) -> dict[str, t.Any]:
+        if self._deferred:
+            self.run_deferred()
+        data = self.counters.snapshot()
+        data["pool"] = self.pool.get_stats() if self.is_open else {}
+        return data
