@@ -31,7 +31,7 @@ DEFAULTS: dict[str, t.Any] = {
     "REQCONN_MAX_LIFETIME": 3600.0,
     "REQCONN_MAX_IDLE": 600.0,
     "REQCONN_CHECKOUT": "eager",
-    "REQCONN_EXEMPT_ENDPOINTS": ("static",),
+    "REQCONN_EXEMPT_ENDPOINTS": (),
     "REQCONN_TRANSACTION": "rollback",
     "REQCONN_RESET_SESSION": True,
     "REQCONN_CONNECT_ARGS": {},

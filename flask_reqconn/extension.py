@@ -18,7 +18,7 @@ from .clientgone import client_gone
 from .config import DEFAULTS, Settings, load_settings
 from .errors import ClientGone, ConnectionReleased, ReqConnError
 from .lease import Lease, ReleaseReason, RequestLeases
-from .middleware import LeaseGuard
+from .middleware import LeaseGuard, body_may_use_connection
 from .pool import PoolHolder
 
 if t.TYPE_CHECKING:
@@ -82,7 +82,8 @@ class ReqConn:
     def exempt(self, view: F) -> F:
         """Exempt a view function or a blueprint from the eager checkout.
 
-        Usable as a decorator. An exempt view still gets a connection if it
+        Usable as a decorator. Static files (endpoints ``static`` and
+        ``<blueprint>.static``) are always exempt. An exempt view still gets a connection if it
         calls :func:`get_conn` (lazily, on that call).
         """
         if isinstance(view, Blueprint):
@@ -177,7 +178,12 @@ class AppState:
             self.checkout(self.request_leases(), DEFAULT_POOL)
 
     def _decide_eager(self, endpoint: str | None) -> bool:
-        eager = endpoint is not None and endpoint not in self.settings.exempt_endpoints
+        eager = (
+            endpoint is not None
+            and endpoint not in self.settings.exempt_endpoints
+            and endpoint != "static"
+            and not endpoint.endswith(".static")
+        )
         if eager:
             view = current_app.view_functions.get(t.cast(str, endpoint))
             if view is not None and (
@@ -193,7 +199,7 @@ class AppState:
         req: RequestLeases | None = g.get(_G_ATTR)
         if req is None:
             return response
-        if response.is_streamed:
+        if response.is_streamed and body_may_use_connection(response.response):
             req.streamed = True
         if self.settings.transaction == "atomic":
             self._commit_atomic(req, response.status_code)

@@ -12,8 +12,11 @@ release connections on the normal path; this wrapper covers the rest:
 
 from __future__ import annotations
 
+import types
 import typing as t
 from collections.abc import Iterable, Iterator
+
+from werkzeug.wsgi import ClosingIterator, FileWrapper
 
 from .clientgone import is_client_abort
 from .lease import ReleaseReason, RequestLeases
@@ -22,6 +25,29 @@ if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from .extension import AppState
+
+
+_FIXED_BODIES = (
+    list,
+    tuple,
+    bytes,
+    str,
+    type(iter([])),
+    type(iter(())),
+    FileWrapper,
+    # werkzeug's wrapping of a response Flask converted (error pages): fixed body
+    ClosingIterator,
+)
+
+
+def body_may_use_connection(body: t.Any) -> bool:
+    """Could producing this response body still run queries?
+
+    Generators (``stream_with_context`` or plain) and unknown iterables might,
+    so their connection is kept until the response iterable is closed. Fixed
+    bodies (lists, bytes, files, converted error pages) cannot.
+    """
+    return isinstance(body, types.GeneratorType) or not isinstance(body, _FIXED_BODIES)
 
 
 def _reason_for(exc: BaseException) -> ReleaseReason:

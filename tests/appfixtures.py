@@ -1,0 +1,65 @@
+"""Fixtures building Flask apps with flask-reqconn against the test PostgreSQL.
+
+Every app made by ``make_app`` is checked at teardown: no lease may still be
+checked out, and its pool is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from flask import Flask
+
+from flask_reqconn import ReqConn
+from tests import pg
+
+AppFactory = Callable[..., Flask]
+
+
+@pytest.fixture
+def make_app(pg_dsn: str) -> Iterator[AppFactory]:
+    """``make_app(**config)`` -> a Flask app with ``ReqConn`` set up.
+
+    Config keys are given without the ``REQCONN_`` prefix (``max_size=2``).
+    Each app gets its own ``application_name`` (``app.config["TEST_APPNAME"]``)
+    so ``pg_stat_activity`` can be filtered per test.
+    """
+    made: list[tuple[Flask, ReqConn]] = []
+
+    def factory(*, ext: ReqConn | None = None, init: bool = True, **config: Any) -> Flask:
+        appname = pg.unique_name("rc")
+        app = Flask(appname)
+        app.config["TESTING"] = False
+        app.config["REQCONN_CONNINFO"] = pg.with_conninfo(pg_dsn, application_name=appname)
+        app.config["REQCONN_MIN_SIZE"] = 0
+        app.config["REQCONN_MAX_SIZE"] = 2
+        app.config["REQCONN_TIMEOUT"] = 10.0
+        for key, value in config.items():
+            app.config[f"REQCONN_{key.upper()}"] = value
+        app.config["TEST_APPNAME"] = appname
+        reqconn = ext or ReqConn()
+        if init:
+            reqconn.init_app(app)
+            made.append((app, reqconn))
+        app.extensions["test_reqconn"] = reqconn
+        return app
+
+    yield factory
+    leaks = []
+    for app, reqconn in made:
+        stats = reqconn.stats(app)
+        if stats["checked_out"]:
+            leaks.append(f"{app.name}: {stats['checked_out']} checked out: {stats}")
+        reqconn.close(app)
+    assert not leaks, "leases leaked by the test:\n" + "\n".join(leaks)
+
+
+def reqconn_of(app: Flask) -> ReqConn:
+    return app.extensions["test_reqconn"]  # type: ignore[no-any-return]
+
+
+def backend_pid(conn: psycopg.Connection[Any]) -> int:
+    return conn.info.backend_pid

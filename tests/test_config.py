@@ -1,0 +1,160 @@
+"""Configuration: read once in init_app, every mistake named by its key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_reqconn import ConfigError, ReqConn
+from flask_reqconn.config import DEFAULTS, load_settings, redact_conninfo, scrub_secrets
+from tests import pg
+
+GOOD = "postgresql://app@db.example/app"
+
+
+def settings(**config: Any) -> Any:
+    base = {"REQCONN_CONNINFO": GOOD}
+    base.update(config)
+    return load_settings(base, "myapp")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("REQCONN_MIN_SIZE", -1, "at least 0"),
+        ("REQCONN_MIN_SIZE", "2", "integer"),
+        ("REQCONN_MAX_SIZE", 0, "at least 1"),
+        ("REQCONN_MAX_SIZE", True, "integer"),
+        ("REQCONN_TIMEOUT", 0, "greater than 0"),
+        ("REQCONN_TIMEOUT", "5", "number of seconds"),
+        ("REQCONN_MAX_WAITING", -3, "at least 0"),
+        ("REQCONN_MAX_LIFETIME", -1.0, "greater than 0"),
+        ("REQCONN_MAX_IDLE", None, "number of seconds"),
+        ("REQCONN_CHECKOUT", "sometimes", "'eager', 'lazy'"),
+        ("REQCONN_TRANSACTION", "commit", "'rollback', 'autocommit', 'atomic'"),
+        ("REQCONN_EXEMPT_ENDPOINTS", "static", "list of endpoint names"),
+        ("REQCONN_EXEMPT_ENDPOINTS", ["static", 3], "strings"),
+        ("REQCONN_RESET_SESSION", "yes", "True or False"),
+        ("REQCONN_CHECK_CLIENT", 1, "True or False"),
+        ("REQCONN_EOF_MEANS_GONE", None, "True or False"),
+        ("REQCONN_CONNECT_ARGS", ["x"], "dict"),
+        ("REQCONN_CONNECT_ARGS", {"autocommit": True}, "REQCONN_TRANSACTION"),
+        ("REQCONN_SESSION_SETTINGS", {"bad name; drop": 1}, "setting name"),
+        ("REQCONN_SESSION_SETTINGS", {"statement_timeout": [1]}, "string, number or bool"),
+        ("REQCONN_RETRY_AFTER", 1.5, "integer"),
+    ],
+)
+def test_invalid_value_names_the_key(key: str, value: Any, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(**{key: value})
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+    assert fragment in str(info.value)
+
+
+def test_missing_conninfo_says_what_to_set() -> None:
+    with pytest.raises(ConfigError, match="REQCONN_CONNINFO: is required"):
+        load_settings({}, "myapp")
+
+
+def test_max_size_below_min_size_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="REQCONN_MAX_SIZE: must be at least REQCONN_MIN_SIZE"):
+        settings(REQCONN_MIN_SIZE=5, REQCONN_MAX_SIZE=2)
+
+
+def test_unknown_key_is_rejected_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match="REQCONN_MAXSIZE: unknown .*did you mean REQCONN_MAX_SIZE"):
+        settings(REQCONN_MAXSIZE=3)
+
+
+def test_invalid_conninfo_fails_without_echoing_the_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(REQCONN_CONNINFO="host=db password=hunter2secret bogus")
+    assert "REQCONN_CONNINFO" in str(info.value)
+    assert "hunter2secret" not in str(info.value)
+    assert "hunter2secret" not in repr(info.value)
+
+
+def test_settings_repr_hides_conninfo_and_password() -> None:
+    s = settings(
+        REQCONN_CONNINFO="postgresql://app:hunter2secret@db/app",
+        REQCONN_CONNECT_ARGS={"password": "hunter2secret"},
+    )
+    assert "hunter2secret" not in repr(s)
+    assert "hunter2secret" not in s.safe_conninfo
+    assert "***" in s.safe_conninfo
+
+
+@pytest.mark.parametrize(
+    "conninfo",
+    [
+        "postgresql://app:hunter2secret@db:5432/app",
+        "host=db user=app password=hunter2secret dbname=app",
+        "host=db password='hunter2 secret' dbname=app",
+    ],
+)
+def test_redact_conninfo_hides_passwords(conninfo: str) -> None:
+    redacted = redact_conninfo(conninfo)
+    assert "hunter2" not in redacted
+    assert "db" in redacted
+
+
+def test_scrub_secrets_handles_urls_and_key_values() -> None:
+    text = "failed: postgresql://u:pw1@h/db and password=pw2 and 'pw3'"
+    assert scrub_secrets(text, ["pw3"]) == "failed: postgresql://u:***@h/db and password=*** and '***'"
+
+
+def test_session_settings_become_startup_options() -> None:
+    s = settings(
+        REQCONN_SESSION_SETTINGS={
+            "idle_in_transaction_session_timeout": "60s",
+            "statement_timeout": 5000,
+            "jit": False,
+        }
+    )
+    assert s.connect_args["options"] == (
+        "-c idle_in_transaction_session_timeout=60s -c statement_timeout=5000 -c jit=off"
+    )
+
+
+def test_application_name_defaults_to_app_name_but_conninfo_wins() -> None:
+    assert settings().application_name == "myapp"
+    s = settings(REQCONN_CONNINFO=GOOD + "?application_name=mine")
+    assert s.application_name == "mine"
+
+
+def test_init_app_writes_defaults_and_opens_nothing(pg_dsn: str, pg_admin: Any) -> None:
+    appname = pg.unique_name("cfg")
+    app = Flask(appname)
+    app.config["REQCONN_CONNINFO"] = pg.with_conninfo(pg_dsn, application_name=appname)
+    reqconn = ReqConn(app)
+    for key, value in DEFAULTS.items():
+        if value is not None:
+            assert key in app.config
+    state = app.extensions["reqconn"]
+    assert not state.holders["default"].is_open
+    assert pg.app_sessions(pg_admin, appname) == []
+    reqconn.close(app)
+
+
+def test_second_init_app_is_refused() -> None:
+    app = Flask("twice")
+    app.config["REQCONN_CONNINFO"] = GOOD
+    reqconn = ReqConn(app)
+    with pytest.raises(RuntimeError, match="already been registered"):
+        reqconn.init_app(app)
+    with pytest.raises(RuntimeError, match="already been registered"):
+        ReqConn(app)
+
+
+def test_bad_config_fails_at_init_app_before_anything_is_registered() -> None:
+    app = Flask("bad")
+    app.config["REQCONN_CONNINFO"] = GOOD
+    app.config["REQCONN_TIMEOUT"] = -1
+    original = app.wsgi_app
+    with pytest.raises(ConfigError, match="REQCONN_TIMEOUT"):
+        ReqConn().init_app(app)
+    assert "reqconn" not in app.extensions
+    assert app.wsgi_app == original
