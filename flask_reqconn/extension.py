@@ -11,7 +11,7 @@ import typing as t
 from collections.abc import Callable, Iterator
 
 import psycopg
-from flask import Blueprint, Flask, current_app, g, has_request_context, request
+from flask import Blueprint, Flask, current_app, has_request_context, request
 from psycopg.pq import TransactionStatus
 
 from .clientgone import client_gone
@@ -28,7 +28,11 @@ logger = logging.getLogger(__name__)
 
 EXTENSION_KEY = "reqconn"
 DEFAULT_POOL = "default"
-_G_ATTR = "_flask_reqconn"
+#: The request's leases live on the request object, not on ``g``: ``g``
+#: belongs to the app context, which Flask shares between requests whenever an
+#: app context is already pushed (a suspended ``stream_with_context``
+#: generator, ``with app.app_context():`` around a test client).
+_REQUEST_ATTR = "_flask_reqconn"
 _EXEMPT_ATTR = "_flask_reqconn_exempt"
 
 F = t.TypeVar("F", bound=Callable[..., t.Any])
@@ -196,7 +200,7 @@ class AppState:
         return eager
 
     def after_request(self, response: Response) -> Response:
-        req: RequestLeases | None = g.get(_G_ATTR)
+        req: RequestLeases | None = getattr(request, _REQUEST_ATTR, None)
         if req is None:
             return response
         if response.is_streamed and body_may_use_connection(response.response):
@@ -206,7 +210,7 @@ class AppState:
         return response
 
     def teardown_request(self, exc: BaseException | None = None) -> None:
-        req: RequestLeases | None = g.get(_G_ATTR)
+        req: RequestLeases | None = getattr(request, _REQUEST_ATTR, None)
         if req is None:
             return
         if req.streamed:
@@ -239,10 +243,10 @@ class AppState:
     # -- checkout ---------------------------------------------------------------
 
     def request_leases(self) -> RequestLeases:
-        req: RequestLeases | None = g.get(_G_ATTR)
+        req: RequestLeases | None = getattr(request, _REQUEST_ATTR, None)
         if req is None:
             req = RequestLeases()
-            setattr(g, _G_ATTR, req)
+            setattr(request._get_current_object(), _REQUEST_ATTR, req)  # type: ignore[attr-defined]
             request.environ[self.environ_key] = req
         return req
 
@@ -337,7 +341,7 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
     :raises ClientGone: the client already disconnected (499).
     """
     try:
-        req: RequestLeases | None = getattr(g, _G_ATTR, None)
+        req: RequestLeases | None = getattr(request, _REQUEST_ATTR, None)
     except RuntimeError:
         req = None
     if req is not None:

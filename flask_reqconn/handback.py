@@ -27,6 +27,8 @@ RESET_SESSION_SQL = (
     "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *;"
     " SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
 )
+#: Seconds to wait for a cancel request when a connection comes back mid-query.
+CANCEL_TIMEOUT = 5.0
 _ROLLBACK_CHECKING_WRITES = "SELECT txid_current_if_assigned() IS NOT NULL; ROLLBACK"
 
 
@@ -62,8 +64,16 @@ def clean_connection(
         result.discarded = True
         return result
     status = conn.pgconn.transaction_status
-    if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
+    if status == TransactionStatus.UNKNOWN:
         result.discarded = True
+        return result
+    if status == TransactionStatus.ACTIVE:
+        # Returned mid-query (an abandoned stream, a raw send_query): stop the
+        # statement on the server, which would otherwise run to its end, and
+        # discard the connection.
+        result.discarded = True
+        result.error = "returned while a query was still running"
+        _cancel_and_close(conn)
         return result
     try:
         if status == TransactionStatus.INTRANS:
@@ -98,6 +108,17 @@ def clean_connection(
         except Exception:  # pragma: no cover - close() does not raise in practice
             pass
     return result
+
+
+def _cancel_and_close(conn: psycopg.Connection[t.Any]) -> None:
+    try:
+        if hasattr(conn, "cancel_safe"):
+            conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+        else:  # pragma: no cover - psycopg < 3.2
+            conn.cancel()
+    except Exception as exc:
+        logger.debug("could not cancel the running query: %s", exc)
+    conn.close()
 
 
 def _restore_attributes(conn: psycopg.Connection[t.Any], baseline: Baseline) -> None:

@@ -100,6 +100,8 @@ class StormError(ValueError):
     """The storm cannot run as configured: a bad or remote target, an unreadable oracle.
 
     Raised by :func:`run_storm` before any load is sent; ``main()`` exits with status 2.
+
+    .. versionadded:: 0.1
     """
 
 
@@ -114,6 +116,8 @@ class StormConfig:
     absolute URLs or paths resolved against ``url``.
 
     :raises ValueError: on out-of-range values or inconsistent options.
+
+    .. versionadded:: 0.1
     """
 
     url: str
@@ -199,6 +203,8 @@ class Progress:
     Each phase sends one event with ``done == 0`` when it starts and one with
     ``finished=True`` at its end. ``drain`` and ``settle`` (waits, no requests) have
     ``total == 0``.
+
+    .. versionadded:: 0.1
     """
 
     phase: str
@@ -214,6 +220,8 @@ class PhaseResult:
     ``requests`` counts requests started; ``skipped`` those not started because the
     ``max_seconds`` deadline passed. Socket-level failures are in ``errors`` (``timeout``,
     ``ERR:ConnectionRefused``, ...), never in ``statuses``.
+
+    .. versionadded:: 0.1
     """
 
     name: str
@@ -250,6 +258,8 @@ class LeakReading:
     """Readings of one leak oracle: before the storm, after the drain, after the final load.
 
     ``None`` means it could not be read; ``error`` says why (last failure).
+
+    .. versionadded:: 0.1
     """
 
     source: str
@@ -268,7 +278,10 @@ class LeakReading:
 
 @dataclass
 class StormResult:
-    """The outcome of :func:`run_storm`. ``verdict`` starts with ``OK:`` or ``FAIL:``."""
+    """The outcome of :func:`run_storm`. ``verdict`` starts with ``OK:`` or ``FAIL:``.
+
+    .. versionadded:: 0.1
+    """
 
     config: StormConfig
     normal: PhaseResult
@@ -1047,22 +1060,29 @@ class _ProgressPrinter:
         self.stream.flush()
 
 
-# (config field, type, help): the one definition the argparse and click front ends share.
-_NUMERIC_OPTIONS: tuple[tuple[str, type[int] | type[float], str], ...] = (
-    ("normal_count", int, "requests in the normal-load phase"),
-    ("normal_concurrency", int, "client threads in the normal-load phase"),
-    ("normal_timeout", float, "seconds per normal request"),
-    ("abort_count", int, "requests in the aborted-load phase"),
-    ("abort_concurrency", int, "client threads in the aborted-load phase"),
-    ("abort_timeout", float, "seconds per aborted request (connect, send, first chunk)"),
-    ("abort_delay", float, "seconds before closing in the 'delay' style"),
-    ("drain_pause", float, "seconds to wait after the aborts when there is no leak oracle"),
-    ("drain_timeout", float, "longest wait for the oracle to read 0 (after aborts and at end)"),
-    ("health_timeout", float, "seconds the health check may take"),
-    ("final_count", int, "requests in the final load, which must all answer 2xx"),
-    ("final_concurrency", int, "client threads in the final load"),
-    ("final_timeout", float, "seconds per final request"),
-    ("max_seconds", float, f"deadline for the whole storm (at most {MAX_SECONDS:g})"),
+# (group, config field, type or None for a string, help): the one definition of the
+# options, used by the argparse parser, which the click command hands its arguments to.
+_OPTIONS: tuple[tuple[str, str, type[int] | type[float] | None, str], ...] = (
+    ("normal load", "normal_count", int, "requests"),
+    ("normal load", "normal_concurrency", int, "client threads"),
+    ("normal load", "normal_timeout", float, "seconds per request"),
+    ("aborted load", "abort_count", int, "requests the client drops"),
+    ("aborted load", "abort_concurrency", int, "client threads"),
+    ("aborted load", "abort_timeout", float, "seconds per abort (connect, send, first chunk)"),
+    ("aborted load", "abort_delay", float, "seconds before closing in the 'delay' style"),
+    ("aborted load", "stream_path", None, "streamed URL or path for the 'stream' style"),
+    ("drain", "drain_pause", float, "seconds to wait after the aborts without a leak oracle"),
+    ("drain", "drain_timeout", float, "longest wait for the oracle to read 0 (twice)"),
+    ("health check", "health_path", None, "URL or path (default: the target URL)"),
+    ("health check", "health_timeout", float, "seconds it may take"),
+    ("final load (must be all 2xx)", "final_count", int, "requests"),
+    ("final load (must be all 2xx)", "final_concurrency", int, "client threads"),
+    ("final load (must be all 2xx)", "final_timeout", float, "seconds per request"),
+    ("leak oracle", "stats_url", None, "URL or path of a JSON stats endpoint"),
+    ("leak oracle", "stats_key", None, "dotted key of the checked-out count"),
+    ("leak oracle", "dsn", None, "PostgreSQL conninfo (password via PGPASSWORD or .pgpass)"),
+    ("leak oracle", "application_name", None, "application_name of the app's sessions"),
+    ("limits", "max_seconds", float, f"deadline for the whole storm (at most {MAX_SECONDS:g})"),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(StormConfig)}
 
@@ -1092,40 +1112,38 @@ def _build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             "a health check and a final load that must all be 2xx, and, with a leak oracle, "
             "zero connections left checked out. Exit status: 0 ok, 1 failed, 2 usage error."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("url", help="http:// URL of your running app (loopback only)")
-    for name, kind, help_text in _NUMERIC_OPTIONS:
-        parser.add_argument(
-            "--" + name.replace("_", "-"), type=kind, default=_DEFAULTS[name], help=help_text
+    groups = {title: parser.add_argument_group(title) for title, *_ in _OPTIONS}
+    for title, name, kind, help_text in _OPTIONS:
+        default = _DEFAULTS[name]
+        if default is not None:
+            help_text += f" (default: {default})"
+        if kind is None:
+            metavar = name.rsplit("_", 1)[-1].upper()
+        else:
+            metavar = "N" if kind is int else "SECONDS"
+        groups[title].add_argument(
+            "--" + name.replace("_", "-"), type=kind or str, default=default, help=help_text,
+            metavar=metavar,
         )
-    parser.add_argument(
-        "--abort-styles", type=_styles, default=(), metavar="STYLES",
-        help=f"comma-separated subset of {','.join(ABORT_STYLES)} (default: all that apply)",
-    )
-    parser.add_argument(
-        "--stream-path", help="streamed URL or path to read one chunk of, then drop"
-    )
-    parser.add_argument("--health-path", help="URL or path for the health check (default: URL)")
-    parser.add_argument("--stats-url", help="URL or path of a JSON stats endpoint (leak oracle)")
-    parser.add_argument(
-        "--stats-key", default=_DEFAULTS["stats_key"],
-        help="dotted key of the checked-out count in the stats JSON",
-    )
-    parser.add_argument("--dsn", help="PostgreSQL conninfo for the pg_stat_activity oracle")
-    parser.add_argument(
-        "--application-name", help="application_name of the app's sessions (with --dsn)"
-    )
-    parser.add_argument(
+        if name == "abort_delay":
+            groups[title].add_argument(
+                "--abort-styles", type=_styles, default=(), metavar="STYLES",
+                help=f"comma-separated subset of {','.join(ABORT_STYLES)} "
+                "(default: all that apply)",
+            )
+    other = parser.add_argument_group("requests and output")
+    other.add_argument(
         "-H", "--header", dest="headers", type=_header, action="append", default=[],
         metavar="'NAME: VALUE'", help="extra request header (repeatable)",
     )
-    parser.add_argument(
+    other.add_argument(
         "--allow-remote", action="store_true",
         help="allow a target that is not loopback (only for servers you operate)",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    other.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    other.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 

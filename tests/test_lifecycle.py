@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from flask import Blueprint, Flask, g
+from flask import Blueprint, Flask, request
 
 from flask_reqconn import (
     ConnectionReleased,
@@ -32,7 +32,7 @@ def test_eager_checkout_happens_before_the_view_and_is_released_by_teardown(
 
     @app.before_request
     def look() -> None:  # registered after init_app: runs after the checkout
-        seen["leases_before_view"] = dict(g._flask_reqconn.leases)
+        seen["leases_before_view"] = dict(request._flask_reqconn.leases)
 
     @app.get("/")
     def index() -> str:
@@ -51,7 +51,8 @@ def test_eager_checkout_happens_before_the_view_and_is_released_by_teardown(
     assert s["checked_out"] == 0
     assert s["checkouts"] == 1
     assert s["releases"]["teardown"] == 1
-    assert s["pools"]["default"]["pool"]["pool_available"] == s["pools"]["default"]["pool"]["pool_size"]
+    pool = s["pools"]["default"]["pool"]
+    assert pool["pool_available"] == pool["pool_size"]
 
 
 def test_lazy_mode_checks_out_only_when_a_view_asks(make_app: AppFactory) -> None:
@@ -165,7 +166,7 @@ def test_base_exception_from_view_still_releases(
     @app.get("/exit")
     def leave() -> str:
         get_conn().execute("select 1")
-        leases.append(g._flask_reqconn.leases["default"])
+        leases.append(request._flask_reqconn.leases["default"])
         raise exc_type()
 
     with pytest.raises(exc_type):
@@ -184,7 +185,7 @@ def test_base_exception_in_before_request_hook_is_released_by_the_wsgi_wrapper(
 
     @app.before_request
     def explode() -> None:
-        leases.append(g._flask_reqconn.leases["default"])
+        leases.append(request._flask_reqconn.leases["default"])
         raise SystemExit(3)
 
     @app.get("/")
@@ -205,7 +206,7 @@ def test_client_abort_error_leaving_the_app_is_released_as_abort(make_app: AppFa
     def explode(exc: BaseException | None) -> None:
         # registered after init_app: runs *before* the library's teardown and,
         # raising, stops it (Flask does not catch teardown errors).
-        leases.append(g._flask_reqconn.leases["default"])
+        leases.append(request._flask_reqconn.leases["default"])
         raise BrokenPipeError(32, "Broken pipe")
 
     @app.get("/")
@@ -223,7 +224,7 @@ def test_get_conn_after_release_raises_connection_released(make_app: AppFactory)
 
     @app.get("/")
     def index() -> str:
-        g._flask_reqconn.leases["default"].release(ReleaseReason.TEARDOWN)
+        request._flask_reqconn.leases["default"].release(ReleaseReason.TEARDOWN)
         with pytest.raises(ConnectionReleased, match="already given back"):
             get_conn()
         return "ok"

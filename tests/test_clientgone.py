@@ -1,0 +1,123 @@
+"""Seeing a departed client on a real TCP socket, without consuming anything."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+import struct
+from collections.abc import Iterator
+
+import pytest
+from werkzeug.exceptions import ClientDisconnected
+
+from flask_reqconn.clientgone import client_gone, client_socket, is_client_abort, socket_gone
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(client, server-side) ends of a real loopback TCP connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    try:
+        yield client, server
+    finally:
+        client.close()
+        server.close()
+
+
+def wait_readable(sock: socket.socket) -> None:
+    import select
+
+    readable, _, _ = select.select([sock], [], [], 10)
+    assert readable, "socket never became readable"
+
+
+def test_connected_idle_client_is_present(pair: tuple[socket.socket, socket.socket]) -> None:
+    _, server = pair
+    assert socket_gone(server) is False
+
+
+def test_closed_client_is_gone(pair: tuple[socket.socket, socket.socket]) -> None:
+    client, server = pair
+    client.close()
+    wait_readable(server)
+    assert socket_gone(server) is True
+
+
+def test_reset_client_is_gone(pair: tuple[socket.socket, socket.socket]) -> None:
+    client, server = pair
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    wait_readable(server)
+    # a reset counts even when EOF does not (the kernel reports it only once)
+    assert socket_gone(server, eof_means_gone=False) is True
+
+
+def test_pending_data_means_unknown_and_is_not_consumed(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    client, server = pair
+    client.sendall(b"body bytes")
+    client.close()
+    wait_readable(server)
+    assert socket_gone(server) is False  # unread data hides the close
+    assert server.recv(100) == b"body bytes"
+    assert socket_gone(server) is True  # once read, the close shows
+
+
+def test_half_close_follows_the_eof_setting(pair: tuple[socket.socket, socket.socket]) -> None:
+    client, server = pair
+    client.shutdown(socket.SHUT_WR)  # still reading
+    wait_readable(server)
+    assert socket_gone(server, eof_means_gone=True) is True
+    assert socket_gone(server, eof_means_gone=False) is False
+
+
+def test_environ_keys_of_each_server(pair: tuple[socket.socket, socket.socket]) -> None:
+    client, server = pair
+    for key in ("gunicorn.socket", "werkzeug.socket", "gunicorn.sock"):
+        assert client_socket({key: server}) is server
+    client.close()
+    wait_readable(server)
+    assert client_gone({"gunicorn.socket": server}) is True
+    assert client_gone({"waitress.client_disconnected": lambda: True}) is True
+    assert client_gone({"waitress.client_disconnected": lambda: False}) is False
+    assert client_gone({}) is False
+
+
+def test_tls_sockets_are_skipped(pair: tuple[socket.socket, socket.socket]) -> None:
+    _, server = pair
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls = context.wrap_socket(server, server_side=True, do_handshake_on_connect=False)
+    try:
+        assert client_socket({"gunicorn.socket": tls}) is None
+        assert client_gone({"gunicorn.socket": tls}) is False
+    finally:
+        tls.detach()
+
+
+def test_closed_server_socket_counts_as_gone() -> None:
+    sock = socket.socket()
+    sock.close()
+    assert socket_gone(sock) is True
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (BrokenPipeError(), True),
+        (ConnectionResetError(), True),
+        (ConnectionAbortedError(), True),
+        (OSError(errno.EPIPE, "Broken pipe"), True),
+        (OSError(errno.ECONNRESET, "reset"), True),
+        (ClientDisconnected(), True),
+        (OSError(errno.ENOENT, "no such file"), False),
+        (SystemExit(), False),
+        (ValueError(), False),
+    ],
+)
+def test_client_abort_classification(exc: BaseException, expected: bool) -> None:
+    assert is_client_abort(exc) is expected

@@ -1,0 +1,307 @@
+"""A connection goes back idle and without the previous request's session state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from flask import Flask
+from psycopg.rows import dict_row
+
+from flask_reqconn import get_conn
+from tests import pg
+from tests.appfixtures import AppFactory, reqconn_of
+
+
+def stats(app: Flask) -> dict[str, Any]:
+    return reqconn_of(app).stats(app)
+
+
+@pytest.fixture
+def table(pg_dsn: str) -> str:
+    name = pg.unique_name("t")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"create table {name} (id serial primary key, v text)")
+    return name
+
+
+def count(pg_dsn: str, table: str) -> int:
+    with psycopg.connect(pg_dsn) as conn:
+        return int(conn.execute(f"select count(*) from {table}").fetchone()[0])
+
+
+def test_session_state_of_one_request_is_invisible_to_the_next(
+    make_app: AppFactory, pg_dsn: str
+) -> None:
+    app = make_app(max_size=1)
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        role = pg.unique_name("role")
+        admin.execute(f"create role {role}")
+
+    @app.get("/dirty")
+    def dirty() -> str:
+        conn = get_conn()
+        conn.execute("set search_path = pg_catalog")
+        conn.execute("select set_config('reqconn.secret', 'tenant-42', false)")
+        conn.execute(f"set role {role}")
+        conn.execute("set statement_timeout = '123s'")
+        conn.execute("select pg_advisory_lock(4242)")
+        conn.execute("listen reqconn_channel")
+        conn.commit()  # session settings survive a commit: only a reset removes them
+        conn.execute("set application_name = 'changed'")
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("create temp table scratch (x int)")
+        conn.read_only = True
+        conn.row_factory = dict_row
+        return str(conn.info.backend_pid)
+
+    @app.get("/look")
+    def look() -> dict[str, Any]:
+        conn = get_conn()
+        row = conn.execute(
+            """select pg_backend_pid(), current_setting('search_path'),
+                      coalesce(current_setting('reqconn.secret', true), ''),
+                      current_user = session_user, current_setting('statement_timeout'),
+                      (select count(*) from pg_locks where locktype = 'advisory'
+                        and pid = pg_backend_pid()),
+                      (select count(*) from pg_listening_channels()),
+                      to_regclass('pg_temp.scratch') is null,
+                      current_setting('application_name')"""
+        ).fetchone()
+        return {
+            "pid": row[0],
+            "search_path": row[1],
+            "secret": row[2],
+            "role_reset": row[3],
+            "statement_timeout": row[4],
+            "advisory_locks": row[5],
+            "listening": row[6],
+            "temp_gone": row[7],
+            "application_name": row[8],
+            "autocommit": conn.autocommit,
+            "read_only": conn.read_only,
+            "tuple_rows": isinstance(row, tuple),
+        }
+
+    client = app.test_client()
+    pid = int(client.get("/dirty").data)
+    seen = client.get("/look").get_json()
+    assert seen["pid"] == pid  # same connection (max_size=1), yet clean
+    assert seen == {
+        "pid": pid,
+        "search_path": '"$user", public',
+        "secret": "",
+        "role_reset": True,
+        "statement_timeout": "0",
+        "advisory_locks": 0,
+        "listening": 0,
+        "temp_gone": True,
+        "application_name": app.config["TEST_APPNAME"],
+        "autocommit": False,
+        "read_only": None,
+        "tuple_rows": True,
+    }
+
+
+def test_startup_session_settings_survive_the_reset(make_app: AppFactory) -> None:
+    app = make_app(max_size=1, session_settings={"statement_timeout": "7s"})
+
+    @app.get("/")
+    def show() -> str:
+        conn = get_conn()
+        conn.execute("set statement_timeout = '1s'")
+        conn.commit()
+        return str(conn.execute("show statement_timeout").fetchone()[0])
+
+    client = app.test_client()
+    assert client.get("/").data == b"1s"
+    with app.app_context(), reqconn_of(app).connection() as conn:
+        assert conn.execute("show statement_timeout").fetchone()[0] == "7s"
+
+
+def test_uncommitted_writes_are_rolled_back_with_a_warning(
+    make_app: AppFactory, table: str, pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+
+    @app.post("/write")
+    def write() -> str:
+        get_conn().execute(f"insert into {table} (v) values ('x')")
+        return "forgot to commit"
+
+    @app.get("/read")
+    def read() -> str:
+        return str(get_conn().execute(f"select count(*) from {table}").fetchone()[0])
+
+    with caplog.at_level("WARNING", logger="flask_reqconn"):
+        assert app.test_client().post("/write").status_code == 200
+        assert app.test_client().get("/read").data == b"0"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "uncommitted writes" in warnings[0] and "POST /write" in warnings[0]
+    assert count(pg_dsn, table) == 0
+    assert stats(app)["discarded_writes"] == 1
+
+
+def test_committed_writes_stay(make_app: AppFactory, table: str, pg_dsn: str) -> None:
+    app = make_app()
+
+    @app.post("/write")
+    def write() -> str:
+        conn = get_conn()
+        conn.execute(f"insert into {table} (v) values ('x')")
+        conn.commit()
+        return "ok"
+
+    assert app.test_client().post("/write").status_code == 200
+    assert count(pg_dsn, table) == 1
+
+
+def test_autocommit_mode(make_app: AppFactory, table: str, pg_dsn: str) -> None:
+    app = make_app(transaction="autocommit", max_size=1)
+
+    @app.post("/write")
+    def write() -> str:
+        conn = get_conn()
+        assert conn.autocommit
+        conn.execute(f"insert into {table} (v) values ('x')")
+        conn.autocommit = False  # restored at hand-back
+        return "ok"
+
+    @app.get("/mode")
+    def mode() -> str:
+        return str(get_conn().autocommit)
+
+    client = app.test_client()
+    assert client.post("/write").status_code == 200
+    assert count(pg_dsn, table) == 1
+    assert client.get("/mode").data == b"True"
+
+
+def atomic_app(make_app: AppFactory, table: str) -> Flask:
+    app = make_app(transaction="atomic")
+
+    @app.post("/ok")
+    def ok() -> str:
+        get_conn().execute(f"insert into {table} (v) values ('ok')")
+        return "saved"
+
+    @app.post("/fail")
+    def fail() -> str:
+        get_conn().execute(f"insert into {table} (v) values ('fail')")
+        raise RuntimeError("boom")
+
+    @app.post("/bad-request")
+    def bad_request() -> tuple[str, int]:
+        get_conn().execute(f"insert into {table} (v) values ('400')")
+        return "nope", 400
+
+    @app.post("/swallowed-error")
+    def swallowed() -> str:
+        conn = get_conn()
+        conn.execute(f"insert into {table} (v) values ('lost')")
+        try:
+            conn.execute("select 1/0")
+        except psycopg.errors.DivisionByZero:
+            pass
+        return "looks fine"
+
+    @app.post("/commit-fails")
+    def commit_fails() -> str:
+        conn = get_conn()
+        conn.execute(
+            f"create temp table child (parent int references {table} (id)"
+            " deferrable initially deferred)"
+        )
+        conn.execute("insert into child values (-1)")  # checked at commit
+        return "looks fine"
+
+    return app
+
+
+def test_atomic_mode_commits_successful_requests(
+    make_app: AppFactory, table: str, pg_dsn: str
+) -> None:
+    app = atomic_app(make_app, table)
+    assert app.test_client().post("/ok").status_code == 200
+    assert count(pg_dsn, table) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/fail", 500), ("/bad-request", 400), ("/swallowed-error", 500), ("/commit-fails", 500)],
+)
+def test_atomic_mode_never_loses_a_write_silently(
+    make_app: AppFactory, table: str, pg_dsn: str, path: str, status: int
+) -> None:
+    app = atomic_app(make_app, table)
+    assert app.test_client().post(path).status_code == status
+    assert count(pg_dsn, table) == 0
+    assert stats(app)["checked_out"] == 0
+
+
+def test_connection_returned_mid_query_is_discarded(make_app: AppFactory, pg_admin: Any) -> None:
+    app = make_app(max_size=1)
+
+    @app.get("/busy")
+    def busy() -> str:
+        conn = get_conn()
+        conn.pgconn.send_query(b"select pg_sleep(30)")  # still running at hand-back
+        return str(conn.info.backend_pid)
+
+    @app.get("/pid")
+    def pid() -> str:
+        return str(get_conn().execute("select pg_backend_pid()").fetchone()[0])
+
+    client = app.test_client()
+    busy_pid = int(client.get("/busy").data)
+    assert int(client.get("/pid").data) != busy_pid
+    assert stats(app)["pools"]["default"]["discarded_connections"] == 1
+    pg.wait_until(  # the query was cancelled, not left to run 30 s
+        lambda: not [s for s in pg.app_sessions(pg_admin, app.config["TEST_APPNAME"])
+                     if s["pid"] == busy_pid],
+        timeout=15,
+        message="the discarded backend goes away",
+    )
+
+
+def test_broken_connection_is_replaced(make_app: AppFactory, pg_admin: Any) -> None:
+    app = make_app(max_size=1)
+
+    @app.get("/die")
+    def die() -> str:
+        conn = get_conn()
+        pg_admin.execute("select pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 1")
+        return "ok"
+
+    @app.get("/pid")
+    def pid() -> str:
+        return str(get_conn().execute("select pg_backend_pid()").fetchone()[0])
+
+    client = app.test_client()
+    assert client.get("/die").status_code == 200
+    assert client.get("/pid").status_code == 200
+    assert stats(app)["checked_out"] == 0
+
+
+def test_reset_can_be_disabled(make_app: AppFactory) -> None:
+    app = make_app(max_size=1, reset_session=False)
+
+    @app.get("/set")
+    def set_it() -> str:
+        conn = get_conn()
+        conn.execute("set search_path = pg_catalog")
+        conn.commit()
+        return "ok"
+
+    @app.get("/show")
+    def show() -> str:
+        return str(get_conn().execute("show search_path").fetchone()[0])
+
+    client = app.test_client()
+    client.get("/set")
+    assert client.get("/show").data == b"pg_catalog"
