@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -43,12 +44,15 @@ def test_concurrent_releases_put_the_connection_back_exactly_once(make_app: AppF
         results: list[bool] = []
         lock = threading.Lock()
 
-        def release(reason: ReleaseReason, lease: Any = lease) -> None:
+        def release(
+            reason: ReleaseReason, lease: Any = lease, results: list[bool] = results,
+            lock: threading.Lock = lock,
+        ) -> None:
             done = lease.release(reason)
             with lock:
                 results.append(done)
 
-        race(*[lambda r=r: release(r) for r in reasons])
+        race(*[functools.partial(release, r) for r in reasons])
         assert results.count(True) == 1, results
         assert lease.state is LeaseState.RELEASED
         assert lease.released_by in reasons
@@ -79,7 +83,7 @@ def test_teardown_and_response_close_race(make_app: AppFactory) -> None:
             req.app_returned = True
             environ = request.environ
         guarded = GuardedIterable([b"x"], req, state)
-        race(lambda: req.release_all(ReleaseReason.TEARDOWN), guarded.close)
+        race(functools.partial(req.release_all, ReleaseReason.TEARDOWN), guarded.close)
         lease = req.leases["default"]
         assert lease.state is LeaseState.RELEASED
         assert environ  # keep the request's environ alive through the race
