@@ -27,7 +27,7 @@ if t.TYPE_CHECKING:
     from .extension import AppState
 
 
-_FIXED_BODIES = (
+_FIXED_BODIES: tuple[type, ...] = (
     list,
     tuple,
     bytes,

@@ -1,0 +1,83 @@
+"""The app the end-to-end tests serve under real servers.
+
+Configured from the environment so one module serves every scenario:
+``RC_DSN`` (required), ``RC_APPNAME``, ``RC_MAX_SIZE``, ``RC_TIMEOUT``,
+``RC_CHECKOUT``, ``RC_SESSION_SETTINGS`` (``name=value,name=value``), and
+``RC_OPEN_IN_MASTER=1`` to use the pool while the app is created (to prove that
+a pool opened before gunicorn forks does not hurt the workers).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Flask, Response, jsonify, request, stream_with_context
+
+from flask_reqconn import ReqConn, get_conn
+
+reqconn = ReqConn()
+
+
+def create_app() -> Flask:
+    app = Flask(os.environ.get("RC_APPNAME", "reqconn_e2e"))
+    app.config["REQCONN_CONNINFO"] = os.environ["RC_DSN"]
+    app.config["REQCONN_MIN_SIZE"] = 0
+    app.config["REQCONN_MAX_SIZE"] = int(os.environ.get("RC_MAX_SIZE", "2"))
+    app.config["REQCONN_TIMEOUT"] = float(os.environ.get("RC_TIMEOUT", "5"))
+    app.config["REQCONN_CHECKOUT"] = os.environ.get("RC_CHECKOUT", "eager")
+    app.config["REQCONN_EXEMPT_ENDPOINTS"] = ["stats", "health"]
+    settings = os.environ.get("RC_SESSION_SETTINGS", "")
+    app.config["REQCONN_SESSION_SETTINGS"] = dict(
+        item.split("=", 1) for item in settings.split(",") if item
+    )
+    reqconn.init_app(app)
+
+    if os.environ.get("RC_OPEN_IN_MASTER") == "1":
+        with reqconn.connection(app=app) as conn:
+            conn.execute("select 1")
+
+    @app.get("/")
+    def index() -> str:
+        return str(get_conn().execute("select 1").fetchone()[0])
+
+    @app.get("/pid")
+    def pid() -> dict[str, int]:
+        backend = get_conn().execute("select pg_backend_pid()").fetchone()[0]
+        return {"worker": os.getpid(), "backend": backend}
+
+    @app.get("/slow")
+    def slow() -> str:
+        seconds = float(request.args.get("s", "1"))
+        get_conn().execute("select pg_sleep(%s)", (seconds,))
+        return "slept"
+
+    @app.get("/stream")
+    def stream() -> Response:
+        chunks = int(request.args.get("n", "10"))
+        pause = float(request.args.get("s", "0.2"))
+
+        @stream_with_context
+        def rows() -> Iterator[str]:
+            for i in range(chunks):
+                get_conn().execute("select pg_sleep(%s)", (pause,))
+                yield f"chunk {i}\n" + "x" * 16384 + "\n"
+
+        return Response(rows(), mimetype="text/plain")
+
+    @app.get("/health")
+    def health() -> str:
+        return "ok"
+
+    @app.get("/_stats")
+    def stats() -> Any:
+        data = reqconn.stats()
+        data["worker_started"] = _STARTED
+        return jsonify(data)
+
+    return app
+
+
+_STARTED = time.time()

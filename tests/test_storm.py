@@ -1,0 +1,460 @@
+"""The abort-storm tool against real server subprocesses (tests/apps/stormtarget.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from flask_reqconn.storm import (
+    MAX_REQUESTS_PER_PHASE,
+    Progress,
+    StormConfig,
+    StormError,
+    StormResult,
+    _ProgressPrinter,
+    _resolve,
+    format_report,
+    main,
+    make_storm_command,
+    run_storm,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+APP = "tests.apps.stormtarget"
+
+# Small storms: the whole module should stay well under a minute on two cores.
+SMALL: dict[str, Any] = {
+    "normal_count": 10,
+    "normal_concurrency": 4,
+    "abort_count": 16,
+    "abort_concurrency": 8,
+    "final_count": 8,
+    "final_concurrency": 4,
+    "drain_pause": 0.2,
+    "drain_timeout": 5.0,
+    "max_seconds": 60.0,
+}
+
+
+# -- a private server helper (start in a new session, stop by PID) ---------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group: gunicorn workers included
+    proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def _serve(kind: str, log_dir: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    port = _free_port()
+    if kind == "werkzeug":
+        argv = [
+            sys.executable, "-m", "flask", "--app", APP, "run", "--host", "127.0.0.1",
+            "--port", str(port), "--no-reload", "--no-debugger", "--with-threads",
+        ]
+    elif kind == "gunicorn":
+        argv = [
+            sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-w", "1",
+            "-k", "gthread", "--threads", "16", "--graceful-timeout", "2", f"{APP}:app",
+        ]
+    else:
+        raise ValueError(kind)
+    child_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    child_env.pop("FLASK_APP", None)
+    log_path = log_dir / f"{kind}-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=child_env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not _accepts(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{kind} did not start:\n{log_path.read_text()}")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+def _get_json(url: str) -> Any:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as response:
+        return json.load(response)
+
+
+def _wait_for_hits(base: str, key: str, at_least: int) -> dict[str, int]:
+    """Poll /hits until ``key`` reaches ``at_least`` (hang guard 10 s); return the last."""
+    deadline = time.monotonic() + 10
+    while True:
+        hits: dict[str, int] = _get_json(base + "/hits")
+        if hits.get(key, 0) >= at_least or time.monotonic() > deadline:
+            return hits
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A healthy werkzeug dev server shared by the tests that do not need fresh counters."""
+    with _serve("werkzeug", tmp_path_factory.mktemp("storm-logs")) as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[str]:
+    with _serve("werkzeug", tmp_path) as url:
+        yield url
+
+
+# -- verdicts against real servers -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["werkzeug", "gunicorn"])
+def test_healthy_app_gets_ok_verdict_with_every_abort_style(kind: str, tmp_path: Path) -> None:
+    events: list[Progress] = []
+    with _serve(kind, tmp_path) as base:
+        before = _get_json(base + "/hits").get("stream_dropped", 0)
+        config = StormConfig(
+            base + "/slow", stream_path="/stream", stats_url="/stats", **SMALL
+        )
+        result = run_storm(config, progress=events.append)
+        hits = _wait_for_hits(base, "stream_dropped", before + 4)
+
+    assert result.ok, format_report(result)
+    assert result.verdict.startswith("OK:")
+    assert result.normal.statuses == {200: 10}
+    assert result.abort.styles == {"close": 4, "delay": 4, "rst": 4, "stream": 4}
+    assert result.abort.aborted == 16 and result.abort.error_count == 0
+    assert result.abort.statuses == {200: 4}  # what the stream style saw before dropping
+    assert result.health.statuses == {200: 1}
+    assert result.final.all_ok and result.final.error_count == 0
+    (reading,) = result.leaks
+    assert (reading.source, reading.before, reading.after_drain, reading.at_end) == (
+        "stats", 0, 0, 0,
+    )
+    # The streamed responses really were dropped mid-way: the generator saw GeneratorExit.
+    assert hits["stream_dropped"] >= before + 4
+    # Progress: every phase starts (done == 0) and finishes exactly once, in order.
+    starts = [e.phase for e in events if e.done == 0 and not e.finished]
+    finishes = [e.phase for e in events if e.finished]
+    assert starts == finishes == ["normal", "abort", "drain", "health", "final", "settle"]
+    assert [e.done for e in events if e.phase == "final" and not e.finished] == list(range(9))
+
+
+@pytest.mark.slow
+def test_constant_checked_out_in_stats_fails_the_verdict(tmp_path: Path) -> None:
+    with _serve("werkzeug", tmp_path, env={"STORMTARGET_CHECKED_OUT": "2"}) as base:
+        config = StormConfig(
+            base + "/", stats_url=base + "/stats", **{**SMALL, "drain_timeout": 0.5}
+        )
+        result = run_storm(config)
+
+    assert not result.ok
+    assert result.health.all_ok and result.final.all_ok  # the app answers; it leaks
+    (reading,) = result.leaks
+    assert (reading.before, reading.after_drain, reading.at_end) == (2, 2, 2)
+    assert result.verdict.startswith("FAIL:")
+    assert "checked_out = 2 after the drain" in result.verdict
+    assert "checked_out = 2 after the final load" in result.verdict
+    assert format_report(result).splitlines()[-1] == f"verdict: {result.verdict}"
+
+
+@pytest.mark.slow
+def test_requests_that_leak_fail_the_verdict_with_nested_stats(fresh_server: str) -> None:
+    config = StormConfig(
+        fresh_server + "/leak", stats_url="/stats?nested=1",
+        **{**SMALL, "drain_timeout": 0.5},
+    )
+    result = run_storm(config)
+
+    assert not result.ok
+    (reading,) = result.leaks
+    assert reading.before == 0
+    assert reading.after_drain is not None and reading.after_drain >= 10
+    # Aborted requests run the view too: the leak can only grow.
+    assert reading.at_end is not None and reading.at_end >= reading.after_drain + 9
+    assert "after the drain" in result.verdict
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("style", "seen_by_server"),
+    [("rst", "probe_reset"), ("delay", "probe_eof"), ("close", "probe_eof")],
+)
+def test_abort_styles_really_abort_and_the_server_still_answers(
+    server: str, style: str, seen_by_server: str
+) -> None:
+    before = _get_json(server + "/hits").get(seen_by_server, 0)
+    config = StormConfig(
+        server + "/probe", abort_styles=(style,),
+        **{**SMALL, "normal_count": 0, "abort_count": 6, "final_count": 3},
+    )
+    result = run_storm(config)
+    hits = _wait_for_hits(server, seen_by_server, before + 6)
+
+    assert result.abort.aborted == 6 and result.abort.error_count == 0
+    # /probe peeks at the client socket 0.2 s in: RST -> ConnectionResetError, FIN -> b"".
+    assert hits[seen_by_server] - before == 6
+    assert result.health.all_ok and result.final.all_ok, format_report(result)
+    assert result.ok
+
+
+@pytest.mark.slow
+def test_pg_stat_activity_oracle_sees_a_session_left_in_transaction(
+    server: str, pg_dsn: str
+) -> None:
+    name = f"storm-test-{os.getpid()}"
+    config = StormConfig(
+        server + "/", dsn=pg_dsn, application_name=name,
+        **{**SMALL, "normal_count": 2, "abort_count": 3, "final_count": 2, "drain_timeout": 0.5},
+    )
+    with psycopg.connect(pg_dsn, application_name=name) as victim:
+        victim.execute("SELECT 1")  # opens a transaction: "idle in transaction"
+        leaking = run_storm(config)
+        victim.rollback()
+        clean = run_storm(config)
+
+    (reading,) = leaking.leaks
+    assert (reading.source, reading.before, reading.after_drain, reading.at_end) == (
+        "pg", 1, 1, 1,
+    )
+    assert not leaking.ok and "non-idle sessions = 1" in leaking.verdict
+    assert clean.ok, format_report(clean)
+    assert [(r.after_drain, r.at_end) for r in clean.leaks] == [(0, 0)]
+
+
+@pytest.mark.slow
+def test_dead_target_fails_with_socket_errors_not_statuses(tmp_path: Path) -> None:
+    port = _free_port()  # nothing listens there
+    config = StormConfig(
+        f"http://127.0.0.1:{port}/", **{**SMALL, "normal_count": 3, "final_count": 3}
+    )
+    result = run_storm(config)
+
+    assert not result.ok
+    assert result.final.statuses == {}
+    assert result.final.errors == {"ERR:ConnectionRefused": 3}
+    assert result.health.errors == {"ERR:ConnectionRefused": 1}
+    assert "health check failed (ERR:ConnectionRefused:1" in result.verdict
+
+
+@pytest.mark.slow
+def test_max_seconds_bounds_the_storm(server: str) -> None:
+    # 1000 requests of 0.2 s two at a time would take 100 s; the deadline stops it at ~1 s.
+    config = StormConfig(
+        server + "/slow", **{**SMALL, "normal_count": 1000, "normal_concurrency": 2,
+                             "max_seconds": 1.0},
+    )
+    result = run_storm(config)
+
+    assert result.seconds < 10  # hang guard only
+    assert result.deadline_hit and not result.ok
+    assert result.normal.skipped > 900 and result.final.requests == 0
+    assert "--max-seconds" in result.verdict
+    assert "skipped" in format_report(result)
+
+
+@pytest.mark.slow
+def test_unreadable_stats_url_is_a_usage_error_before_any_load(server: str) -> None:
+    before = _get_json(server + "/hits").get("probe_alive", 0)
+    with pytest.raises(StormError, match="cannot read the leak oracle.*answered 404"):
+        run_storm(StormConfig(server + "/probe", stats_url="/no-such-stats", **SMALL))
+    assert _get_json(server + "/hits").get("probe_alive", 0) == before
+
+
+# -- the loopback guard (no traffic) ----------------------------------------------------
+
+
+@pytest.fixture
+def no_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: socket.socket, address: Any) -> None:
+        raise AssertionError(f"tried to connect to {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+@pytest.mark.usefixtures("no_connect")
+def test_non_loopback_target_is_refused_before_connecting() -> None:
+    with pytest.raises(StormError, match=r"192\.0\.2\.1.*not a loopback.*--allow-remote"):
+        run_storm(StormConfig("http://192.0.2.1:8080/", **SMALL))
+
+
+@pytest.mark.usefixtures("no_connect")
+def test_non_loopback_stats_url_is_refused_too() -> None:
+    with pytest.raises(StormError, match="stats URL.*--allow-remote"):
+        run_storm(StormConfig("http://127.0.0.1:9/", stats_url="http://192.0.2.1/stats"))
+
+
+@pytest.mark.usefixtures("no_connect")
+def test_main_exits_2_for_a_remote_target(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["http://192.0.2.1/", "-q"]) == 2
+    assert "--allow-remote" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000/", "http://127.8.9.10/x?y=1", "http://[::1]:80/", "http://localhost/"]
+)
+def test_loopback_targets_are_allowed(url: str) -> None:
+    target = _resolve(url, allow_remote=False, what="target")
+    assert target.path.startswith("/")
+
+
+def test_allow_remote_lifts_the_guard() -> None:
+    target = _resolve("http://192.0.2.1/", allow_remote=True, what="target")
+    assert target.sockaddr[0] == "192.0.2.1"
+
+
+# -- configuration and the command line ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"abort_count": MAX_REQUESTS_PER_PHASE + 1}, "abort_count"),
+        ({"normal_concurrency": 0}, "normal_concurrency"),
+        ({"max_seconds": 0}, "max_seconds"),
+        ({"abort_styles": ("stream",)}, "stream_path"),
+        ({"abort_styles": ("nope",)}, "unknown abort style"),
+        ({"dsn": "dbname=x"}, "application_name"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        StormConfig("http://127.0.0.1/", **kwargs)
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["http://127.0.0.1/", "--normal-count", "many"]) == 2
+    assert main(["http://127.0.0.1/", "--abort-styles", "close,bogus"]) == 2
+    assert main(["http://127.0.0.1/", "--final-count", str(MAX_REQUESTS_PER_PHASE + 1)]) == 2
+    assert main(["ftp://127.0.0.1/", "-q"]) == 2
+    assert main(["--help"]) == 0
+    assert "--stats-key" in capsys.readouterr().out
+
+
+def test_terminal_progress_draws_a_bar_per_phase() -> None:
+    stream = io.StringIO()
+    printer = _ProgressPrinter(stream, tty=True)
+    for event in [Progress("final", 0, 4), Progress("final", 4, 4),
+                  Progress("final", 4, 4, finished=True), Progress("drain", 0, 0),
+                  Progress("drain", 0, 0, finished=True)]:
+        printer(event)
+    lines = stream.getvalue().split("\n")
+    assert lines[0].rsplit("\r", 1)[-1].startswith("final  [" + "#" * 30 + "] 4/4 ")
+    assert lines[1].rsplit("\r", 1)[-1].startswith("drain  [" + " " * 30 + "] ")
+
+
+def _tiny(base: str) -> list[str]:
+    return [
+        base + "/", "--normal-count", "3", "--abort-count", "4", "--final-count", "3",
+        "--drain-pause", "0.1",
+    ]
+
+
+@pytest.mark.slow
+def test_main_prints_report_and_exits_0(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*_tiny(server), "--stats-url", "/stats"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split() == ["phase", "requests", "statuses", "errors", "p50", "ms", "p99", "ms"]
+    assert [line.split()[0] for line in lines[1:5]] == ["normal", "abort", "health", "final"]
+    assert lines[-1].startswith("verdict: OK:")
+    # stderr is not a terminal here: one line per phase start and finish.
+    assert "storm: abort started (4 requests)" in err
+    assert "storm: final finished 3/3" in err
+
+
+@pytest.mark.slow
+def test_main_exits_1_and_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with _serve("werkzeug", tmp_path, env={"STORMTARGET_CHECKED_OUT": "1"}) as base:
+        status = main([*_tiny(base), "--stats-url", "/stats", "--drain-timeout", "0.3",
+                       "--json", "-q"])
+    out, err = capsys.readouterr()
+    assert status == 1 and err == ""
+    data = json.loads(out)
+    assert data["ok"] is False and data["verdict"].startswith("FAIL:")
+    assert data["leaks"][0]["after_drain"] == 1
+
+
+@pytest.mark.slow
+def test_python_dash_m_runs_the_tool(server: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flask_reqconn.storm", *_tiny(server)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("verdict: OK:")
+
+
+def test_click_command_shares_the_argparse_options() -> None:
+    group = click.Group("reqconn")
+    group.add_command(make_storm_command())
+    runner = CliRunner()
+    shown = runner.invoke(group, ["storm", "--help"])
+    assert shown.exit_code == 0
+    assert "usage: reqconn storm" in shown.output
+    assert "--abort-styles" in shown.output and "--stats-url" in shown.output
+    assert runner.invoke(group, ["storm", "--abort-count", "x", "http://127.0.0.1/"]).exit_code == 2
+
+
+@pytest.mark.slow
+def test_click_command_runs_a_storm(server: str) -> None:
+    result = CliRunner().invoke(make_storm_command(), [*_tiny(server), "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1].startswith("verdict: OK:")
+
+
+def test_report_of_a_failed_result_ends_with_the_verdict(server_less_result: StormResult) -> None:
+    report = format_report(server_less_result).splitlines()
+    assert report[-1] == f"verdict: {server_less_result.verdict}"
+    assert report[-1].startswith("verdict: FAIL:")
+
+
+@pytest.fixture
+def server_less_result() -> StormResult:
+    """A real (failed) run against a port nothing listens on: no server needed."""
+    config = StormConfig(
+        f"http://127.0.0.1:{_free_port()}/",
+        **{**SMALL, "normal_count": 1, "abort_count": 1, "final_count": 1, "drain_pause": 0},
+    )
+    return run_storm(config)
