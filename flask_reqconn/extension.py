@@ -14,6 +14,7 @@ import psycopg
 from flask import Blueprint, Flask, current_app, has_request_context, request
 from psycopg.pq import TransactionStatus
 
+from .cli import make_cli
 from .clientgone import client_gone
 from .config import DEFAULTS, Settings, load_settings
 from .errors import ClientGone, ConnectionReleased, ReqConnError
@@ -82,6 +83,7 @@ class ReqConn:
         app.after_request(state.after_request)
         app.teardown_request(state.teardown_request)
         app.wsgi_app = LeaseGuard(app.wsgi_app, state)  # type: ignore[method-assign]
+        app.cli.add_command(make_cli())
 
     def exempt(self, view: F) -> F:
         """Exempt a view function or a blueprint from the eager checkout.
