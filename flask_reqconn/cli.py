@@ -1,18 +1,172 @@
-"""``flask reqconn ...``: commands added to the app's CLI by ``init_app``."""
+"""``flask reqconn ...``: commands added to the app's CLI by ``init_app``.
+
+- ``check``: connect, run ``select 1``, show the server settings that matter,
+  and warn when the pools of all workers cannot fit in ``max_connections``;
+- ``activity``: the app's sessions in ``pg_stat_activity`` by state, flagging
+  long idle-in-transaction ones;
+- ``storm``: the abort storm (:mod:`flask_reqconn.storm`).
+"""
 
 from __future__ import annotations
 
-from flask.cli import AppGroup
+import os
+import typing as t
+
+import click
+from flask import current_app
+from flask.cli import AppGroup, with_appcontext
+
+if t.TYPE_CHECKING:
+    from .extension import AppState
+
+_SETTINGS = (
+    "max_connections",
+    "superuser_reserved_connections",
+    "reserved_connections",
+    "statement_timeout",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "client_connection_check_interval",
+)
+
+
+def _state() -> AppState:
+    from .extension import _state_of
+
+    return _state_of(current_app)
+
+
+def _connection(state: AppState) -> t.Any:
+    return state.ext.connection(app=current_app)
+
+
+@click.command("check")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes sharing the database (default: $WEB_CONCURRENCY or 1).",
+)
+@click.option(
+    "--others",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Connections other clients need at the same time (other apps, cron, admin).",
+)
+@with_appcontext
+def check_command(workers: int | None, others: int) -> None:
+    """Connect, run select 1, and check the pool fits the server."""
+    state = _state()
+    settings = state.settings
+    if workers is None:
+        workers = int(os.environ.get("WEB_CONCURRENCY", "1") or 1)
+    click.echo(f"conninfo:        {settings.safe_conninfo}")
+    try:
+        with _connection(state) as conn:
+            conn.execute("select 1")
+            version = conn.info.server_version
+            rows = conn.execute(
+                "select name, setting, unit from pg_settings where name = any(%s)",
+                (list(_SETTINGS),),
+            ).fetchall()
+            in_use = conn.execute("select count(*) from pg_stat_activity").fetchone()[0]
+    except Exception as exc:
+        from .config import scrub_secrets
+
+        raise click.ClickException(
+            f"cannot connect or query: {type(exc).__name__}: {scrub_secrets(str(exc))}"
+        ) from None
+    values = {name: (setting, unit) for name, setting, unit in rows}
+    click.echo(f"server version:  {version // 10000}.{version % 10000}")
+    for name in _SETTINGS:
+        if name in values:
+            setting, unit = values[name]
+            shown = f"{setting}{unit or ''}" if setting != "0" else "0 (off)"
+            click.echo(f"{name + ':':<38}{shown}")
+    max_connections = int(values["max_connections"][0])
+    reserved = sum(
+        int(values[name][0])
+        for name in ("superuser_reserved_connections", "reserved_connections")
+        if name in values
+    )
+    usable = max_connections - reserved
+    pool_total = sum(h.settings.max_size for h in state.holders.values())
+    needed = workers * pool_total + others
+    click.echo(
+        f"pool:            max_size {pool_total} x {workers} worker(s)"
+        f" + {others} other = {needed} of {usable} usable connections"
+        f" ({in_use} in use now)"
+    )
+    problems = []
+    if needed > usable:
+        problems.append(
+            f"{workers} workers x REQCONN_MAX_SIZE {pool_total} + {others} others = {needed}"
+            f" exceeds the {usable} connections the server allows (max_connections"
+            f" {max_connections} - {reserved} reserved): lower REQCONN_MAX_SIZE or the"
+            " worker count, raise max_connections, or put pgbouncer in front"
+        )
+    for name in ("idle_in_transaction_session_timeout",):
+        if values.get(name, ("0", None))[0] == "0":
+            click.echo(
+                f"note: {name} is off: a worker killed mid-transaction keeps its session"
+                " until TCP notices; consider REQCONN_SESSION_SETTINGS"
+            )
+    for problem in problems:
+        click.secho(f"WARNING: {problem}", fg="yellow", err=True)
+    if problems:
+        raise SystemExit(1)
+    click.echo("ok")
+
+
+@click.command("activity")
+@click.option(
+    "--idle-threshold",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Flag sessions idle in transaction for longer than this many seconds.",
+)
+@with_appcontext
+def activity_command(idle_threshold: float) -> None:
+    """Show the app's sessions in pg_stat_activity, grouped by state."""
+    state = _state()
+    appname = state.settings.application_name
+    with _connection(state) as conn:
+        rows = conn.execute(
+            """
+            select pid, coalesce(state, '?'), coalesce(extract(epoch from now() - xact_start), 0),
+                   coalesce(extract(epoch from now() - state_change), 0), left(query, 80)
+            from pg_stat_activity
+            where application_name = %s and pid <> pg_backend_pid()
+            order by pid
+            """,
+            (appname,),
+        ).fetchall()
+    by_state: dict[str, int] = {}
+    for _, session_state, *_rest in rows:
+        by_state[session_state] = by_state.get(session_state, 0) + 1
+    click.echo(f"application_name {appname!r}: {len(rows)} session(s)")
+    for session_state, count in sorted(by_state.items()):
+        click.echo(f"  {session_state:<32}{count}")
+    flagged = [
+        row for row in rows if row[1].startswith("idle in transaction") and row[3] > idle_threshold
+    ]
+    for pid, session_state, xact_age, state_age, query in flagged:
+        click.secho(
+            f"WARNING: pid {pid} {session_state} for {state_age:.1f} s"
+            f" (transaction open {xact_age:.1f} s); last query: {query}",
+            fg="yellow",
+        )
 
 
 def make_cli() -> AppGroup:
     """Build the ``reqconn`` command group (one per app, no import-time state)."""
     group = AppGroup("reqconn", help="flask-reqconn: pool checks and leak hunting.")
+    group.add_command(check_command)
+    group.add_command(activity_command)
 
     from .storm import make_storm_command
 
     group.add_command(make_storm_command())
     return group
-
-
-__all__ = ["make_cli"]

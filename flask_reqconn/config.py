@@ -39,7 +39,12 @@ DEFAULTS: dict[str, t.Any] = {
     "REQCONN_CHECK_CLIENT": True,
     "REQCONN_EOF_MEANS_GONE": True,
     "REQCONN_RETRY_AFTER": 1,
+    "REQCONN_LEAK_THRESHOLD": None,
 }
+
+#: ``REQCONN_CONNECT_ARGS`` keys that go to ``psycopg.Connection.connect``
+#: itself rather than to libpq.
+PSYCOPG_CONNECT_ARGS = frozenset({"prepare_threshold", "row_factory", "cursor_factory", "context"})
 
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 _URL_USERINFO = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
@@ -65,6 +70,7 @@ class Settings:
     check_client: bool
     eof_means_gone: bool
     retry_after: int
+    leak_threshold: float | None
     application_name: str
 
     @property
@@ -93,6 +99,7 @@ def redact_conninfo(conninfo: str) -> str:
 
 def scrub_secrets(text: str, secrets: Iterable[str] = ()) -> str:
     """Remove passwords from free text (error messages, conninfo strings)."""
+    text = text.strip()
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
@@ -137,7 +144,14 @@ def load_settings(config: Mapping[str, t.Any], app_name: str) -> Settings:
     )[:63]
     connect_args["application_name"] = application_name
     try:
-        make_conninfo(conninfo, **{k: v for k, v in connect_args.items() if _is_conn_param(v)})
+        make_conninfo(
+            conninfo,
+            **{
+                k: v
+                for k, v in connect_args.items()
+                if k not in PSYCOPG_CONNECT_ARGS and _is_conn_param(v)
+            },
+        )
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
             "REQCONN_CONNECT_ARGS", scrub_secrets(str(exc), _passwords(conninfo, connect_args))
@@ -159,6 +173,7 @@ def load_settings(config: Mapping[str, t.Any], app_name: str) -> Settings:
         check_client=get.boolean("REQCONN_CHECK_CLIENT"),
         eof_means_gone=get.boolean("REQCONN_EOF_MEANS_GONE"),
         retry_after=get.integer("REQCONN_RETRY_AFTER", minimum=0),
+        leak_threshold=get.optional_seconds("REQCONN_LEAK_THRESHOLD"),
         application_name=application_name,
     )
 
@@ -246,6 +261,12 @@ class _Getter:
         if positive and not value > 0:
             raise ConfigError(key, f"must be greater than 0, got {value}")
         return float(value)
+
+    def optional_seconds(self, key: str) -> float | None:
+        value = self._get(key)
+        if value is None or value == 0:
+            return None
+        return self.number(key, positive=True)
 
     def boolean(self, key: str) -> bool:
         value = self._get(key)

@@ -6,7 +6,7 @@ import collections
 import contextlib
 import logging
 import os
-import threading
+import traceback
 import typing as t
 from collections.abc import Callable, Iterator
 
@@ -36,7 +36,7 @@ DEFAULT_POOL = "default"
 _REQUEST_ATTR = "_flask_reqconn"
 _EXEMPT_ATTR = "_flask_reqconn_exempt"
 
-F = t.TypeVar("F", bound=Callable[..., t.Any])
+F = t.TypeVar("F", bound=Callable[..., t.Any] | Blueprint)
 
 
 class ReqConn:
@@ -95,7 +95,7 @@ class ReqConn:
         if isinstance(view, Blueprint):
             self._exempt_blueprints.add(view.name)
         else:
-            self._exempt_views.add(view)
+            self._exempt_views.add(t.cast(Callable[..., t.Any], view))
             with contextlib.suppress(AttributeError, TypeError):
                 setattr(view, _EXEMPT_ATTR, True)
         return view
@@ -114,17 +114,30 @@ class ReqConn:
         """Close this process's pools for *app*; they reopen on next use."""
         _state_of(app).close()
 
+    def health_blueprint(self, *, name: str = "reqconn_health") -> Blueprint:
+        """An exempt blueprint with ``/health``, ``/ready`` and ``/stats``.
+
+        See :func:`flask_reqconn.health.health_blueprint`.
+        """
+        from .health import health_blueprint
+
+        return health_blueprint(self, name=name)
+
     @contextlib.contextmanager
     def connection(
-        self, name: str | None = None, *, app: Flask | None = None
+        self, name: str | None = None, *, app: Flask | None = None, timeout: float | None = None
     ) -> Iterator[psycopg.Connection[t.Any]]:
         """A pool connection outside of requests (CLI commands, scripts, tests).
 
         The transaction is committed on success and rolled back on error,
-        as with psycopg_pool's ``connection()``.
+        as with psycopg_pool's ``connection()``; then the connection is reset
+        like a request's before it goes back.
+
+        :param timeout: seconds to wait for a connection (default ``REQCONN_TIMEOUT``).
+        :raises PoolExhausted: no connection in time.
         """
         holder = _state_of(app).holder(name or DEFAULT_POOL)
-        with holder.pool.connection() as conn:
+        with holder.connection(timeout=timeout) as conn:
             yield conn
 
 
@@ -146,8 +159,6 @@ class AppState:
             )
         }
         self._eager_by_endpoint: dict[str | None, bool] = {}
-        self._lock = threading.Lock()
-        self.client_gone_count = 0
 
     def __repr__(self) -> str:
         return f"<AppState {self.app_name!r} {self.settings.checkout}>"
@@ -196,7 +207,10 @@ class AppState:
                 view in self.ext._exempt_views or getattr(view, _EXEMPT_ATTR, False)
             ):
                 eager = False
-            elif any(bp in self.ext._exempt_blueprints for bp in request.blueprints):
+            elif any(
+                name.rpartition(".")[2] in self.ext._exempt_blueprints
+                for name in request.blueprints
+            ):
                 eager = False
         self._eager_by_endpoint[endpoint] = eager
         return eager
@@ -267,6 +281,7 @@ class AppState:
             method=environ.get("REQUEST_METHOD", ""),
             path=environ.get("PATH_INFO", ""),
             endpoint=request.endpoint,
+            site=_checkout_site,
         )
         req.leases[name] = lease
         if settings.check_client and client_gone(
@@ -278,11 +293,11 @@ class AppState:
 
     def _client_gone(self, req: RequestLeases, lease: Lease | None) -> t.NoReturn:
         req.client_gone = True
-        with self._lock:
-            self.client_gone_count += 1
+        holder = self.holders[lease.pool_name if lease else DEFAULT_POOL]
+        holder.counters.add("client_gone")
         waited = f" after waiting {lease.wait_time:.3f} s for a connection" if lease else ""
         logger.info(
-            "client gone before the view ran: %s %s%s; skipped (499)",
+            "client gone before its connection was used: %s %s%s; answered 499",
             request.method,
             request.path,
             waited,
@@ -303,7 +318,8 @@ class AppState:
             "checkouts": sum(p["checkouts"] for p in pools.values()),
             "releases": releases,
             "exhausted": sum(p["exhausted"] for p in pools.values()),
-            "client_gone": self.client_gone_count,
+            "client_gone": sum(p["client_gone"] for p in pools.values()),
+            "leak_warnings": sum(p["leak_warnings"] for p in pools.values()),
             "discarded_writes": sum(p["discarded_writes"] for p in pools.values()),
             "pools": pools,
         }
@@ -311,6 +327,46 @@ class AppState:
     def close(self) -> None:
         for holder in self.holders.values():
             holder.close()
+
+
+_SITE_SKIP = (
+    f"{os.sep}flask{os.sep}",
+    f"{os.sep}werkzeug{os.sep}",
+    f"{os.sep}flask_reqconn{os.sep}",
+    f"{os.sep}gunicorn{os.sep}",
+    f"{os.sep}waitress{os.sep}",
+    f"{os.sep}gevent{os.sep}",
+    f"{os.sep}click{os.sep}",
+    f"{os.sep}threading.py",
+    f"{os.sep}socketserver.py",
+)
+
+
+def _checkout_site() -> str | None:
+    """Where the connection was taken: the app's frames inside the view, else the view.
+
+    Only called with leak detection on.
+    """
+    stack = traceback.extract_stack(limit=60)
+    start = 0
+    for i, frame in enumerate(stack):
+        if f"{os.sep}flask{os.sep}" in frame.filename and frame.name in _DISPATCH_FRAMES:
+            start = i + 1
+    frames = [f for f in stack[start:] if not any(p in f.filename for p in _SITE_SKIP)]
+    if start and frames:
+        return " <- ".join(
+            f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames[-3:])
+        )
+    view = current_app.view_functions.get(request.endpoint or "")
+    code = getattr(view, "__code__", None)
+    if code is None:
+        return None
+    name = getattr(view, "__qualname__", "?")
+    return f"{code.co_filename}:{code.co_firstlineno} in {name} (view, eager checkout)"
+
+
+#: Flask frames right above user code: the view call, a streamed body.
+_DISPATCH_FRAMES = frozenset({"dispatch_request", "generator"})
 
 
 def _state_of(app: Flask | None) -> AppState:

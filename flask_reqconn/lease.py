@@ -28,9 +28,12 @@ class ReleaseReason(str, enum.Enum):
     CLOSE = "close"
     #: a client-disconnect error, or a stream closed before it was fully sent.
     ABORT = "abort"
-    #: another exception (``SystemExit``, ``GeneratorExit``...) left the app or the stream.
+    #: an exception left the app or the stream while the lease was still held
+    #: (teardown did not run or did not release: another teardown function
+    #: raised, an error in a ``before_request`` of an outer layer, an error
+    #: raised while the body was produced).
     EXCEPTION = "exception"
-    #: the client was gone before the view ran; the view was skipped (499).
+    #: the client was gone right after the pool wait; the request ended (499).
     CLIENT_GONE = "client_gone"
     #: nobody closed the response; a finalizer returned the connection.
     FINALIZER = "finalizer"
@@ -66,6 +69,8 @@ class Lease:
         "checked_out_at",
         "released_at",
         "released_by",
+        "checkout_site",
+        "leak_reported",
         "_state",
         "_lock",
         "_holder",
@@ -91,6 +96,10 @@ class Lease:
         self.checked_out_at = 0.0
         self.released_at = 0.0
         self.released_by: ReleaseReason | None = None
+        #: where the connection was taken (only recorded with leak detection on)
+        self.checkout_site: str | None = None
+        #: a leak warning was logged for this lease
+        self.leak_reported = False
         self._state = LeaseState.WAITING
         self._lock = threading.Lock()
 
@@ -121,6 +130,17 @@ class Lease:
             return 0.0
         end = self.released_at or time.monotonic()
         return end - self.checked_out_at
+
+    def describe(self) -> dict[str, t.Any]:
+        """A JSON-friendly description, as listed in ``stats()["pools"][...]["holders"]``."""
+        return {
+            "endpoint": self.endpoint,
+            "method": self.method,
+            "path": self.path,
+            "thread": self.thread_id,
+            "held_for": round(self.held_for, 6),
+            "checkout_site": self.checkout_site,
+        }
 
     def _activate(self, conn: psycopg.Connection[t.Any]) -> None:
         self.conn = conn
@@ -169,14 +189,12 @@ class RequestLeases:
     hooks and the WSGI wrapper (which runs after the context is gone) see it.
     """
 
-    __slots__ = ("leases", "streamed", "app_returned", "client_gone", "__weakref__")
+    __slots__ = ("leases", "streamed", "client_gone", "__weakref__")
 
     def __init__(self) -> None:
         self.leases: dict[str, Lease] = {}
         #: the response is an iterator: release waits for its ``close()``.
         self.streamed = False
-        #: ``wsgi_app`` has returned (a second teardown is the end of a stream).
-        self.app_returned = False
         #: the client was seen gone; no new checkouts for this request.
         self.client_gone = False
 

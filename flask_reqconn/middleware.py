@@ -47,7 +47,12 @@ def body_may_use_connection(body: t.Any) -> bool:
     so their connection is kept until the response iterable is closed. Fixed
     bodies (lists, bytes, files, converted error pages) cannot.
     """
-    return isinstance(body, types.GeneratorType) or not isinstance(body, _FIXED_BODIES)
+    if isinstance(body, types.GeneratorType):
+        return True
+    if isinstance(body, _FIXED_BODIES):
+        return False
+    # a server's wsgi.file_wrapper (gunicorn: .filelike, waitress: .file)
+    return getattr(body, "filelike", None) is None and getattr(body, "file", None) is None
 
 
 def _reason_for(exc: BaseException) -> ReleaseReason:
@@ -82,7 +87,6 @@ class LeaseGuard:
         req = environ.get(self._key)
         if req is None:
             return app_iter
-        req.app_returned = True
         if not req.streamed and not req.has_active():
             return app_iter
         return GuardedIterable(app_iter, req, state)

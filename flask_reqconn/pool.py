@@ -10,12 +10,13 @@ garbage collection never sends a ``Terminate`` over the parent's sockets.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
 import time
 import typing as t
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import psycopg
 from psycopg.rows import tuple_row
@@ -25,7 +26,8 @@ from .config import Settings
 from .errors import PoolExhausted
 from .handback import Baseline, clean_connection
 from .lease import Lease, ReleaseReason
-from .stats import PoolCounters
+from .stats import Listener, PoolCounters
+from .watcher import get_watcher
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +45,14 @@ class PoolHolder:
         *,
         label: str,
         deferred: collections.deque[Callable[[], None]] | None = None,
+        listeners: Sequence[Listener] = (),
     ) -> None:
         self.name = name
         self.settings = settings
         self.label = label
-        self.counters = PoolCounters()
+        #: receives every event (shared with the counters; see metrics.py)
+        self.listeners: list[Listener] = list(listeners)
+        self.counters = PoolCounters(name, self.listeners)
         self.baseline = Baseline(
             autocommit=settings.autocommit,
             row_factory=settings.connect_args.get("row_factory", tuple_row),
@@ -91,7 +96,7 @@ class PoolHolder:
                     pid,
                 )
                 _INHERITED_POOLS.append(self._pool)
-                self.counters = PoolCounters()
+                self.counters = PoolCounters(self.name, self.listeners)
             s = self.settings
             kwargs = dict(s.connect_args)
             pool: ConnectionPool[t.Any] = ConnectionPool(
@@ -128,14 +133,27 @@ class PoolHolder:
         with self._lock:
             pool, pid = self._pool, self._pid
             self._pool = None
-        if pool is not None and pid == os.getpid():
+        if pool is None:
+            return
+        if pid == os.getpid():
             pool.close()
+        else:  # inherited across a fork: never touch the parent's sockets
+            _INHERITED_POOLS.append(pool)
 
     # -- checkout and hand-back --------------------------------------------
 
-    def checkout(self, *, method: str, path: str, endpoint: str | None) -> Lease:
+    def checkout(
+        self,
+        *,
+        method: str,
+        path: str,
+        endpoint: str | None,
+        site: Callable[[], str | None] | None = None,
+    ) -> Lease:
         """Wait for a connection and return it as an active :class:`Lease`.
 
+        :param site: called only with leak detection on, to record where the
+            connection was taken.
         :raises PoolExhausted: when no connection came within the timeout or
             the wait queue is full.
         """
@@ -143,6 +161,10 @@ class PoolHolder:
             self.run_deferred()
         pool = self.pool
         lease = Lease(self, method=method, path=path, endpoint=endpoint)
+        threshold = self.settings.leak_threshold
+        if threshold is not None:
+            lease.checkout_site = site() if site is not None else None
+            get_watcher().watch(self, min(1.0, threshold / 4))
         try:
             lease._activate(pool.getconn())
         except (PoolTimeout, TooManyRequests) as exc:
@@ -171,12 +193,15 @@ class PoolHolder:
                 if outcome.discarded_writes:
                     self.counters.add("discarded_writes")
                     logger.warning(
-                        "rolled back uncommitted writes left by %s %s (endpoint %r): the"
-                        " view did not commit. Call get_conn().commit(), or set"
-                        " REQCONN_TRANSACTION = 'atomic'",
+                        "rolled back uncommitted writes left by %s %s (endpoint %r): %s",
                         lease.method,
                         lease.path,
                         lease.endpoint,
+                        "atomic mode commits only responses with status < 400 and before a"
+                        " streamed body; commit explicitly otherwise"
+                        if self.settings.transaction == "atomic"
+                        else "the view did not commit. Call get_conn().commit(), or set"
+                        " REQCONN_TRANSACTION = 'atomic'",
                     )
                 if outcome.discarded:
                     self.counters.add("discarded_connections")
@@ -190,6 +215,16 @@ class PoolHolder:
                 self._putconn(conn)
         finally:
             self.counters.released(lease, reason)
+            if lease.leak_reported:
+                logger.warning(
+                    "connection of %s %s (endpoint %r) reported as held too long came back"
+                    " after %.1f s (released by %s)",
+                    lease.method,
+                    lease.path,
+                    lease.endpoint,
+                    lease.held_for,
+                    reason.value,
+                )
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "released %s of %s %s by %s after %.3f s",
@@ -210,6 +245,55 @@ class PoolHolder:
         except Exception as exc:  # the pool was closed meanwhile
             logger.debug("putconn to %r failed (%s); closing the connection", pool.name, exc)
             conn.close()
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[t.Any]]:
+        """A connection for code outside requests, cleaned like a request's.
+
+        Committed when the block succeeds, rolled back when it raises; then
+        reset and returned.
+        """
+        try:
+            conn = self.pool.getconn(timeout)
+        except (PoolTimeout, TooManyRequests) as exc:
+            raise PoolExhausted(self.name, self.settings.retry_after) from exc
+        try:
+            with conn:  # psycopg: commit on success, rollback on error (pool-aware)
+                yield conn
+        finally:
+            clean_connection(conn, self.baseline, reset_session=self.settings.reset_session)
+            self._putconn(conn)
+
+    # -- leak detection ---------------------------------------------------------
+
+    def check_leaks(self) -> None:
+        """Warn once about each lease held longer than ``REQCONN_LEAK_THRESHOLD``."""
+        threshold = self.settings.leak_threshold
+        if threshold is None:
+            return
+        stats: dict[str, int] | None = None
+        for lease in self.counters.active_leases():
+            if lease.leak_reported or lease.held_for < threshold:
+                continue
+            lease.leak_reported = True
+            self.counters.add("leak_warnings")
+            if stats is None:
+                stats = self.pool.get_stats() if self.is_open else {}
+            logger.warning(
+                "connection held for %.1f s (threshold %.1f s) by %s %s (endpoint %r,"
+                " thread %d), checked out at %s; pool %r: size=%s available=%s waiting=%s",
+                lease.held_for,
+                threshold,
+                lease.method,
+                lease.path,
+                lease.endpoint,
+                lease.thread_id,
+                lease.checkout_site or "<unknown>",
+                self.label,
+                stats.get("pool_size"),
+                stats.get("pool_available"),
+                stats.get("requests_waiting"),
+            )
 
     # -- deferred finalization -------------------------------------------
 

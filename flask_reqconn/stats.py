@@ -1,4 +1,8 @@
-"""Counters kept per pool and per app, and the shape of :meth:`ReqConn.stats`."""
+"""Counters kept per pool, and the shape of :meth:`ReqConn.stats`.
+
+Everything here is per process: under gunicorn each worker has its own
+numbers (the Prometheus integration aggregates them across workers).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,55 @@ import weakref
 
 from .lease import Lease, ReleaseReason
 
+#: Upper bounds (seconds) of the wait and hold time histograms; the last
+#: bucket (``+Inf``) is implied.
+BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class Listener(t.Protocol):
+    """Receives every event of a pool (used by the Prometheus integration)."""
+
+    def checked_out(self, pool: str, wait: float) -> None: ...
+
+    def released(self, pool: str, reason: ReleaseReason, held: float) -> None: ...
+
+    def counted(self, pool: str, name: str, amount: int) -> None: ...
+
+
+class Histogram:
+    """A fixed-bucket histogram: ``count``, ``sum`` and cumulative ``buckets``."""
+
+    __slots__ = ("count", "total", "_counts")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self._counts = [0] * (len(BUCKETS) + 1)
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        for i, bound in enumerate(BUCKETS):
+            if value <= bound:
+                self._counts[i] += 1
+                return
+        self._counts[-1] += 1
+
+    def snapshot(self) -> dict[str, t.Any]:
+        cumulative: dict[str, int] = {}
+        running = 0
+        for bound, n in zip((*map(str, BUCKETS), "+Inf"), self._counts, strict=True):
+            running += n
+            cumulative[bound] = running
+        return {"count": self.count, "sum": round(self.total, 6), "buckets": cumulative}
+
 
 class PoolCounters:
     """Thread-safe counters of one pool in one process."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: str = "default", listeners: list[Listener] | None = None) -> None:
+        self.pool = pool
+        self.listeners: list[Listener] = listeners if listeners is not None else []
         self._lock = threading.Lock()
         self.checkouts = 0
         self.releases: dict[ReleaseReason, int] = {reason: 0 for reason in ReleaseReason}
@@ -20,35 +68,44 @@ class PoolCounters:
         self.discarded_writes = 0
         self.discarded_connections = 0
         self.finalized = 0
+        self.leak_warnings = 0
+        self.client_gone = 0
+        self.wait_time = Histogram()
+        self.hold_time = Histogram()
         self._holders: weakref.WeakSet[Lease] = weakref.WeakSet()
 
     def checked_out(self, lease: Lease) -> None:
+        wait = lease.wait_time
         with self._lock:
             self.checkouts += 1
+            self.wait_time.observe(wait)
             self._holders.add(lease)
+        for listener in self.listeners:
+            listener.checked_out(self.pool, wait)
 
     def released(self, lease: Lease, reason: ReleaseReason) -> None:
+        held = lease.held_for
         with self._lock:
             self.releases[reason] += 1
+            self.hold_time.observe(held)
             self._holders.discard(lease)
+        for listener in self.listeners:
+            listener.released(self.pool, reason, held)
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
+        for listener in self.listeners:
+            listener.counted(self.pool, name, amount)
+
+    def active_leases(self) -> list[Lease]:
+        with self._lock:
+            return [lease for lease in list(self._holders) if lease.active]
 
     def snapshot(self) -> dict[str, t.Any]:
+        holders = sorted(self.active_leases(), key=lambda lease: lease.checked_out_at)
         with self._lock:
             releases = {reason.value: n for reason, n in self.releases.items()}
-            holders = [
-                {
-                    "endpoint": lease.endpoint,
-                    "method": lease.method,
-                    "path": lease.path,
-                    "held_for": round(lease.held_for, 6),
-                }
-                for lease in list(self._holders)
-                if lease.active
-            ]
             return {
                 "checked_out": self.checkouts - sum(self.releases.values()),
                 "checkouts": self.checkouts,
@@ -57,5 +114,9 @@ class PoolCounters:
                 "discarded_writes": self.discarded_writes,
                 "discarded_connections": self.discarded_connections,
                 "finalized": self.finalized,
-                "holders": holders,
+                "leak_warnings": self.leak_warnings,
+                "client_gone": self.client_gone,
+                "wait_time": self.wait_time.snapshot(),
+                "hold_time": self.hold_time.snapshot(),
+                "holders": [lease.describe() for lease in holders],
             }

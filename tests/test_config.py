@@ -44,6 +44,8 @@ def settings(**config: Any) -> Any:
         ("REQCONN_SESSION_SETTINGS", {"bad name; drop": 1}, "setting name"),
         ("REQCONN_SESSION_SETTINGS", {"statement_timeout": [1]}, "string, number or bool"),
         ("REQCONN_RETRY_AFTER", 1.5, "integer"),
+        ("REQCONN_LEAK_THRESHOLD", -2, "greater than 0"),
+        ("REQCONN_LEAK_THRESHOLD", "30", "number of seconds"),
     ],
 )
 def test_invalid_value_names_the_key(key: str, value: Any, fragment: str) -> None:
@@ -118,6 +120,18 @@ def test_session_settings_become_startup_options() -> None:
     assert s.connect_args["options"] == (
         "-c idle_in_transaction_session_timeout=60s -c statement_timeout=5000 -c jit=off"
     )
+
+
+def test_psycopg_connect_arguments_are_accepted() -> None:
+    from psycopg.rows import dict_row
+
+    s = settings(REQCONN_CONNECT_ARGS={"prepare_threshold": 2, "row_factory": dict_row})
+    assert s.connect_args["prepare_threshold"] == 2
+
+
+def test_unknown_libpq_option_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="REQCONN_CONNECT_ARGS"):
+        settings(REQCONN_CONNECT_ARGS={"no_such_option": "1"})
 
 
 def test_application_name_defaults_to_app_name_but_conninfo_wins() -> None:

@@ -305,3 +305,22 @@ def test_reset_can_be_disabled(make_app: AppFactory) -> None:
     client = app.test_client()
     client.get("/set")
     assert client.get("/show").data == b"pg_catalog"
+
+
+def test_connection_for_scripts_is_committed_and_reset(
+    make_app: AppFactory, table: str, pg_dsn: str
+) -> None:
+    app = make_app(max_size=1)
+    reqconn = reqconn_of(app)
+    with reqconn.connection(app=app) as conn:
+        conn.execute(f"insert into {table} (v) values ('script')")
+        conn.execute("set search_path = pg_catalog")
+        pid = conn.info.backend_pid
+    assert count(pg_dsn, table) == 1  # committed on success
+    with pytest.raises(RuntimeError), reqconn.connection(app=app) as conn:
+        conn.execute(f"insert into {table} (v) values ('failed')")
+        raise RuntimeError("boom")
+    assert count(pg_dsn, table) == 1  # rolled back on error
+    with reqconn.connection(app=app) as conn:
+        assert conn.info.backend_pid == pid
+        assert conn.execute("show search_path").fetchone()[0] == '"$user", public'

@@ -108,6 +108,23 @@ def test_exempt_endpoints_by_config_decorator_and_blueprint(make_app: AppFactory
     assert stats(app)["checkouts"] == 1
 
 
+def test_exempt_nested_blueprint(make_app: AppFactory) -> None:
+    reqconn = ReqConn()
+    parent = Blueprint("api", __name__)
+    child = Blueprint("internal", __name__)
+
+    @child.get("/ping")
+    def ping() -> str:
+        return "pong"
+
+    parent.register_blueprint(child, url_prefix="/internal")
+    reqconn.exempt(child)
+    app = make_app(ext=reqconn)
+    app.register_blueprint(parent, url_prefix="/api")
+    assert app.test_client().get("/api/internal/ping").data == b"pong"
+    assert stats(app)["checkouts"] == 0
+
+
 def test_unknown_url_does_not_check_out(make_app: AppFactory) -> None:
     app = make_app()
     assert app.test_client().get("/nope").status_code == 404
