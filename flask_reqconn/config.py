@@ -19,6 +19,10 @@ from .errors import ConfigError
 
 CHECKOUT_MODES = ("eager", "lazy")
 TRANSACTION_MODES = ("rollback", "autocommit", "atomic")
+CANCEL_POLICIES = ("safe", "all", "off")
+#: Methods whose queries are cancelled when the client leaves, with the
+#: default ``REQCONN_CANCEL_ON_DISCONNECT = "safe"``.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 #: Every key the extension reads, with its default. ``REQCONN_CONNINFO`` has
 #: no default: it is required.
@@ -40,6 +44,8 @@ DEFAULTS: dict[str, t.Any] = {
     "REQCONN_EOF_MEANS_GONE": True,
     "REQCONN_RETRY_AFTER": 1,
     "REQCONN_LEAK_THRESHOLD": None,
+    "REQCONN_CANCEL_ON_DISCONNECT": "safe",
+    "REQCONN_MAX_HOLD": None,
 }
 
 #: ``REQCONN_CONNECT_ARGS`` keys that go to ``psycopg.Connection.connect``
@@ -71,6 +77,8 @@ class Settings:
     eof_means_gone: bool
     retry_after: int
     leak_threshold: float | None
+    cancel_on_disconnect: str
+    max_hold: float | None
     application_name: str
 
     @property
@@ -81,6 +89,12 @@ class Settings:
     @property
     def autocommit(self) -> bool:
         return self.transaction == "autocommit"
+
+    @property
+    def watcher_tick(self) -> float | None:
+        """How often the watcher must run periodic checks (None: never)."""
+        ticks = [x / 4 for x in (self.leak_threshold, self.max_hold) if x is not None]
+        return min(1.0, *ticks) if ticks else None
 
 
 def redact_conninfo(conninfo: str) -> str:
@@ -174,6 +188,8 @@ def load_settings(config: Mapping[str, t.Any], app_name: str) -> Settings:
         eof_means_gone=get.boolean("REQCONN_EOF_MEANS_GONE"),
         retry_after=get.integer("REQCONN_RETRY_AFTER", minimum=0),
         leak_threshold=get.optional_seconds("REQCONN_LEAK_THRESHOLD"),
+        cancel_on_disconnect=get.choice("REQCONN_CANCEL_ON_DISCONNECT", CANCEL_POLICIES),
+        max_hold=get.optional_seconds("REQCONN_MAX_HOLD"),
         application_name=application_name,
     )
 

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import logging
 import os
+import time
 import traceback
 import typing as t
 from collections.abc import Callable, Iterator
@@ -13,14 +14,16 @@ from collections.abc import Callable, Iterator
 import psycopg
 from flask import Blueprint, Flask, current_app, has_request_context, request
 from psycopg.pq import TransactionStatus
+from werkzeug.exceptions import ServiceUnavailable
 
 from .cli import make_cli
 from .clientgone import client_gone
-from .config import DEFAULTS, Settings, load_settings
+from .config import DEFAULTS, SAFE_METHODS, Settings, load_settings
 from .errors import ClientGone, ConnectionReleased, ReqConnError
 from .lease import Lease, ReleaseReason, RequestLeases
 from .middleware import LeaseGuard, body_may_use_connection
 from .pool import PoolHolder
+from .watcher import get_watcher
 
 if t.TYPE_CHECKING:
     from werkzeug.wrappers import Response
@@ -35,6 +38,7 @@ DEFAULT_POOL = "default"
 #: generator, ``with app.app_context():`` around a test client).
 _REQUEST_ATTR = "_flask_reqconn"
 _EXEMPT_ATTR = "_flask_reqconn_exempt"
+_CANCEL_ATTR = "_flask_reqconn_cancel_on_disconnect"
 
 F = t.TypeVar("F", bound=Callable[..., t.Any] | Blueprint)
 
@@ -84,6 +88,8 @@ class ReqConn:
         app.teardown_request(state.teardown_request)
         app.wsgi_app = LeaseGuard(app.wsgi_app, state)  # type: ignore[method-assign]
         app.cli.add_command(make_cli())
+        if settings.cancel_on_disconnect != "off" or settings.max_hold is not None:
+            app.register_error_handler(psycopg.errors.QueryCanceled, state.on_query_canceled)
 
     def exempt(self, view: F) -> F:
         """Exempt a view function or a blueprint from the eager checkout.
@@ -99,6 +105,21 @@ class ReqConn:
             with contextlib.suppress(AttributeError, TypeError):
                 setattr(view, _EXEMPT_ATTR, True)
         return view
+
+    def cancel_on_disconnect(self, enabled: bool = True) -> Callable[[F], F]:
+        """Decorator: override ``REQCONN_CANCEL_ON_DISCONNECT`` for one view.
+
+        ``@reqconn.cancel_on_disconnect()`` arms cancellation for a view whose
+        method the policy leaves alone (a POST whose work is all in the
+        database, rolled back when cancelled); ``@reqconn.cancel_on_disconnect(False)``
+        keeps a view's queries running when its client leaves.
+        """
+
+        def decorate(view: F) -> F:
+            setattr(view, _CANCEL_ATTR, enabled)
+            return view
+
+        return decorate
 
     def stats(self, app: Flask | None = None) -> dict[str, t.Any]:
         """Counters of this process for *app* (default: the current app).
@@ -289,7 +310,43 @@ class AppState:
         ):
             lease.release(ReleaseReason.CLIENT_GONE)
             self._client_gone(req, lease)
+        if settings.cancel_on_disconnect != "off" and self._cancel_armed(request.endpoint):
+            get_watcher().watch_client(lease, environ, eof_means_gone=settings.eof_means_gone)
         return lease
+
+    def _cancel_armed(self, endpoint: str | None) -> bool:
+        """Should this request's queries be cancelled when its client leaves?"""
+        view = current_app.view_functions.get(endpoint or "")
+        override = getattr(view, _CANCEL_ATTR, None)
+        if override is not None:
+            return bool(override)
+        return self.settings.cancel_on_disconnect == "all" or request.method in SAFE_METHODS
+
+    def on_query_canceled(self, exc: psycopg.errors.QueryCanceled) -> t.Any:
+        """Error handler: a query the watcher cancelled becomes a 499 (or 503).
+
+        Other cancellations (``statement_timeout``...) are re-raised untouched.
+        """
+        req: RequestLeases | None = getattr(request, _REQUEST_ATTR, None)
+        lease = next(
+            (lease for lease in (req.leases.values() if req else ()) if lease.cancelled), None
+        )
+        if req is None or lease is None:
+            raise exc
+        req.client_gone = True
+        if lease.cancelled == "max_hold":
+            return ServiceUnavailable(
+                "The request held its database connection longer than allowed and was stopped."
+            )
+        self.holders[lease.pool_name].counters.add("client_gone")
+        logger.info(
+            "client gone: %s %s; its query was cancelled; the client had waited %.3f s;"
+            " answered 499",
+            lease.method,
+            lease.path,
+            (lease.released_at or time.monotonic()) - lease.requested_at,
+        )
+        return ClientGone()
 
     def _client_gone(self, req: RequestLeases, lease: Lease | None) -> t.NoReturn:
         req.client_gone = True
@@ -320,6 +377,8 @@ class AppState:
             "exhausted": sum(p["exhausted"] for p in pools.values()),
             "client_gone": sum(p["client_gone"] for p in pools.values()),
             "leak_warnings": sum(p["leak_warnings"] for p in pools.values()),
+            "cancelled": sum(p["cancelled"] for p in pools.values()),
+            "reclaimed": sum(p["reclaimed"] for p in pools.values()),
             "discarded_writes": sum(p["discarded_writes"] for p in pools.values()),
             "pools": pools,
         }
@@ -404,7 +463,12 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
         req = None
     if req is not None:
         lease = req.leases.get(name or DEFAULT_POOL)
-        if lease is not None and lease.conn is not None and lease.active:
+        if (
+            lease is not None
+            and lease.conn is not None
+            and lease.active
+            and lease.cancelled is None
+        ):
             return lease.conn
     return _get_conn_slow(name or DEFAULT_POOL, req)
 
@@ -420,6 +484,9 @@ def _get_conn_slow(name: str, req: RequestLeases | None) -> psycopg.Connection[t
     state = _state_of(None)
     if req is not None:
         lease = req.leases.get(name)
+        if lease is not None and lease.cancelled is not None:
+            req.client_gone = True
+            raise ClientGone() if lease.cancelled == "client_gone" else ServiceUnavailable()
         if lease is not None:
             raise ConnectionReleased(
                 f"the connection of pool {name!r} for this request was already given back"

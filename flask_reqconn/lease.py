@@ -19,6 +19,12 @@ if t.TYPE_CHECKING:
     from .pool import PoolHolder
 
 
+class Unwatchable(t.Protocol):
+    """A watcher registration that a lease drops when it is released."""
+
+    def discard(self) -> None: ...
+
+
 class ReleaseReason(str, enum.Enum):
     """Who gave a connection back. Used in :meth:`ReqConn.stats` and logs."""
 
@@ -71,6 +77,8 @@ class Lease:
         "released_by",
         "checkout_site",
         "leak_reported",
+        "cancelled",
+        "watch",
         "_state",
         "_lock",
         "_holder",
@@ -100,6 +108,11 @@ class Lease:
         self.checkout_site: str | None = None
         #: a leak warning was logged for this lease
         self.leak_reported = False
+        #: why the watcher cancelled this lease's query: ``"client_gone"`` or
+        #: ``"max_hold"`` (None: never cancelled)
+        self.cancelled: str | None = None
+        #: the watcher's registration of the request's client, if any
+        self.watch: Unwatchable | None = None
         self._state = LeaseState.WAITING
         self._lock = threading.Lock()
 
@@ -159,12 +172,43 @@ class Lease:
             if self._state is not LeaseState.ACTIVE:
                 return False
             self._state = LeaseState.RELEASING
+        watch = self.watch
+        if watch is not None:
+            self.watch = None
+            watch.discard()
         self.released_by = reason
         self.released_at = time.monotonic()
         try:
             self._holder.give_back(self, reason)
         finally:
             self._state = LeaseState.RELEASED
+        return True
+
+    def cancel(self, reason: str, timeout: float) -> bool:
+        """Cancel the statement running on the connection, from another thread.
+
+        Done under the lease's lock, and only while the lease is active: the
+        request cannot hand the connection back (and another request cannot
+        get it) until the cancel request has reached the server, so a cancel
+        never hits the next user of the connection. Never closes or returns
+        the connection: that stays with the request's own thread.
+
+        :returns: True if a cancel was sent by this call.
+        """
+        with self._lock:
+            if self._state is not LeaseState.ACTIVE or self.cancelled is not None:
+                return False
+            self.cancelled = reason
+            conn = self.conn
+            if conn is None:  # pragma: no cover - active leases have a connection
+                return False
+            try:
+                if hasattr(conn, "cancel_safe"):
+                    conn.cancel_safe(timeout=timeout)
+                else:  # pragma: no cover - psycopg < 3.2
+                    conn.cancel()
+            except Exception:
+                return False
         return True
 
     def __del__(self) -> None:

@@ -120,7 +120,8 @@ class GuardedIterable:
             self._exhausted = True
             raise
         except BaseException as exc:
-            self._req.release_all(_reason_for(exc))
+            gone = any(lease.cancelled == "client_gone" for lease in self._req.leases.values())
+            self._req.release_all(ReleaseReason.ABORT if gone else _reason_for(exc))
             raise
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from .errors import PoolExhausted
 from .handback import Baseline, clean_connection
 from .lease import Lease, ReleaseReason
 from .stats import Listener, PoolCounters
-from .watcher import get_watcher
+from .watcher import CANCEL_TIMEOUT, get_watcher
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +161,11 @@ class PoolHolder:
             self.run_deferred()
         pool = self.pool
         lease = Lease(self, method=method, path=path, endpoint=endpoint)
-        threshold = self.settings.leak_threshold
-        if threshold is not None:
+        if self.settings.leak_threshold is not None:
             lease.checkout_site = site() if site is not None else None
-            get_watcher().watch(self, min(1.0, threshold / 4))
+        tick = self.settings.watcher_tick
+        if tick is not None:
+            get_watcher().watch(self, tick)
         try:
             lease._activate(pool.getconn())
         except (PoolTimeout, TooManyRequests) as exc:
@@ -186,7 +187,12 @@ class PoolHolder:
         """Clean the lease's connection and return it to the pool. Never raises."""
         conn = lease.conn
         try:
-            if conn is not None:
+            if conn is not None and lease.cancelled == "max_hold":
+                # reclaimed: never reuse a connection a runaway request held
+                self.counters.add("discarded_connections")
+                conn.close()
+                self._putconn(conn)
+            elif conn is not None:
                 outcome = clean_connection(
                     conn, self.baseline, reset_session=self.settings.reset_session
                 )
@@ -264,7 +270,37 @@ class PoolHolder:
             clean_connection(conn, self.baseline, reset_session=self.settings.reset_session)
             self._putconn(conn)
 
-    # -- leak detection ---------------------------------------------------------
+    # -- periodic checks (run by the watcher thread) ----------------------------
+
+    def periodic_checks(self) -> None:
+        self.check_max_hold()
+        self.check_leaks()
+
+    def check_max_hold(self) -> None:
+        """Cancel the query of leases held longer than ``REQCONN_MAX_HOLD``.
+
+        The request's own thread then closes the connection at release and
+        the pool replaces it.
+        """
+        limit = self.settings.max_hold
+        if limit is None:
+            return
+        for lease in self.counters.active_leases():
+            if lease.cancelled is not None or lease.held_for < limit:
+                continue
+            held = lease.held_for
+            if lease.cancel("max_hold", CANCEL_TIMEOUT):
+                self.counters.add("reclaimed")
+                logger.warning(
+                    "REQCONN_MAX_HOLD (%.1f s) exceeded: %s %s (endpoint %r) held its"
+                    " connection %.1f s; cancelled its query, the connection will be closed"
+                    " and replaced when the request lets go of it",
+                    limit,
+                    lease.method,
+                    lease.path,
+                    lease.endpoint,
+                    held,
+                )
 
     def check_leaks(self) -> None:
         """Warn once about each lease held longer than ``REQCONN_LEAK_THRESHOLD``."""

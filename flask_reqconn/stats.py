@@ -70,6 +70,8 @@ class PoolCounters:
         self.finalized = 0
         self.leak_warnings = 0
         self.client_gone = 0
+        self.cancelled = 0
+        self.reclaimed = 0
         self.wait_time = Histogram()
         self.hold_time = Histogram()
         self._holders: weakref.WeakSet[Lease] = weakref.WeakSet()
@@ -116,6 +118,8 @@ class PoolCounters:
                 "finalized": self.finalized,
                 "leak_warnings": self.leak_warnings,
                 "client_gone": self.client_gone,
+                "cancelled": self.cancelled,
+                "reclaimed": self.reclaimed,
                 "wait_time": self.wait_time.snapshot(),
                 "hold_time": self.hold_time.snapshot(),
                 "holders": [lease.describe() for lease in holders],

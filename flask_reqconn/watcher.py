@@ -1,9 +1,20 @@
-"""One background thread per worker process for periodic checks.
+"""One background thread per worker process: departed clients, long holds, leaks.
 
-Started lazily, in the process that serves requests (never at import or in
-``init_app``), restarted in a forked child, stopped at interpreter exit. Today
-it runs leak detection (``REQCONN_LEAK_THRESHOLD``); it only ever *reads*
-lease state and logs: releasing stays with the request's own thread.
+The watcher is started lazily, in the process that serves requests (never at
+import or in ``init_app``), restarted in a forked child, and stopped at exit.
+
+- **Departed clients.** The client sockets of requests holding a connection
+  are registered with ``epoll`` (``EPOLLRDHUP``, one-shot): when one reports a
+  close or a reset, a non-blocking ``recv(1, MSG_PEEK)`` decides (EOF or reset:
+  gone; data: unknown, never gone) and the running statement of that request
+  is cancelled (:meth:`Lease.cancel`). Where ``epoll`` is not available (other
+  systems, gevent's monkey patching) and for waitress (``client_disconnected``)
+  the registered clients are polled instead every :data:`POLL_INTERVAL`.
+- **Long holds** (``REQCONN_MAX_HOLD``) and **leaks**
+  (``REQCONN_LEAK_THRESHOLD``) are checked every tick.
+
+The watcher only ever cancels statements and logs: it never returns or closes
+a connection; that stays with the request's own thread.
 """
 
 from __future__ import annotations
@@ -11,50 +22,172 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import select
+import sys
 import threading
+import time
 import typing as t
 import weakref
+from collections.abc import Callable
+
+from .clientgone import client_socket, socket_gone
 
 if t.TYPE_CHECKING:
+    import _socket
+
+    from .lease import Lease
     from .pool import PoolHolder
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between polls of clients that cannot be watched with epoll.
+POLL_INTERVAL = 0.05
+#: Seconds a cancel request may take before the watcher gives up on it.
+CANCEL_TIMEOUT = 2.0
+
+_EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
+#: A peer's close (FIN) or reset, once; EPOLLHUP and EPOLLERR always report.
+_WATCH_EVENTS = _EPOLLRDHUP | getattr(select, "EPOLLONESHOT", 1 << 30)
+
+
+class ClientWatch:
+    """The watcher's registration of one request's client."""
+
+    __slots__ = ("lease", "sock", "fd", "check", "eof_means_gone", "watcher", "since")
+
+    def __init__(
+        self,
+        watcher: Watcher,
+        lease: Lease,
+        *,
+        sock: _socket.socket | None,
+        check: Callable[[], bool] | None,
+        eof_means_gone: bool,
+    ) -> None:
+        self.watcher = watcher
+        self.lease = lease
+        self.sock = sock
+        self.fd = sock.fileno() if sock is not None else -1
+        self.check = check
+        self.eof_means_gone = eof_means_gone
+        self.since = time.monotonic()
+
+    def discard(self) -> None:
+        self.watcher.unwatch(self)
+
+    def gone(self) -> bool:
+        if self.sock is not None:
+            return socket_gone(self.sock, eof_means_gone=self.eof_means_gone)
+        if self.check is not None:
+            try:
+                return bool(self.check())
+            except Exception:
+                return False
+        return False
+
+
+def _gevent_patched() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey and monkey.is_module_patched("threading"))
+
 
 class Watcher:
-    """Runs :meth:`PoolHolder.check_leaks` of every registered holder periodically."""
+    """The per-process watcher thread (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._holders: weakref.WeakSet[PoolHolder] = weakref.WeakSet()
+        self._by_fd: dict[int, ClientWatch] = {}
+        self._polled: set[ClientWatch] = set()
+        self._epoll: t.Any = None
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._stop = threading.Event()
-        self._interval = 1.0
+        self._tick = 1.0
+        self._said_unwatchable = False
 
     @property
     def running(self) -> bool:
         thread = self._thread
         return thread is not None and thread.is_alive() and self._pid == os.getpid()
 
+    # -- registration (request threads) -----------------------------------------
+
     def watch(self, holder: PoolHolder, interval: float) -> None:
-        """Make sure *holder* is checked at least every *interval* seconds."""
-        if self.running and holder in self._holders and interval >= self._interval:
+        """Run *holder*'s periodic checks at least every *interval* seconds."""
+        if self.running and holder in self._holders and interval >= self._tick:
             return
         with self._lock:
             self._holders.add(holder)
-            self._interval = min(self._interval, interval)
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._start()
+            self._tick = min(self._tick, interval)
+            self._ensure_running()
 
-    def _start(self) -> None:
+    def watch_client(
+        self, lease: Lease, environ: t.Mapping[str, t.Any], *, eof_means_gone: bool
+    ) -> ClientWatch | None:
+        """Watch the request's client; cancel *lease*'s query if it leaves."""
+        sock = client_socket(environ)
+        check = None if sock is not None else environ.get("waitress.client_disconnected")
+        if sock is None and check is None:
+            if not self._said_unwatchable:
+                self._said_unwatchable = True
+                logger.debug(
+                    "the WSGI server exposes no client socket (%s): departed clients"
+                    " cannot be watched; cancellation on disconnect is off",
+                    environ.get("SERVER_SOFTWARE", "unknown server"),
+                )
+            return None
+        entry = ClientWatch(self, lease, sock=sock, check=check, eof_means_gone=eof_means_gone)
+        with self._lock:
+            self._ensure_running()
+            if sock is not None and self._epoll is not None:
+                old = self._by_fd.pop(entry.fd, None)
+                try:
+                    if old is not None:
+                        self._epoll.unregister(entry.fd)
+                    self._epoll.register(entry.fd, _WATCH_EVENTS)
+                except OSError:
+                    return None
+                self._by_fd[entry.fd] = entry
+            else:
+                self._polled.add(entry)
+        lease.watch = entry
+        return entry
+
+    def unwatch(self, entry: ClientWatch) -> None:
+        with self._lock:
+            if self._by_fd.get(entry.fd) is entry:
+                del self._by_fd[entry.fd]
+                if self._epoll is not None and self._pid == os.getpid():
+                    try:
+                        self._epoll.unregister(entry.fd)
+                    except (OSError, ValueError):
+                        pass
+            else:
+                self._polled.discard(entry)
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        """Start the thread in this process if needed. Caller holds ``_lock``."""
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        pid = os.getpid()
+        if self._pid != pid:  # a fork: the parent's registrations mean nothing here
+            self._by_fd.clear()
+            self._polled.clear()
+            self._epoll = None
+        if self._epoll is None and hasattr(select, "epoll") and not _gevent_patched():
+            self._epoll = select.epoll()
         self._stop = threading.Event()
-        self._pid = os.getpid()
+        self._pid = pid
         self._thread = threading.Thread(
-            target=self._run, name=f"flask-reqconn-watcher-{self._pid}", daemon=True
+            target=self._run, name=f"flask-reqconn-watcher-{pid}", daemon=True
         )
         self._thread.start()
-        logger.debug("watcher started in process %d", self._pid)
+        logger.debug(
+            "watcher started in process %d (%s)", pid, "epoll" if self._epoll else "polling"
+        )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread of this process (idempotent)."""
@@ -65,12 +198,50 @@ class Watcher:
 
     def _run(self) -> None:
         stop = self._stop
-        while not stop.wait(self._interval):
-            for holder in list(self._holders):
-                try:
-                    holder.check_leaks()
-                except Exception:  # never let the watcher die
-                    logger.exception("leak check of %r failed", holder)
+        next_tick = time.monotonic() + self._tick
+        while not stop.is_set():
+            timeout = max(0.0, min(next_tick - time.monotonic(), self._tick))
+            if self._polled or self._epoll is None:
+                timeout = min(timeout, POLL_INTERVAL)
+            try:
+                self._wait(timeout)
+                for entry in list(self._polled):
+                    if entry.gone():
+                        self._client_gone(entry)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + self._tick
+                    for holder in list(self._holders):
+                        holder.periodic_checks()
+            except Exception:  # never let the watcher die
+                logger.exception("flask-reqconn watcher error")
+                stop.wait(0.1)
+
+    def _wait(self, timeout: float) -> None:
+        epoll = self._epoll
+        if epoll is None:
+            self._stop.wait(timeout)
+            return
+        for fd, _events in epoll.poll(timeout):
+            entry = self._by_fd.get(fd)
+            if entry is None:
+                continue
+            if entry.gone():
+                self._client_gone(entry)
+            # otherwise: data pending (unknown) or a half-close that does not
+            # count: stay disarmed (one-shot) until the request ends
+
+    def _client_gone(self, entry: ClientWatch) -> None:
+        self.unwatch(entry)
+        lease = entry.lease
+        if lease.cancel("client_gone", CANCEL_TIMEOUT):
+            lease._holder.counters.add("cancelled")
+            logger.debug(
+                "client of %s %s left after %.3f s: cancelled its query",
+                lease.method,
+                lease.path,
+                time.monotonic() - entry.since,
+            )
 
 
 _watcher: Watcher | None = None

@@ -150,6 +150,9 @@ def test_client_leaving_while_waiting_for_the_pool_is_released_right_after_check
     in_threads(waiting, lambda i: servers.send_and_close(
         server.url, "/slow?s=5", how="after_ms", ms=300))
     holder.join(60)
+    # every waiter is handled (they wake one by one as the connection comes back)
+    pg.wait_until(lambda: stats(server)["client_gone"] == waiting, timeout=60,
+                  message="every departed waiter answered 499")
     final = assert_recovered(server, pg_admin, appname)
     print("left while waiting", {k: final[k] for k in ("client_gone", "releases")})
     assert final["client_gone"] == waiting

@@ -2,8 +2,9 @@
 
 Configured from the environment so one module serves every scenario:
 ``RC_DSN`` (required), ``RC_APPNAME``, ``RC_MAX_SIZE``, ``RC_TIMEOUT``,
-``RC_CHECKOUT``, ``RC_SESSION_SETTINGS`` (``name=value,name=value``), and
-``RC_OPEN_IN_MASTER=1`` to use the pool while the app is created (to prove that
+``RC_CHECKOUT``, ``RC_SESSION_SETTINGS`` (``name=value,name=value``),
+``RC_CANCEL`` (the cancel-on-disconnect policy), ``RC_EOF_MEANS_GONE`` (``1``/``0``),
+``RC_MAX_HOLD``, and ``RC_OPEN_IN_MASTER=1`` to use the pool while the app is created (to prove that
 a pool opened before gunicorn forks does not hurt the workers).
 """
 
@@ -29,6 +30,10 @@ def create_app() -> Flask:
     app.config["REQCONN_TIMEOUT"] = float(os.environ.get("RC_TIMEOUT", "5"))
     app.config["REQCONN_CHECKOUT"] = os.environ.get("RC_CHECKOUT", "eager")
     app.config["REQCONN_EXEMPT_ENDPOINTS"] = ["stats", "health"]
+    app.config["REQCONN_CANCEL_ON_DISCONNECT"] = os.environ.get("RC_CANCEL", "safe")
+    app.config["REQCONN_EOF_MEANS_GONE"] = os.environ.get("RC_EOF_MEANS_GONE", "1") == "1"
+    if os.environ.get("RC_MAX_HOLD"):
+        app.config["REQCONN_MAX_HOLD"] = float(os.environ["RC_MAX_HOLD"])
     settings = os.environ.get("RC_SESSION_SETTINGS", "")
     app.config["REQCONN_SESSION_SETTINGS"] = dict(
         item.split("=", 1) for item in settings.split(",") if item
@@ -48,7 +53,7 @@ def create_app() -> Flask:
         backend = get_conn().execute("select pg_backend_pid()").fetchone()[0]
         return {"worker": os.getpid(), "backend": backend}
 
-    @app.get("/slow")
+    @app.route("/slow", methods=["GET", "POST"])
     def slow() -> str:
         seconds = float(request.args.get("s", "1"))
         get_conn().execute("select pg_sleep(%s)", (seconds,))

@@ -1,0 +1,153 @@
+"""When the client leaves, its query stops: the watcher, under real gunicorn.
+
+A view runs ``pg_sleep(30)``; the client disconnects after 0.3 s; soon after
+(hang guards only; latency is measured in bench/) PostgreSQL shows no active
+``pg_sleep`` of the app, the pool has the connection back, and the server
+answers the next request.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_reqconn import get_conn
+from tests import pg, servers
+from tests.appfixtures import AppFactory
+from tests.test_gunicorn import APP, WORKERS, assert_recovered, stats
+
+pytestmark = pytest.mark.slow
+
+
+def start(spawn: Callable[..., servers.ServerProcess], pg_dsn: str, *, env: dict[str, str],
+          **kind: Any) -> tuple[servers.ServerProcess, str]:  # fmt: skip
+    appname = pg.unique_name("cancel")
+    server = spawn(
+        "gunicorn", APP, env={"RC_DSN": pg_dsn, "RC_APPNAME": appname, "RC_MAX_SIZE": "2",
+                              **env}, **kind,
+    )  # fmt: skip
+    return server, appname
+
+
+def request_bytes(method: str, path: str, *, keep_alive: bool = False) -> bytes:
+    connection = "keep-alive" if keep_alive else "close"
+    body = "Content-Length: 0\r\n" if method == "POST" else ""
+    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\n{body}Connection: {connection}\r\n\r\n"
+            ).encode()  # fmt: skip
+
+
+def sleeping(admin: Any, appname: str) -> list[dict[str, Any]]:
+    return [s for s in pg.app_sessions(admin, appname)
+            if s["state"] == "active" and "pg_sleep" in s["query"]]  # fmt: skip
+
+
+def disconnect_after(server: servers.ServerProcess, method: str, path: str, seconds: float
+                     ) -> None:  # fmt: skip
+    sock = servers.raw_connect(server.url)
+    try:
+        sock.sendall(request_bytes(method, path))
+        time.sleep(seconds)
+    finally:
+        sock.close()
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("kind", WORKERS)
+@pytest.mark.parametrize(("method", "policy"), [("GET", "safe"), ("POST", "all")])
+def test_departed_client_query_is_cancelled_and_connection_returned(
+    spawn: Any, pg_dsn: str, pg_admin: Any, kind: dict[str, Any], method: str, policy: str
+) -> None:
+    server, appname = start(spawn, pg_dsn, env={"RC_CANCEL": policy}, **kind)
+    disconnect_after(server, method, "/slow?s=30", 0.3)
+    pg.wait_until(lambda: not sleeping(pg_admin, appname), timeout=15,
+                  message="the pg_sleep(30) was cancelled")  # fmt: skip
+    final = assert_recovered(server, pg_admin, appname)
+    assert final["cancelled"] == 1
+    assert final["client_gone"] == 1
+    assert "Traceback" not in server.log_text()  # a 499, not a 500 with a stack
+
+
+@pytest.mark.parametrize(("method", "policy"), [("GET", "off"), ("POST", "safe")])
+def test_no_cancellation_when_the_policy_says_so(
+    spawn: Any, pg_dsn: str, pg_admin: Any, method: str, policy: str
+) -> None:
+    server, appname = start(spawn, pg_dsn, env={"RC_CANCEL": policy},
+                            worker_class="gthread", threads=4)  # fmt: skip
+    disconnect_after(server, method, "/slow?s=3", 0.3)
+    # pg_sleep(3) cannot have finished one second after the disconnect
+    time.sleep(1.0)
+    assert sleeping(pg_admin, appname), "the query should still be running"
+    final = assert_recovered(server, pg_admin, appname)
+    assert final["cancelled"] == 0
+
+
+def test_pipelined_keep_alive_request_is_not_cancelled(
+    spawn: Any, pg_dsn: str, pg_admin: Any
+) -> None:
+    server, appname = start(spawn, pg_dsn, env={}, worker_class="gthread", threads=4)
+    sock = servers.raw_connect(server.url, timeout=30)
+    with sock:
+        sock.sendall(request_bytes("GET", "/slow?s=1", keep_alive=True)
+                     + request_bytes("GET", "/"))  # fmt: skip
+        data = read_all(sock)
+    assert data.count(b"HTTP/1.1 200") == 2, data[:500]
+    assert stats(server)["cancelled"] == 0
+
+
+@pytest.mark.parametrize(("eof_means_gone", "cancelled"), [("0", 0), ("1", 1)])
+def test_half_closed_client_follows_the_eof_setting(
+    spawn: Any, pg_dsn: str, pg_admin: Any, eof_means_gone: str, cancelled: int
+) -> None:
+    server, appname = start(spawn, pg_dsn, env={"RC_EOF_MEANS_GONE": eof_means_gone},
+                            worker_class="gthread", threads=4)  # fmt: skip
+    sock = servers.raw_connect(server.url, timeout=30)
+    with sock:
+        sock.sendall(request_bytes("GET", "/slow?s=1.5"))
+        time.sleep(0.3)
+        sock.shutdown(socket.SHUT_WR)  # done sending, still reading
+        data = read_all(sock)
+    if cancelled:
+        assert not data.startswith(b"HTTP/1.1 200"), data[:200]
+    else:
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    final = assert_recovered(server, pg_admin, appname)
+    assert final["cancelled"] == cancelled
+
+
+def test_max_hold_cancels_and_replaces_the_connection(
+    spawn: Any, pg_dsn: str, pg_admin: Any
+) -> None:
+    server, appname = start(spawn, pg_dsn, env={"RC_MAX_HOLD": "1"},
+                            worker_class="gthread", threads=4)  # fmt: skip
+    backend_before = servers.http_get(server.url + "/pid")[2]
+    status, headers, _ = servers.http_get(server.url + "/slow?s=30", timeout=60)
+    assert status == 503
+    final = assert_recovered(server, pg_admin, appname)
+    assert final["reclaimed"] == 1
+    assert final["pools"]["default"]["discarded_connections"] >= 1
+    assert "REQCONN_MAX_HOLD (1.0 s) exceeded" in server.log_text()
+    assert backend_before  # the server still serves with a fresh connection
+
+
+def test_statement_timeout_is_not_mistaken_for_a_departed_client(
+    make_app: AppFactory,
+) -> None:
+    app: Flask = make_app(session_settings={"statement_timeout": "100ms"})
+
+    @app.get("/slow")
+    def slow() -> str:
+        get_conn().execute("select pg_sleep(2)")
+        return "unreachable"
+
+    assert app.test_client().get("/slow").status_code == 500
