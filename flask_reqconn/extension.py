@@ -126,8 +126,11 @@ class ReqConn:
 
         Keys: ``pid``, ``checked_out`` (leases held now), ``checkouts``,
         ``releases`` (by reason), ``exhausted`` (503s), ``client_gone``
-        (499s), ``discarded_writes``, and ``pools`` with each pool's own
-        counters, current holders and psycopg_pool's ``get_stats()``.
+        (499s), ``discarded_writes``, ``leak_warnings``, ``cancelled``
+        (queries of departed clients), ``reclaimed`` (``REQCONN_MAX_HOLD``),
+        and ``pools`` with each pool's own counters, wait and hold time
+        histograms, current holders and psycopg_pool's ``get_stats()``.
+        See the operations page for every key.
         """
         return _state_of(app).stats()
 

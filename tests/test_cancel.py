@@ -63,7 +63,11 @@ def read_all(sock: socket.socket) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("kind", WORKERS)
+GEVENT = pytest.param({"worker_class": "gevent", "extra_args": ("--worker-connections", "50")},
+                      id="gevent")  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", [*WORKERS, GEVENT])
 @pytest.mark.parametrize(("method", "policy"), [("GET", "safe"), ("POST", "all")])
 def test_departed_client_query_is_cancelled_and_connection_returned(
     spawn: Any, pg_dsn: str, pg_admin: Any, kind: dict[str, Any], method: str, policy: str
