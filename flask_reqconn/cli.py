@@ -13,6 +13,7 @@ import os
 import typing as t
 
 import click
+import psycopg
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 
@@ -58,19 +59,26 @@ def _connection(state: AppState) -> t.Any:
 def check_command(workers: int | None, others: int) -> None:
     """Connect, run select 1, and check the pool fits the server."""
     state = _state()
-    settings = state.settings
+    settings = state.holders["default"].settings
     if workers is None:
         workers = int(os.environ.get("WEB_CONCURRENCY", "1") or 1)
     click.echo(f"conninfo:        {settings.safe_conninfo}")
     try:
-        with _connection(state) as conn:
+        # a direct connection, not the pool: a refused or failed login shows
+        # its own error instead of a pool timeout
+        with psycopg.connect(
+            settings.conninfo,
+            connect_timeout=max(1, min(10, int(settings.timeout))),
+            **{k: v for k, v in settings.connect_args.items() if k != "row_factory"},
+        ) as conn:
             conn.execute("select 1")
             version = conn.info.server_version
             rows = conn.execute(
                 "select name, setting, unit from pg_settings where name = any(%s)",
                 (list(_SETTINGS),),
             ).fetchall()
-            in_use = conn.execute("select count(*) from pg_stat_activity").fetchone()[0]
+            row = conn.execute("select count(*) from pg_stat_activity").fetchone()
+            in_use = row[0] if row else 0
     except Exception as exc:
         from .config import scrub_secrets
 
