@@ -101,7 +101,7 @@ def overhead(dsn: str, rounds: int, duration: float, log_dir: Path) -> dict[str,
     }
     results: dict[str, list[float]] = {"safe": [], "off": []}
     try:
-        for policy, server in started.items():  # warm up
+        for server in started.values():  # warm up
             run_load(server.url + "/one", connections=8, duration=1)
         for r in range(rounds):
             order = ("safe", "off") if r % 2 == 0 else ("off", "safe")

@@ -948,6 +948,13 @@ def _judge(
             problems.append(f"{reading.name} = {_fmt(reading.at_end)} after the final load")
         if reading.error and not reading.clean:
             problems.append(f"{reading.source} oracle error: {reading.error}")
+    app_failed = health.ok_count != 1 or not final.all_ok
+    if app_failed and readings and all(r.source == "pg" and r.clean for r in readings):
+        problems.append(
+            "pg_stat_activity shows no busy session, yet the app failed: a connection the"
+            " app lost is closed by the garbage collector and leaves pg_stat_activity while"
+            " the pool still counts it; add --stats-url to read the pool's own count"
+        )
     if problems:
         return False, "FAIL: " + "; ".join(problems)
     parts = [

@@ -80,7 +80,6 @@ def test_teardown_and_response_close_race(make_app: AppFactory) -> None:
             req = state.request_leases()
             state.checkout(req, "default")
             req.streamed = True
-            req.app_returned = True
             environ = request.environ
         guarded = GuardedIterable([b"x"], req, state)
         race(functools.partial(req.release_all, ReleaseReason.TEARDOWN), guarded.close)

@@ -1,0 +1,1 @@
+"""Example apps, and the side-by-side demo: ``python -m examples.demo``."""
