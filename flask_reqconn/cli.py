@@ -57,11 +57,36 @@ def _connection(state: AppState) -> t.Any:
 )
 @with_appcontext
 def check_command(workers: int | None, others: int) -> None:
-    """Connect, run select 1, and check the pool fits the server."""
+    """Connect, run select 1, and check the pools fit their servers."""
     state = _state()
-    settings = state.holders["default"].settings
     if workers is None:
         workers = int(os.environ.get("WEB_CONCURRENCY", "1") or 1)
+    servers: dict[tuple[str, str, str], list[str]] = {}
+    for name, holder in state.holders.items():
+        servers.setdefault(_server_key(holder.settings.conninfo), []).append(name)
+    problems: list[str] = []
+    for names in servers.values():
+        if len(servers) > 1:
+            click.echo(f"-- pools {', '.join(names)}")
+        problems += _check_server(state, names, workers, others)
+    for problem in problems:
+        click.secho(f"WARNING: {problem}", fg="yellow", err=True)
+    if problems:
+        raise SystemExit(1)
+    click.echo("ok")
+
+
+def _server_key(conninfo: str) -> tuple[str, str, str]:
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(conninfo)
+    host, port, hostaddr = (str(params.get(k, "")) for k in ("host", "port", "hostaddr"))
+    return host, port, hostaddr
+
+
+def _check_server(state: AppState, names: list[str], workers: int, others: int) -> list[str]:
+    """Check one server shared by the pools *names*; return the problems found."""
+    settings = state.holders[names[0]].settings
     click.echo(f"conninfo:        {settings.safe_conninfo}")
     try:
         # a direct connection, not the pool: a refused or failed login shows
@@ -99,7 +124,7 @@ def check_command(workers: int | None, others: int) -> None:
         if name in values
     )
     usable = max_connections - reserved
-    pool_total = sum(h.settings.max_size for h in state.holders.values())
+    pool_total = sum(state.holders[name].settings.max_size for name in names)
     needed = workers * pool_total + others
     click.echo(
         f"pool:            max_size {pool_total} x {workers} worker(s)"
@@ -107,7 +132,13 @@ def check_command(workers: int | None, others: int) -> None:
         f" ({in_use} in use now)"
     )
     problems = []
-    if needed > usable:
+    if settings.pgbouncer:
+        click.echo(
+            "note: behind pgbouncer (REQCONN_PGBOUNCER): the figures above are the server's;"
+            " the pools count against pgbouncer's max_client_conn, and its"
+            " default_pool_size x databases/users against max_connections"
+        )
+    elif needed > usable:
         problems.append(
             f"{workers} workers x REQCONN_MAX_SIZE {pool_total} + {others} others = {needed}"
             f" exceeds the {usable} connections the server allows (max_connections"
@@ -120,11 +151,7 @@ def check_command(workers: int | None, others: int) -> None:
                 f"note: {name} is off: a worker killed mid-transaction keeps its session"
                 " until TCP notices; consider REQCONN_SESSION_SETTINGS"
             )
-    for problem in problems:
-        click.secho(f"WARNING: {problem}", fg="yellow", err=True)
-    if problems:
-        raise SystemExit(1)
-    click.echo("ok")
+    return problems
 
 
 @click.command("activity")

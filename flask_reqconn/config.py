@@ -46,7 +46,33 @@ DEFAULTS: dict[str, t.Any] = {
     "REQCONN_LEAK_THRESHOLD": None,
     "REQCONN_CANCEL_ON_DISCONNECT": "safe",
     "REQCONN_MAX_HOLD": None,
+    "REQCONN_READ_ONLY": False,
+    "REQCONN_PGBOUNCER": False,
+    "REQCONN_POOLS": {},
+    "REQCONN_READ_POOL": None,
+    "REQCONN_READ_FALLBACK": False,
 }
+
+#: Keys a named pool in ``REQCONN_POOLS`` may set (without the ``REQCONN_``
+#: prefix). Unset ones are inherited from the default pool, except
+#: ``CONNINFO``, which each pool must give.
+POOL_KEYS = (
+    "CONNINFO",
+    "MIN_SIZE",
+    "MAX_SIZE",
+    "TIMEOUT",
+    "MAX_WAITING",
+    "MAX_LIFETIME",
+    "MAX_IDLE",
+    "TRANSACTION",
+    "RESET_SESSION",
+    "CONNECT_ARGS",
+    "SESSION_SETTINGS",
+    "RETRY_AFTER",
+    "READ_ONLY",
+    "PGBOUNCER",
+)
+_POOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 #: ``REQCONN_CONNECT_ARGS`` keys that go to ``psycopg.Connection.connect``
 #: itself rather than to libpq.
@@ -79,6 +105,8 @@ class Settings:
     leak_threshold: float | None
     cancel_on_disconnect: str
     max_hold: float | None
+    read_only: bool
+    pgbouncer: bool
     application_name: str
 
     @property
@@ -147,6 +175,17 @@ def load_settings(config: Mapping[str, t.Any], app_name: str) -> Settings:
             "do not pass 'autocommit' here; set REQCONN_TRANSACTION = 'autocommit' instead",
         )
     session_settings = get.mapping("REQCONN_SESSION_SETTINGS")
+    pgbouncer = get.boolean("REQCONN_PGBOUNCER")
+    if pgbouncer:
+        if session_settings:
+            raise ConfigError(
+                "REQCONN_SESSION_SETTINGS",
+                "cannot be sent through pgbouncer (it rejects the 'options' startup"
+                " parameter); set them on the server instead: ALTER ROLE ... SET ...",
+            )
+        # transaction pooling: a prepared statement may not exist on the next
+        # server connection (pgbouncer < 1.21, or max_prepared_statements = 0)
+        connect_args.setdefault("prepare_threshold", None)
     options = _session_options(session_settings)
     if options:
         previous = connect_args.get("options") or conninfo_to_dict(conninfo).get("options")
@@ -190,8 +229,55 @@ def load_settings(config: Mapping[str, t.Any], app_name: str) -> Settings:
         leak_threshold=get.optional_seconds("REQCONN_LEAK_THRESHOLD"),
         cancel_on_disconnect=get.choice("REQCONN_CANCEL_ON_DISCONNECT", CANCEL_POLICIES),
         max_hold=get.optional_seconds("REQCONN_MAX_HOLD"),
+        read_only=get.boolean("REQCONN_READ_ONLY"),
+        pgbouncer=pgbouncer,
         application_name=application_name,
     )
+
+
+def load_pool_settings(config: Mapping[str, t.Any], app_name: str) -> dict[str, Settings]:
+    """Settings of the default pool and of every pool in ``REQCONN_POOLS``.
+
+    :raises ConfigError: naming the key, e.g. ``REQCONN_POOLS['replica']['MAX_SIZE']``.
+    """
+    pools = {"default": load_settings(config, app_name)}
+    named = _Getter(config).mapping("REQCONN_POOLS")
+    for name, spec in named.items():
+        where = f"REQCONN_POOLS[{name!r}]"
+        if not isinstance(name, str) or not _POOL_NAME.match(name) or name == "default":
+            raise ConfigError(
+                "REQCONN_POOLS", f"{name!r} is not a valid pool name (letters, digits, _ and -;"
+                " 'default' is the main pool)"
+            )
+        if not isinstance(spec, Mapping):
+            raise ConfigError(where, f"must be a dict of pool settings, got {type(spec).__name__}")
+        for key in spec:
+            if key not in POOL_KEYS:
+                close = difflib.get_close_matches(str(key), POOL_KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                allowed = ", ".join(POOL_KEYS)
+                raise ConfigError(
+                    where, f"unknown pool setting {key!r}{hint} (allowed: {allowed})"
+                )
+        if "CONNINFO" not in spec:
+            raise ConfigError(where, "needs its own 'CONNINFO'")
+        merged = {k: v for k, v in config.items() if k != "REQCONN_POOLS"}
+        merged.update({f"REQCONN_{key}": value for key, value in spec.items()})
+        try:
+            pools[name] = load_settings(merged, app_name)
+        except ConfigError as exc:
+            key = exc.key.removeprefix("REQCONN_")
+            message = str(exc).split(": ", 1)[1]
+            raise ConfigError(f"{where}[{key!r}]", message) from None
+    read_pool = config.get("REQCONN_READ_POOL")
+    if read_pool is not None and read_pool not in pools:
+        raise ConfigError(
+            "REQCONN_READ_POOL",
+            f"{read_pool!r} is not a configured pool; configured: {', '.join(sorted(pools))}",
+        )
+    if not isinstance(config.get("REQCONN_READ_FALLBACK", False), bool):
+        raise ConfigError("REQCONN_READ_FALLBACK", "must be True or False")
+    return pools
 
 
 def _reject_unknown_keys(config: Mapping[str, t.Any]) -> None:

@@ -18,8 +18,8 @@ from werkzeug.exceptions import ServiceUnavailable
 
 from .cli import make_cli
 from .clientgone import client_gone
-from .config import DEFAULTS, SAFE_METHODS, Settings, load_settings
-from .errors import ClientGone, ConnectionReleased, ReqConnError
+from .config import DEFAULTS, SAFE_METHODS, Settings, load_pool_settings
+from .errors import ClientGone, ConnectionReleased, PoolExhausted, ReqConnError
 from .lease import Lease, ReleaseReason, RequestLeases
 from .middleware import LeaseGuard, body_may_use_connection
 from .pool import PoolHolder
@@ -39,6 +39,7 @@ DEFAULT_POOL = "default"
 _REQUEST_ATTR = "_flask_reqconn"
 _EXEMPT_ATTR = "_flask_reqconn_exempt"
 _CANCEL_ATTR = "_flask_reqconn_cancel_on_disconnect"
+_READ_ONLY_ATTR = "_flask_reqconn_read_only"
 
 F = t.TypeVar("F", bound=Callable[..., t.Any] | Blueprint)
 
@@ -56,6 +57,7 @@ class ReqConn:
     def __init__(self, app: Flask | None = None) -> None:
         self._exempt_views: set[Callable[..., t.Any]] = set()
         self._exempt_blueprints: set[str] = set()
+        self._read_only_blueprints: set[str] = set()
         if app is not None:
             self.init_app(app)
 
@@ -76,11 +78,14 @@ class ReqConn:
                 "A 'ReqConn' instance has already been registered on this Flask app."
                 " Import and use that instance instead."
             )
-        settings = load_settings(app.config, app.name)
+        pools = load_pool_settings(app.config, app.name)
+        settings = pools[DEFAULT_POOL]
         for key, value in DEFAULTS.items():
             if value is not None:
                 app.config.setdefault(key, value)
-        state = AppState(self, app.name, settings)
+        state = AppState(self, app.name, pools)
+        state.read_pool = app.config.get("REQCONN_READ_POOL") or DEFAULT_POOL
+        state.read_fallback = bool(app.config.get("REQCONN_READ_FALLBACK", False))
         app.extensions[EXTENSION_KEY] = state
         if settings.checkout == "eager":
             app.before_request(state.before_request)
@@ -104,6 +109,21 @@ class ReqConn:
             self._exempt_views.add(t.cast(Callable[..., t.Any], view))
             with contextlib.suppress(AttributeError, TypeError):
                 setattr(view, _EXEMPT_ATTR, True)
+        return view
+
+    def read_only(self, view: F) -> F:
+        """Mark a view or a blueprint as read-only (usable as a decorator).
+
+        Its ``get_conn()`` checks out from ``REQCONN_READ_POOL`` (a replica;
+        the default pool when unset), falling back to the default pool when
+        that pool is exhausted and ``REQCONN_READ_FALLBACK`` is True, and the
+        connection is made read-only, so an accidental write fails loudly
+        (``psycopg.errors.ReadOnlySqlTransaction``).
+        """
+        if isinstance(view, Blueprint):
+            self._read_only_blueprints.add(view.name)
+        else:
+            setattr(view, _READ_ONLY_ATTR, True)
         return view
 
     def cancel_on_disconnect(self, enabled: bool = True) -> Callable[[F], F]:
@@ -168,19 +188,24 @@ class ReqConn:
 class AppState:
     """Everything flask-reqconn keeps for one app (``app.extensions["reqconn"]``)."""
 
-    def __init__(self, ext: ReqConn, app_name: str, settings: Settings) -> None:
+    def __init__(self, ext: ReqConn, app_name: str, pools: dict[str, Settings]) -> None:
         self.ext = ext
         self.app_name = app_name
-        self.settings = settings
+        self.settings = pools[DEFAULT_POOL]
+        #: the pool of read-only views, and whether they may fall back to the default
+        self.read_pool = DEFAULT_POOL
+        self.read_fallback = False
+        self._read_only_by_endpoint: dict[str | None, bool] = {}
         self.environ_key = f"flask_reqconn.request.{id(self):x}"
         self._deferred: collections.deque[Callable[[], None]] = collections.deque()
         self.holders: dict[str, PoolHolder] = {
-            DEFAULT_POOL: PoolHolder(
-                DEFAULT_POOL,
-                settings,
-                label=f"reqconn:{app_name}",
+            name: PoolHolder(
+                name,
+                pool_settings,
+                label=f"reqconn:{app_name}" + ("" if name == DEFAULT_POOL else f":{name}"),
                 deferred=self._deferred,
             )
+            for name, pool_settings in pools.items()
         }
         self._eager_by_endpoint: dict[str | None, bool] = {}
 
@@ -205,7 +230,7 @@ class AppState:
         self._deferred.append(fn)
 
     def run_deferred(self) -> None:
-        self.holders[DEFAULT_POOL].run_deferred()
+        self.holders[DEFAULT_POOL].run_deferred()  # the queue is shared by all pools
 
     # -- request hooks ----------------------------------------------------------
 
@@ -236,8 +261,47 @@ class AppState:
                 for name in request.blueprints
             ):
                 eager = False
+            elif self.is_read_only(endpoint):
+                eager = False  # routed to the read pool, lazily
         self._eager_by_endpoint[endpoint] = eager
         return eager
+
+    def is_read_only(self, endpoint: str | None) -> bool:
+        """Is this endpoint's view marked with :meth:`ReqConn.read_only`?"""
+        known = self._read_only_by_endpoint.get(endpoint)
+        if known is not None:
+            return known
+        view = current_app.view_functions.get(endpoint or "")
+        read_only = bool(getattr(view, _READ_ONLY_ATTR, False)) or any(
+            name.rpartition(".")[2] in self.ext._read_only_blueprints
+            for name in request.blueprints
+        )
+        self._read_only_by_endpoint[endpoint] = read_only
+        return read_only
+
+    def routed_checkout(self, req: RequestLeases, name: str | None) -> Lease:
+        """Check out for ``get_conn(name)``; no name means the view's route."""
+        if name is not None:
+            return self.checkout(req, name)
+        if not self.is_read_only(request.endpoint):
+            return self.checkout(req, DEFAULT_POOL)
+        req.route = self.read_pool
+        try:
+            lease = self.checkout(req, self.read_pool)
+        except PoolExhausted:
+            if not self.read_fallback or self.read_pool == DEFAULT_POOL:
+                raise
+            self.holders[self.read_pool].counters.add("fallbacks")
+            logger.debug(
+                "read pool %r exhausted: %s %s falls back to the default pool",
+                self.read_pool,
+                request.method,
+                request.path,
+            )
+            req.route = DEFAULT_POOL
+            lease = self.checkout(req, DEFAULT_POOL)
+        _make_read_only(lease)
+        return lease
 
     def after_request(self, response: Response) -> Response:
         req: RequestLeases | None = getattr(request, _REQUEST_ATTR, None)
@@ -313,6 +377,8 @@ class AppState:
         ):
             lease.release(ReleaseReason.CLIENT_GONE)
             self._client_gone(req, lease)
+        if holder.settings.read_only:
+            _make_read_only(lease)
         if settings.cancel_on_disconnect != "off" and self._cancel_armed(request.endpoint):
             get_watcher().watch_client(lease, environ, eof_means_gone=settings.eof_means_gone)
         return lease
@@ -382,6 +448,7 @@ class AppState:
             "leak_warnings": sum(p["leak_warnings"] for p in pools.values()),
             "cancelled": sum(p["cancelled"] for p in pools.values()),
             "reclaimed": sum(p["reclaimed"] for p in pools.values()),
+            "fallbacks": sum(p["fallbacks"] for p in pools.values()),
             "discarded_writes": sum(p["discarded_writes"] for p in pools.values()),
             "pools": pools,
         }
@@ -465,7 +532,7 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
     except RuntimeError:
         req = None
     if req is not None:
-        lease = req.leases.get(name or DEFAULT_POOL)
+        lease = req.leases.get(name or req.route)
         if (
             lease is not None
             and lease.conn is not None
@@ -473,10 +540,10 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
             and lease.cancelled is None
         ):
             return lease.conn
-    return _get_conn_slow(name or DEFAULT_POOL, req)
+    return _get_conn_slow(name, req)
 
 
-def _get_conn_slow(name: str, req: RequestLeases | None) -> psycopg.Connection[t.Any]:
+def _get_conn_slow(name: str | None, req: RequestLeases | None) -> psycopg.Connection[t.Any]:
     if not has_request_context():
         raise ReqConnError(
             "get_conn() was called outside of a request. In a streamed response, call"
@@ -486,15 +553,27 @@ def _get_conn_slow(name: str, req: RequestLeases | None) -> psycopg.Connection[t
         )
     state = _state_of(None)
     if req is not None:
-        lease = req.leases.get(name)
+        lease = req.leases.get(name or req.route)
         if lease is not None and lease.cancelled is not None:
             req.client_gone = True
             raise ClientGone() if lease.cancelled == "client_gone" else ServiceUnavailable()
         if lease is not None:
             raise ConnectionReleased(
-                f"the connection of pool {name!r} for this request was already given back"
-                f" (released by {lease.released_by}); it cannot be used after that"
+                f"the connection of pool {lease.pool_name!r} for this request was already given"
+                f" back (released by {lease.released_by}); it cannot be used after that"
             )
-    lease = state.checkout(req or state.request_leases(), name)
+    lease = state.routed_checkout(req or state.request_leases(), name)
     assert lease.conn is not None
     return lease.conn
+
+
+def _make_read_only(lease: Lease) -> None:
+    """Make the lease's connection refuse writes until it is handed back."""
+    conn = lease.conn
+    if conn is None:  # pragma: no cover
+        return
+    if conn.autocommit:
+        conn.execute("SET default_transaction_read_only = on")
+        lease.read_only_set = True
+    elif conn.pgconn.transaction_status == TransactionStatus.IDLE:
+        conn.read_only = True

@@ -79,6 +79,7 @@ class Lease:
         "leak_reported",
         "cancelled",
         "watch",
+        "read_only_set",
         "_state",
         "_lock",
         "_holder",
@@ -113,6 +114,8 @@ class Lease:
         self.cancelled: str | None = None
         #: the watcher's registration of the request's client, if any
         self.watch: Unwatchable | None = None
+        #: the session was made read-only with SET (autocommit connections)
+        self.read_only_set = False
         self._state = LeaseState.WAITING
         self._lock = threading.Lock()
 
@@ -233,7 +236,7 @@ class RequestLeases:
     hooks and the WSGI wrapper (which runs after the context is gone) see it.
     """
 
-    __slots__ = ("leases", "streamed", "client_gone", "__weakref__")
+    __slots__ = ("leases", "streamed", "client_gone", "route", "__weakref__")
 
     def __init__(self) -> None:
         self.leases: dict[str, Lease] = {}
@@ -241,6 +244,9 @@ class RequestLeases:
         self.streamed = False
         #: the client was seen gone; no new checkouts for this request.
         self.client_gone = False
+        #: the pool ``get_conn()`` without a name uses (a read pool for
+        #: read-only views)
+        self.route = "default"
 
     def has_active(self) -> bool:
         for lease in self.leases.values():

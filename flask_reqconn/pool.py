@@ -196,6 +196,11 @@ class PoolHolder:
                 outcome = clean_connection(
                     conn, self.baseline, reset_session=self.settings.reset_session
                 )
+                if lease.read_only_set and not self.settings.reset_session and not conn.closed:
+                    try:
+                        conn.execute("RESET default_transaction_read_only")
+                    except psycopg.Error:
+                        conn.close()
                 if outcome.discarded_writes:
                     self.counters.add("discarded_writes")
                     logger.warning(

@@ -72,6 +72,7 @@ class PoolCounters:
         self.client_gone = 0
         self.cancelled = 0
         self.reclaimed = 0
+        self.fallbacks = 0
         self.wait_time = Histogram()
         self.hold_time = Histogram()
         self._holders: weakref.WeakSet[Lease] = weakref.WeakSet()
@@ -120,6 +121,7 @@ class PoolCounters:
                 "client_gone": self.client_gone,
                 "cancelled": self.cancelled,
                 "reclaimed": self.reclaimed,
+                "fallbacks": self.fallbacks,
                 "wait_time": self.wait_time.snapshot(),
                 "hold_time": self.hold_time.snapshot(),
                 "holders": [lease.describe() for lease in holders],

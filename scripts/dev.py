@@ -9,7 +9,10 @@ editable with its ``dev`` extra (``pip install -e '.[dev]'``). The install is re
 when pyproject.toml (or this script's install recipe) changed, or the venv is broken.
 
 Set ``REQCONN_TEST_DSN`` to test against an existing PostgreSQL instead of a throwaway one.
-Standard library only.
+``test`` also needs the ``pgbouncer`` binary (the pgbouncer tests run it in front of the test
+server): when it is missing and this runs as root on Debian/Ubuntu, it is installed with
+apt-get; otherwise the test step fails and says how to install it (or set
+``REQCONN_PGBOUNCER`` to its path). Standard library only.
 """
 
 from __future__ import annotations
@@ -149,6 +152,147 @@ def ensure_venv() -> float:
 
 
 # --------------------------------------------------------------------------------------
+# pgbouncer (Debian's package; the test fixtures run it themselves)
+# --------------------------------------------------------------------------------------
+
+PGBOUNCER_ENV = "REQCONN_PGBOUNCER"
+PGBOUNCER_HOW = (
+    "install it (Debian/Ubuntu: sudo apt-get install pgbouncer; macOS: brew install "
+    "pgbouncer) or set REQCONN_PGBOUNCER to the binary's path, then retry"
+)
+
+
+def find_pgbouncer() -> str | None:
+    """Path of the pgbouncer binary: $REQCONN_PGBOUNCER, PATH, then /usr/sbin."""
+    explicit = os.environ.get(PGBOUNCER_ENV)
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    found = shutil.which("pgbouncer")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def pgbouncer_pids() -> set[int]:
+    """PIDs of running pgbouncers using the package's config (/etc/pgbouncer/...).
+
+    Test fixtures' pgbouncers (own configs in temp dirs) are left alone.
+    """
+    pids = set()
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/comm") as f:
+                if f.read().strip() != "pgbouncer":
+                    continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if b"/etc/pgbouncer/" in f.read():
+                    pids.add(int(name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_pid(pid: int) -> bool:
+    """SIGTERM, then SIGKILL, one process; True once it is gone."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                return True
+            if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"Z", b"X"):
+                return True
+            time.sleep(0.05)
+    return False
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def apt_has_candidate(package: str) -> bool:
+    out = subprocess.run(
+        ["apt-cache", "policy", package], capture_output=True, text=True, check=False
+    )
+    for line in out.stdout.splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == "Candidate":
+            return value.strip() not in ("", "(none)")
+    return False
+
+
+def ensure_pgbouncer() -> tuple[bool, str]:
+    """Make sure a pgbouncer binary exists; (ok, what happened)."""
+    found = find_pgbouncer()
+    if found:
+        return True, f"found {found}"
+    if os.environ.get(PGBOUNCER_ENV):
+        return False, f"${PGBOUNCER_ENV}={os.environ[PGBOUNCER_ENV]} is not an executable"
+    apt_get = shutil.which("apt-get")
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0 and apt_get):
+        why = "not root" if apt_get else "no apt-get"
+        return False, f"pgbouncer is not installed ({why}, so not installing it): {PGBOUNCER_HOW}"
+    env = dict(child_env(), DEBIAN_FRONTEND="noninteractive")
+    before = pgbouncer_pids()
+    port_was_open = port_open(6432)
+
+    def apt(args: list[str]) -> int:
+        say("$ " + " ".join(args))
+        return subprocess.call(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+
+    # Wait for a dpkg lock held by e.g. unattended-upgrades on a fresh machine.
+    lock = ["-o", "DPkg::Lock::Timeout=300"]
+    install = [apt_get, *lock, "install", "-y", "-qq", "--no-install-recommends", "pgbouncer"]
+    updated = False
+    if not apt_has_candidate("pgbouncer"):
+        apt([apt_get, *lock, "update", "-qq"])
+        updated = True
+    rc = apt(install)
+    if rc != 0 and not updated:  # stale package lists (404s): refresh once and retry
+        apt([apt_get, *lock, "update", "-qq"])
+        rc = apt(install)
+    if rc != 0:
+        return False, f"apt-get install pgbouncer failed (exit {rc}): {PGBOUNCER_HOW}"
+    # The package's maintainer scripts may start the pgbouncer service (no policy-rc.d, an
+    # init system that honours invoke-rc.d). The tests run their own pgbouncers on free
+    # ports; stop anything the install started so nothing lingers or holds port 6432.
+    new = pgbouncer_pids() - before
+    if new and os.path.isdir("/run/systemd/system") and shutil.which("systemctl"):
+        say("stopping the pgbouncer service the package install started")
+        subprocess.call(["systemctl", "stop", "pgbouncer.service"], stdin=subprocess.DEVNULL)
+        new = pgbouncer_pids() - before
+    for pid in sorted(new):
+        say(f"stopping pgbouncer daemon {pid} started by the package install")
+        if not stop_pid(pid):
+            return False, f"pgbouncer daemon {pid} started by apt-get could not be stopped"
+    if not port_was_open and port_open(6432):
+        say("warning: something listens on 127.0.0.1:6432 after the install")
+    found = find_pgbouncer()
+    if not found:
+        return False, f"apt-get installed pgbouncer but no binary was found: {PGBOUNCER_HOW}"
+    return True, f"installed {found}"
+
+
+# --------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------
 
@@ -165,14 +309,19 @@ def cmd_test(args: list[str]) -> int:
         for name, outcome, secs in results:
             print(f"[dev]   {name:<14} {outcome:<32} {secs:7.1f}s", flush=True)
 
-    def step(name: str, cmd: list[str], skip_reason: str | None = None) -> int:
+    def step(name: str, cmd: list[str] | None, skip_reason: str | None = None) -> int:
         if skip_reason:
             say(f"--- {name}: skipped ({skip_reason})")
             results.append((name, f"skipped: {skip_reason}", 0.0))
             return 0
         say(f"--- {name}")
         t0 = time.monotonic()
-        rc = run(cmd, check=False)
+        if cmd is None:  # the pgbouncer binary, not a command to run
+            ok, what = ensure_pgbouncer()
+            say(f"pgbouncer: {what}")
+            rc = 0 if ok else 1
+        else:
+            rc = run(cmd, check=False)
         secs = time.monotonic() - t0
         outcome = "ok" if rc == 0 else f"FAILED (exit {rc})"
         if name == "pytest" and rc == 5:
@@ -186,7 +335,7 @@ def cmd_test(args: list[str]) -> int:
     has_docs = (ROOT / "docs" / "conf.py").is_file()
 
     with tempfile.TemporaryDirectory(prefix="reqconn-docs-") as docs_out:
-        steps = [
+        steps: list[tuple[str, list[str] | None, str | None]] = [
             (
                 "ruff",
                 [str(venv_bin("ruff")), "check", *lint_dirs],
@@ -202,6 +351,7 @@ def cmd_test(args: list[str]) -> int:
                 [python, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", docs_out],
                 None if has_docs else "docs/conf.py absent",
             ),
+            ("pgbouncer", None, None),
             ("pytest", [python, "-m", "pytest", *args], None),
         ]
         for name, cmd, skip in steps:

@@ -71,3 +71,73 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., servers.ServerProcess]]:
 
 
 from tests.appfixtures import make_app  # noqa: E402,F401  (fixture)
+
+# -- pgbouncer and a second server (tests/pgbouncer.py, tests/replica.py) ----------------
+
+# isort: split
+from tests import pgbouncer as _pgbouncer  # noqa: E402
+from tests import replica as _replica  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(
+    pg_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[_pgbouncer.PgBouncer]:
+    """A real pgbouncer (transaction pooling, default_pool_size 4) in front of ``pg_dsn``.
+
+    Shared by the whole session: for pool-level assertions (``SHOW POOLS``) connect to a
+    database of your own (``pg.create_database``; every name is served) or use
+    ``make_pgbouncer``. A missing pgbouncer binary fails, never skips.
+    """
+    with contextlib.ExitStack() as stack:
+        error: str | None = None
+        try:
+            bouncer = stack.enter_context(
+                _pgbouncer.pgbouncer_server(pg_dsn, tmpdir=tmp_path_factory.mktemp("pgbouncer"))
+            )
+        except _pgbouncer.PgBouncerError as exc:
+            error = str(exc)
+        if error is not None:
+            pytest.fail(f"pgbouncer unavailable: {error}", pytrace=False)
+        yield bouncer
+
+
+@pytest.fixture
+def make_pgbouncer(pg_dsn: str, tmp_path: Path) -> Iterator[Callable[..., _pgbouncer.PgBouncer]]:
+    """Factory for a pgbouncer of the test's own, stopped at teardown.
+
+    ``make_pgbouncer(default_pool_size=2, pool_mode="session", target_dsn=...)``; arguments
+    as for ``tests.pgbouncer.pgbouncer_server`` (``target_dsn`` defaults to ``pg_dsn``).
+    """
+    with contextlib.ExitStack() as stack:
+
+        def factory(target_dsn: str | None = None, **kwargs: Any) -> _pgbouncer.PgBouncer:
+            kwargs.setdefault("tmpdir", tmp_path)
+            try:
+                return stack.enter_context(
+                    _pgbouncer.pgbouncer_server(target_dsn or pg_dsn, **kwargs)
+                )
+            except _pgbouncer.PgBouncerError as exc:
+                pytest.fail(f"pgbouncer unavailable: {exc}", pytrace=False)
+
+        yield factory
+
+
+@pytest.fixture(scope="session")
+def replica_dsn(pg_dsn: str) -> Iterator[str]:
+    """Conninfo of a second server acting as a read replica of ``pg_dsn``'s server.
+
+    A real streaming hot standby when the primary is the embedded server (reads replay the
+    primary's writes after ``tests.replica.wait_for_replay``; writes fail), otherwise an
+    independent throwaway server; ``$REQCONN_TEST_REPLICA`` forces one. Tell the servers
+    apart with ``tests.replica.identity(conn)``.
+    """
+    with contextlib.ExitStack() as stack:
+        error: str | None = None
+        try:
+            dsn = stack.enter_context(_replica.second_server(pg_dsn))
+        except pg.PgSetupError as exc:
+            error = str(exc)
+        if error is not None:
+            pytest.fail(f"replica unavailable: {error}", pytrace=False)
+        yield dsn

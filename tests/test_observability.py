@@ -118,13 +118,13 @@ def test_stats_shape_is_stable(make_app: AppFactory) -> None:
     s = stats(app)
     assert set(s) == {
         "pid", "checked_out", "checkouts", "releases", "exhausted", "client_gone",
-        "discarded_writes", "leak_warnings", "cancelled", "reclaimed", "pools",
+        "discarded_writes", "leak_warnings", "cancelled", "reclaimed", "fallbacks", "pools",
     }  # fmt: skip
     pool = s["pools"]["default"]
     assert set(pool) == {
         "checked_out", "checkouts", "releases", "exhausted", "discarded_writes",
         "discarded_connections", "finalized", "leak_warnings", "client_gone", "cancelled",
-        "reclaimed", "wait_time", "hold_time", "holders", "pool",
+        "reclaimed", "fallbacks", "wait_time", "hold_time", "holders", "pool",
     }  # fmt: skip
     assert set(pool["releases"]) == {
         "teardown", "close", "abort", "exception", "client_gone", "finalizer"
