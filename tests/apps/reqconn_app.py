@@ -32,6 +32,7 @@ def create_app() -> Flask:
     app.config["REQCONN_EXEMPT_ENDPOINTS"] = ["stats", "health"]
     app.config["REQCONN_CANCEL_ON_DISCONNECT"] = os.environ.get("RC_CANCEL", "safe")
     app.config["REQCONN_EOF_MEANS_GONE"] = os.environ.get("RC_EOF_MEANS_GONE", "1") == "1"
+    app.config["REQCONN_PGBOUNCER"] = os.environ.get("RC_PGBOUNCER") == "1"
     if os.environ.get("RC_MAX_HOLD"):
         app.config["REQCONN_MAX_HOLD"] = float(os.environ["RC_MAX_HOLD"])
     settings = os.environ.get("RC_SESSION_SETTINGS", "")
