@@ -270,6 +270,8 @@ def load_pool_settings(config: Mapping[str, t.Any], app_name: str) -> dict[str, 
             message = str(exc).split(": ", 1)[1]
             raise ConfigError(f"{where}[{key!r}]", message) from None
     read_pool = config.get("REQCONN_READ_POOL")
+    if read_pool is not None and not isinstance(read_pool, str):
+        raise ConfigError("REQCONN_READ_POOL", f"must be a pool name, got {read_pool!r}")
     if read_pool is not None and read_pool not in pools:
         raise ConfigError(
             "REQCONN_READ_POOL",

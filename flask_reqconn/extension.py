@@ -208,6 +208,8 @@ class AppState:
             for name, pool_settings in pools.items()
         }
         self._eager_by_endpoint: dict[str | None, bool] = {}
+        #: some pool commits after the view (REQCONN_TRANSACTION = "atomic")
+        self.any_atomic = any(p.transaction == "atomic" for p in pools.values())
 
     def __repr__(self) -> str:
         return f"<AppState {self.app_name!r} {self.settings.checkout}>"
@@ -241,7 +243,9 @@ class AppState:
         if eager is None:
             eager = self._decide_eager(endpoint)
         if eager and request.routing_exception is None:
-            self.checkout(self.request_leases(), DEFAULT_POOL)
+            req = self.request_leases()
+            req.routed = True  # eager views are never read-only: get_conn() is the default pool
+            self.checkout(req, DEFAULT_POOL)
 
     def _decide_eager(self, endpoint: str | None) -> bool:
         eager = (
@@ -286,8 +290,9 @@ class AppState:
         if not self.is_read_only(request.endpoint):
             return self.checkout(req, DEFAULT_POOL)
         req.route = self.read_pool
+        fallback = self.read_fallback and self.read_pool != DEFAULT_POOL
         try:
-            lease = self.checkout(req, self.read_pool)
+            lease = self.checkout(req, self.read_pool, quiet_exhaustion=fallback)
         except PoolExhausted:
             if not self.read_fallback or self.read_pool == DEFAULT_POOL:
                 raise
@@ -309,7 +314,7 @@ class AppState:
             return response
         if response.is_streamed and body_may_use_connection(response.response):
             req.streamed = True
-        if self.settings.transaction == "atomic":
+        if self.any_atomic:
             self._commit_atomic(req, response.status_code)
         return response
 
@@ -334,6 +339,8 @@ class AppState:
             conn = lease.conn
             if not lease.active or conn is None:
                 continue
+            if self.holders[lease.pool_name].settings.transaction != "atomic":
+                continue
             tx = conn.pgconn.transaction_status
             if tx == TransactionStatus.INTRANS:
                 conn.commit()
@@ -354,7 +361,7 @@ class AppState:
             request.environ[self.environ_key] = req
         return req
 
-    def checkout(self, req: RequestLeases, name: str) -> Lease:
+    def checkout(self, req: RequestLeases, name: str, *, quiet_exhaustion: bool = False) -> Lease:
         """Check out *name*'s connection for this request, skipping dead clients."""
         if req.client_gone:
             raise ClientGone()
@@ -370,6 +377,7 @@ class AppState:
             path=environ.get("PATH_INFO", ""),
             endpoint=request.endpoint,
             site=_checkout_site,
+            quiet_exhaustion=quiet_exhaustion,
         )
         req.leases[name] = lease
         if settings.check_client and client_gone(
@@ -531,7 +539,7 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
         req: RequestLeases | None = getattr(request, _REQUEST_ATTR, None)
     except RuntimeError:
         req = None
-    if req is not None:
+    if req is not None and (name is not None or req.routed):
         lease = req.leases.get(name or req.route)
         if (
             lease is not None
@@ -552,17 +560,27 @@ def _get_conn_slow(name: str | None, req: RequestLeases | None) -> psycopg.Conne
             " 'with reqconn.connection() as conn:'."
         )
     state = _state_of(None)
-    if req is not None:
-        lease = req.leases.get(name or req.route)
-        if lease is not None and lease.cancelled is not None:
+    if req is None:
+        req = state.request_leases()
+    read_only_route = False
+    if name is None and not req.routed:
+        read_only_route = state.is_read_only(request.endpoint)
+        req.route = state.read_pool if read_only_route else DEFAULT_POOL
+        req.routed = True
+    lease = req.leases.get(name or req.route)
+    if lease is not None:
+        if lease.active and lease.cancelled is None and lease.conn is not None:
+            if read_only_route:  # taken earlier by an explicit get_conn(name)
+                _make_read_only(lease)
+            return lease.conn
+        if lease.cancelled is not None:
             req.client_gone = True
             raise ClientGone() if lease.cancelled == "client_gone" else ServiceUnavailable()
-        if lease is not None:
-            raise ConnectionReleased(
-                f"the connection of pool {lease.pool_name!r} for this request was already given"
-                f" back (released by {lease.released_by}); it cannot be used after that"
-            )
-    lease = state.routed_checkout(req or state.request_leases(), name)
+        raise ConnectionReleased(
+            f"the connection of pool {lease.pool_name!r} for this request was already given"
+            f" back (released by {lease.released_by}); it cannot be used after that"
+        )
+    lease = state.routed_checkout(req, name)
     assert lease.conn is not None
     return lease.conn
 
@@ -572,8 +590,12 @@ def _make_read_only(lease: Lease) -> None:
     conn = lease.conn
     if conn is None:  # pragma: no cover
         return
+    if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+        return  # pragma: no cover - a fresh checkout is idle
+    # Autocommit connections leave autocommit for the request: every statement
+    # then runs in a READ ONLY transaction (rolled back at hand-back, where
+    # autocommit is restored). A session-level SET would outlive the
+    # transaction on the wrong server connection behind pgbouncer.
     if conn.autocommit:
-        conn.execute("SET default_transaction_read_only = on")
-        lease.read_only_set = True
-    elif conn.pgconn.transaction_status == TransactionStatus.IDLE:
-        conn.read_only = True
+        conn.autocommit = False
+    conn.read_only = True

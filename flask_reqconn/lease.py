@@ -79,7 +79,6 @@ class Lease:
         "leak_reported",
         "cancelled",
         "watch",
-        "read_only_set",
         "_state",
         "_lock",
         "_holder",
@@ -114,8 +113,6 @@ class Lease:
         self.cancelled: str | None = None
         #: the watcher's registration of the request's client, if any
         self.watch: Unwatchable | None = None
-        #: the session was made read-only with SET (autocommit connections)
-        self.read_only_set = False
         self._state = LeaseState.WAITING
         self._lock = threading.Lock()
 
@@ -236,7 +233,7 @@ class RequestLeases:
     hooks and the WSGI wrapper (which runs after the context is gone) see it.
     """
 
-    __slots__ = ("leases", "streamed", "client_gone", "route", "__weakref__")
+    __slots__ = ("leases", "streamed", "client_gone", "route", "routed", "__weakref__")
 
     def __init__(self) -> None:
         self.leases: dict[str, Lease] = {}
@@ -247,6 +244,8 @@ class RequestLeases:
         #: the pool ``get_conn()`` without a name uses (a read pool for
         #: read-only views)
         self.route = "default"
+        #: :attr:`route` was decided (by the first ``get_conn()`` without a name)
+        self.routed = False
 
     def has_active(self) -> bool:
         for lease in self.leases.values():

@@ -22,6 +22,8 @@ Metric names (all labelled ``app`` and ``pool``):
 - ``flask_reqconn_pool_exhausted_total`` (503s), ``flask_reqconn_client_gone_total`` (499s)
 - ``flask_reqconn_discarded_writes_total``, ``flask_reqconn_discarded_connections_total``
 - ``flask_reqconn_leak_warnings_total``, ``flask_reqconn_finalized_total``
+- ``flask_reqconn_cancelled_total``, ``flask_reqconn_reclaimed_total``,
+  ``flask_reqconn_read_fallbacks_total``
 - ``flask_reqconn_checkout_wait_seconds`` and ``flask_reqconn_hold_seconds`` (histograms)
 - ``flask_reqconn_checked_out`` (gauge: leases held now, summed over live workers)
 - ``flask_reqconn_pool_size``, ``flask_reqconn_pool_available``,
@@ -53,6 +55,9 @@ _COUNTED = {
     "discarded_connections": ("discarded_connections", "Connections discarded, not reused."),
     "leak_warnings": ("leak_warnings", "Leases held longer than REQCONN_LEAK_THRESHOLD."),
     "finalized": ("finalized", "Connections returned by the finalizer (nobody closed)."),
+    "cancelled": ("cancelled", "Queries cancelled because their client disconnected."),
+    "reclaimed": ("reclaimed", "Leases cancelled for exceeding REQCONN_MAX_HOLD."),
+    "fallbacks": ("read_fallbacks", "Read-only requests sent to the default pool instead."),
 }
 _SAMPLE_EVERY = 0.5
 

@@ -149,6 +149,7 @@ class PoolHolder:
         path: str,
         endpoint: str | None,
         site: Callable[[], str | None] | None = None,
+        quiet_exhaustion: bool = False,
     ) -> Lease:
         """Wait for a connection and return it as an active :class:`Lease`.
 
@@ -169,8 +170,9 @@ class PoolHolder:
         try:
             lease._activate(pool.getconn())
         except (PoolTimeout, TooManyRequests) as exc:
-            self.counters.add("exhausted")
-            self._log_exhausted(lease, exc)
+            if not quiet_exhaustion:  # a fallback follows: not an answered 503
+                self.counters.add("exhausted")
+                self._log_exhausted(lease, exc)
             raise PoolExhausted(self.name, self.settings.retry_after) from exc
         self.counters.checked_out(lease)
         if logger.isEnabledFor(logging.DEBUG):
@@ -196,11 +198,6 @@ class PoolHolder:
                 outcome = clean_connection(
                     conn, self.baseline, reset_session=self.settings.reset_session
                 )
-                if lease.read_only_set and not self.settings.reset_session and not conn.closed:
-                    try:
-                        conn.execute("RESET default_transaction_read_only")
-                    except psycopg.Error:
-                        conn.close()
                 if outcome.discarded_writes:
                     self.counters.add("discarded_writes")
                     logger.warning(
@@ -269,6 +266,9 @@ class PoolHolder:
         except (PoolTimeout, TooManyRequests) as exc:
             raise PoolExhausted(self.name, self.settings.retry_after) from exc
         try:
+            if self.settings.read_only:
+                conn.autocommit = False
+                conn.read_only = True
             with conn:  # psycopg: commit on success, rollback on error (pool-aware)
                 yield conn
         finally:

@@ -274,3 +274,50 @@ def test_read_only_pool_option(make_app: AppFactory, replica_dsn: str, pg_dsn: s
         return "written"
 
     assert app.test_client().get("/write").data == b"refused"
+
+
+def test_read_only_view_stays_read_only_after_an_explicit_default_checkout(
+    make_app: AppFactory, replica_dsn: str, ids: dict[str, str]
+) -> None:
+    app = routing_app(make_app, replica_dsn, read_pool="replica")
+    reqconn = app.extensions["reqconn"].ext
+
+    @app.get("/mixed")
+    @reqconn.read_only
+    def mixed() -> dict[str, str]:
+        primary = get_conn("default").execute(SERVER_ID).fetchone()[0]
+        routed = get_conn().execute(SERVER_ID).fetchone()[0]
+        return {"primary": primary, "replica": routed}
+
+    assert app.test_client().get("/mixed").get_json() == ids
+
+
+def test_read_only_pool_is_read_only_for_scripts_too(
+    make_app: AppFactory, replica_dsn: str, pg_dsn: str
+) -> None:
+    app = pooled_app(
+        make_app, replica_dsn, pools={"reporting": {"CONNINFO": pg_dsn, "READ_ONLY": True}}
+    )
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), \
+            reqconn_of(app).connection("reporting", app=app) as conn:  # fmt: skip
+        conn.execute("create temp table t (x int)")
+
+
+def test_transaction_mode_is_per_pool(make_app: AppFactory, pg_dsn: str) -> None:
+    import uuid
+
+    table = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f"create table {table} (pool text)")
+    app = make_app(pools={"audit": {"CONNINFO": pg_dsn, "TRANSACTION": "atomic"}})
+
+    @app.post("/write")
+    def write() -> str:
+        get_conn().execute(f"insert into {table} values ('default')")
+        get_conn("audit").execute(f"insert into {table} values ('audit')")
+        return "ok"
+
+    assert app.test_client().post("/write").status_code == 200
+    with psycopg.connect(pg_dsn) as conn:
+        rows = conn.execute(f"select pool from {table}").fetchall()
+    assert rows == [("audit",)]  # the atomic pool committed, the default rolled back
