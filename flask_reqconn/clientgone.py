@@ -63,22 +63,40 @@ def client_socket(environ: t.Mapping[str, t.Any]) -> _socket.socket | None:
     return None
 
 
+class ClientProbe:
+    """How to tell whether one request's client is still there, resolved once."""
+
+    __slots__ = ("sock", "check")
+
+    def __init__(self, environ: t.Mapping[str, t.Any]) -> None:
+        self.sock = client_socket(environ)
+        self.check: t.Callable[[], bool] | None = (
+            None if self.sock is not None else environ.get("waitress.client_disconnected")
+        )
+
+    @property
+    def watchable(self) -> bool:
+        return self.sock is not None or self.check is not None
+
+    def gone(self, eof_means_gone: bool = True) -> bool:
+        """True only when the client has certainly disconnected. Never raises."""
+        if self.sock is not None:
+            return socket_gone(self.sock, eof_means_gone=eof_means_gone)
+        if self.check is not None:
+            try:
+                return bool(self.check())
+            except Exception:
+                return False
+        return False
+
+
 def client_gone(environ: t.Mapping[str, t.Any], *, eof_means_gone: bool = True) -> bool:
     """Return True only when the request's client has certainly disconnected.
 
     Never blocks, never consumes request data, never raises. False means
     "present or unknown".
     """
-    sock = client_socket(environ)
-    if sock is not None:
-        return socket_gone(sock, eof_means_gone=eof_means_gone)
-    check = environ.get("waitress.client_disconnected")
-    if check is not None:
-        try:
-            return bool(check())
-        except Exception:
-            return False
-    return False
+    return ClientProbe(environ).gone(eof_means_gone)
 
 
 def socket_gone(sock: _socket.socket, *, eof_means_gone: bool = True) -> bool:

@@ -17,7 +17,7 @@ from psycopg.pq import TransactionStatus
 from werkzeug.exceptions import ServiceUnavailable
 
 from .cli import make_cli
-from .clientgone import client_gone
+from .clientgone import ClientProbe
 from .config import DEFAULTS, SAFE_METHODS, Settings, load_pool_settings
 from .errors import ClientGone, ConnectionReleased, PoolExhausted, ReqConnError
 from .lease import Lease, ReleaseReason, RequestLeases
@@ -208,6 +208,7 @@ class AppState:
             for name, pool_settings in pools.items()
         }
         self._eager_by_endpoint: dict[str | None, bool] = {}
+        self._cancel_armed_by: dict[tuple[str | None, str], bool] = {}
         #: some pool commits after the view (REQCONN_TRANSACTION = "atomic")
         self.any_atomic = any(p.transaction == "atomic" for p in pools.values())
 
@@ -366,38 +367,48 @@ class AppState:
         if req.client_gone:
             raise ClientGone()
         holder = self.holder(name)
-        environ = request.environ
+        rq = request._get_current_object()  # type: ignore[attr-defined]
+        environ = rq.environ
         settings = self.settings
-        if settings.check_client and client_gone(
-            environ, eof_means_gone=settings.eof_means_gone
-        ):
+        probe = req.probe
+        if probe is None:
+            probe = req.probe = ClientProbe(environ)
+        eof = settings.eof_means_gone
+        if settings.check_client and probe.gone(eof):
             self._client_gone(req, None)
+        method = environ.get("REQUEST_METHOD", "")
+        endpoint = rq.endpoint
         lease = holder.checkout(
-            method=environ.get("REQUEST_METHOD", ""),
+            method=method,
             path=environ.get("PATH_INFO", ""),
-            endpoint=request.endpoint,
+            endpoint=endpoint,
             site=_checkout_site,
             quiet_exhaustion=quiet_exhaustion,
         )
         req.leases[name] = lease
-        if settings.check_client and client_gone(
-            environ, eof_means_gone=settings.eof_means_gone
-        ):
+        if settings.check_client and probe.gone(eof):
             lease.release(ReleaseReason.CLIENT_GONE)
             self._client_gone(req, lease)
         if holder.settings.read_only:
             _make_read_only(lease)
-        if settings.cancel_on_disconnect != "off" and self._cancel_armed(request.endpoint):
-            get_watcher().watch_client(lease, environ, eof_means_gone=settings.eof_means_gone)
+        if settings.cancel_on_disconnect != "off":
+            armed = self._cancel_armed_by.get((endpoint, method))
+            if armed is None:
+                armed = self._cancel_armed(endpoint, method)
+            if armed:
+                get_watcher().watch_client(lease, probe, eof_means_gone=eof)
         return lease
 
-    def _cancel_armed(self, endpoint: str | None) -> bool:
+    def _cancel_armed(self, endpoint: str | None, method: str) -> bool:
         """Should this request's queries be cancelled when its client leaves?"""
         view = current_app.view_functions.get(endpoint or "")
         override = getattr(view, _CANCEL_ATTR, None)
         if override is not None:
-            return bool(override)
-        return self.settings.cancel_on_disconnect == "all" or request.method in SAFE_METHODS
+            armed = bool(override)
+        else:
+            armed = self.settings.cancel_on_disconnect == "all" or method in SAFE_METHODS
+        self._cancel_armed_by[(endpoint, method)] = armed
+        return armed
 
     def on_query_canceled(self, exc: psycopg.errors.QueryCanceled) -> t.Any:
         """Error handler: a query the watcher cancelled becomes a 499 (or 503).

@@ -233,7 +233,15 @@ class RequestLeases:
     hooks and the WSGI wrapper (which runs after the context is gone) see it.
     """
 
-    __slots__ = ("leases", "streamed", "client_gone", "route", "routed", "__weakref__")
+    __slots__ = (
+        "leases",
+        "streamed",
+        "client_gone",
+        "route",
+        "routed",
+        "probe",
+        "__weakref__",
+    )
 
     def __init__(self) -> None:
         self.leases: dict[str, Lease] = {}
@@ -246,6 +254,8 @@ class RequestLeases:
         self.route = "default"
         #: :attr:`route` was decided (by the first ``get_conn()`` without a name)
         self.routed = False
+        #: how to see the request's client (a ``ClientProbe``), resolved on first use
+        self.probe: t.Any = None
 
     def has_active(self) -> bool:
         for lease in self.leases.values():

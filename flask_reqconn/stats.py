@@ -6,6 +6,7 @@ numbers (the Prometheus integration aggregates them across workers).
 
 from __future__ import annotations
 
+import bisect
 import threading
 import typing as t
 import weakref
@@ -40,11 +41,7 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.count += 1
         self.total += value
-        for i, bound in enumerate(BUCKETS):
-            if value <= bound:
-                self._counts[i] += 1
-                return
-        self._counts[-1] += 1
+        self._counts[bisect.bisect_left(BUCKETS, value)] += 1
 
     def snapshot(self) -> dict[str, t.Any]:
         cumulative: dict[str, int] = {}
@@ -75,14 +72,15 @@ class PoolCounters:
         self.fallbacks = 0
         self.wait_time = Histogram()
         self.hold_time = Histogram()
-        self._holders: weakref.WeakSet[Lease] = weakref.WeakSet()
+        # weak: an abandoned lease must stay collectable (its finalizer returns it)
+        self._holders: dict[int, weakref.ref[Lease]] = {}
 
     def checked_out(self, lease: Lease) -> None:
         wait = lease.wait_time
         with self._lock:
             self.checkouts += 1
             self.wait_time.observe(wait)
-            self._holders.add(lease)
+            self._holders[id(lease)] = weakref.ref(lease)
         for listener in self.listeners:
             listener.checked_out(self.pool, wait)
 
@@ -91,7 +89,7 @@ class PoolCounters:
         with self._lock:
             self.releases[reason] += 1
             self.hold_time.observe(held)
-            self._holders.discard(lease)
+            self._holders.pop(id(lease), None)
         for listener in self.listeners:
             listener.released(self.pool, reason, held)
 
@@ -103,7 +101,8 @@ class PoolCounters:
 
     def active_leases(self) -> list[Lease]:
         with self._lock:
-            return [lease for lease in list(self._holders) if lease.active]
+            refs = list(self._holders.values())
+        return [lease for ref in refs if (lease := ref()) is not None and lease.active]
 
     def snapshot(self) -> dict[str, t.Any]:
         holders = sorted(self.active_leases(), key=lambda lease: lease.checked_out_at)

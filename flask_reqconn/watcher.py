@@ -30,7 +30,7 @@ import typing as t
 import weakref
 from collections.abc import Callable
 
-from .clientgone import client_socket, socket_gone
+from .clientgone import ClientProbe, socket_gone
 
 if t.TYPE_CHECKING:
     import _socket
@@ -123,18 +123,16 @@ class Watcher:
             self._ensure_running()
 
     def watch_client(
-        self, lease: Lease, environ: t.Mapping[str, t.Any], *, eof_means_gone: bool
+        self, lease: Lease, probe: ClientProbe, *, eof_means_gone: bool
     ) -> ClientWatch | None:
         """Watch the request's client; cancel *lease*'s query if it leaves."""
-        sock = client_socket(environ)
-        check = None if sock is not None else environ.get("waitress.client_disconnected")
+        sock, check = probe.sock, probe.check
         if sock is None and check is None:
             if not self._said_unwatchable:
                 self._said_unwatchable = True
                 logger.debug(
-                    "the WSGI server exposes no client socket (%s): departed clients"
-                    " cannot be watched; cancellation on disconnect is off",
-                    environ.get("SERVER_SOFTWARE", "unknown server"),
+                    "the WSGI server exposes no client socket: departed clients"
+                    " cannot be watched; cancellation on disconnect is off"
                 )
             return None
         entry = ClientWatch(self, lease, sock=sock, check=check, eof_means_gone=eof_means_gone)
