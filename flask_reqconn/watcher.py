@@ -28,13 +28,10 @@ import threading
 import time
 import typing as t
 import weakref
-from collections.abc import Callable
 
-from .clientgone import ClientProbe, socket_gone
+from .clientgone import ClientProbe
 
 if t.TYPE_CHECKING:
-    import _socket
-
     from .lease import Lease
     from .pool import PoolHolder
 
@@ -53,22 +50,15 @@ _WATCH_EVENTS = _EPOLLRDHUP | getattr(select, "EPOLLONESHOT", 1 << 30)
 class ClientWatch:
     """The watcher's registration of one request's client."""
 
-    __slots__ = ("lease", "sock", "fd", "check", "eof_means_gone", "watcher", "since")
+    __slots__ = ("lease", "probe", "fd", "eof_means_gone", "watcher", "since")
 
     def __init__(
-        self,
-        watcher: Watcher,
-        lease: Lease,
-        *,
-        sock: _socket.socket | None,
-        check: Callable[[], bool] | None,
-        eof_means_gone: bool,
+        self, watcher: Watcher, lease: Lease, probe: ClientProbe, *, eof_means_gone: bool
     ) -> None:
         self.watcher = watcher
         self.lease = lease
-        self.sock = sock
-        self.fd = sock.fileno() if sock is not None else -1
-        self.check = check
+        self.probe = probe
+        self.fd = probe.sock.fileno() if probe.sock is not None else -1
         self.eof_means_gone = eof_means_gone
         self.since = time.monotonic()
 
@@ -76,14 +66,7 @@ class ClientWatch:
         self.watcher.unwatch(self)
 
     def gone(self) -> bool:
-        if self.sock is not None:
-            return socket_gone(self.sock, eof_means_gone=self.eof_means_gone)
-        if self.check is not None:
-            try:
-                return bool(self.check())
-            except Exception:
-                return False
-        return False
+        return self.probe.gone(self.eof_means_gone)
 
 
 def _gevent_patched() -> bool:
@@ -126,8 +109,8 @@ class Watcher:
         self, lease: Lease, probe: ClientProbe, *, eof_means_gone: bool
     ) -> ClientWatch | None:
         """Watch the request's client; cancel *lease*'s query if it leaves."""
-        sock, check = probe.sock, probe.check
-        if sock is None and check is None:
+        sock = probe.sock
+        if not probe.watchable:
             if not self._said_unwatchable:
                 self._said_unwatchable = True
                 logger.debug(
@@ -135,7 +118,7 @@ class Watcher:
                     " cannot be watched; cancellation on disconnect is off"
                 )
             return None
-        entry = ClientWatch(self, lease, sock=sock, check=check, eof_means_gone=eof_means_gone)
+        entry = ClientWatch(self, lease, probe, eof_means_gone=eof_means_gone)
         with self._lock:
             self._ensure_running()
             if sock is not None and self._epoll is not None:
