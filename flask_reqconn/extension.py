@@ -38,6 +38,9 @@ DEFAULT_POOL = "default"
 #: generator, ``with app.app_context():`` around a test client).
 _REQUEST_ATTR = "_flask_reqconn"
 _EXEMPT_ATTR = "_flask_reqconn_exempt"
+#: Seconds of waiting for the pool after which the client is checked again (a
+#: checkout that did not wait comes microseconds after the first check).
+_RECHECK_AFTER_WAIT = 0.001
 _CANCEL_ATTR = "_flask_reqconn_cancel_on_disconnect"
 _READ_ONLY_ATTR = "_flask_reqconn_read_only"
 
@@ -386,7 +389,7 @@ class AppState:
             quiet_exhaustion=quiet_exhaustion,
         )
         req.leases[name] = lease
-        if settings.check_client and probe.gone(eof):
+        if settings.check_client and lease.wait_time > _RECHECK_AFTER_WAIT and probe.gone(eof):
             lease.release(ReleaseReason.CLIENT_GONE)
             self._client_gone(req, lease)
         if holder.settings.read_only:
@@ -396,7 +399,7 @@ class AppState:
             if armed is None:
                 armed = self._cancel_armed(endpoint, method)
             if armed:
-                get_watcher().watch_client(lease, probe, eof_means_gone=eof)
+                get_watcher().watch_client_later(lease, probe, eof_means_gone=eof)
         return lease
 
     def _cancel_armed(self, endpoint: str | None, method: str) -> bool:
@@ -558,6 +561,7 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
             and lease.active
             and lease.cancelled is None
         ):
+            lease.handed_out = True
             return lease.conn
     return _get_conn_slow(name, req)
 
@@ -583,6 +587,7 @@ def _get_conn_slow(name: str | None, req: RequestLeases | None) -> psycopg.Conne
         if lease.active and lease.cancelled is None and lease.conn is not None:
             if read_only_route:  # taken earlier by an explicit get_conn(name)
                 _make_read_only(lease)
+            lease.handed_out = True
             return lease.conn
         if lease.cancelled is not None:
             req.client_gone = True
@@ -593,6 +598,7 @@ def _get_conn_slow(name: str | None, req: RequestLeases | None) -> psycopg.Conne
         )
     lease = state.routed_checkout(req, name)
     assert lease.conn is not None
+    lease.handed_out = True
     return lease.conn
 
 

@@ -99,7 +99,7 @@ def clean_connection(
                     conn.autocommit = False
         if conn.pgconn.transaction_status != TransactionStatus.IDLE:
             raise psycopg.InterfaceError("connection not idle after reset")
-        _restore_attributes(conn, baseline)
+        restore_attributes(conn, baseline)
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         result.discarded = True
@@ -121,7 +121,7 @@ def _cancel_and_close(conn: psycopg.Connection[t.Any]) -> None:
     conn.close()
 
 
-def _restore_attributes(conn: psycopg.Connection[t.Any], baseline: Baseline) -> None:
+def restore_attributes(conn: psycopg.Connection[t.Any], baseline: Baseline) -> None:
     if conn.autocommit is not baseline.autocommit:
         conn.autocommit = baseline.autocommit
     if conn.read_only is not None:

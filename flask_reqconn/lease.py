@@ -79,6 +79,7 @@ class Lease:
         "leak_reported",
         "cancelled",
         "watch",
+        "handed_out",
         "_state",
         "_lock",
         "_holder",
@@ -113,6 +114,8 @@ class Lease:
         self.cancelled: str | None = None
         #: the watcher's registration of the request's client, if any
         self.watch: Unwatchable | None = None
+        #: get_conn() gave the connection to the app; False: no statement can have run
+        self.handed_out = False
         self._state = LeaseState.WAITING
         self._lock = threading.Lock()
 

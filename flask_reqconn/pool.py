@@ -19,12 +19,13 @@ import typing as t
 from collections.abc import Callable, Iterator, Sequence
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from .config import Settings
 from .errors import PoolExhausted
-from .handback import Baseline, clean_connection
+from .handback import Baseline, clean_connection, restore_attributes
 from .lease import Lease, ReleaseReason
 from .stats import Listener, PoolCounters
 from .watcher import CANCEL_TIMEOUT, get_watcher
@@ -193,6 +194,16 @@ class PoolHolder:
                 # reclaimed: never reuse a connection a runaway request held
                 self.counters.add("discarded_connections")
                 conn.close()
+                self._putconn(conn)
+            elif (
+                conn is not None
+                and not lease.handed_out
+                and conn.pgconn.transaction_status == TransactionStatus.IDLE
+            ):
+                # get_conn() never gave it out (an eager checkout the view did not
+                # use): no statement ran, so no round trip; only the client-side
+                # attributes (read-only routing) are restored
+                restore_attributes(conn, self.baseline)
                 self._putconn(conn)
             elif conn is not None:
                 outcome = clean_connection(

@@ -20,6 +20,7 @@ a connection; that stays with the request's own thread.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import os
 import select
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between polls of clients that cannot be watched with epoll.
 POLL_INTERVAL = 0.05
+#: Seconds a request holds its connection before its client is registered: most
+#: requests end sooner and never cost the watcher a system call.
+WATCH_DELAY = 0.05
 #: Seconds a cancel request may take before the watcher gives up on it.
 CANCEL_TIMEOUT = 2.0
 
@@ -88,6 +92,10 @@ class Watcher:
         self._stop = threading.Event()
         self._tick = 1.0
         self._said_unwatchable = False
+        #: (due, lease, probe, eof_means_gone) of requests to watch once due
+        self._pending: collections.deque[
+            tuple[float, Lease, ClientProbe, bool]
+        ] = collections.deque()
 
     @property
     def running(self) -> bool:
@@ -134,6 +142,31 @@ class Watcher:
                 self._polled.add(entry)
         lease.watch = entry
         return entry
+
+    def watch_client_later(
+        self, lease: Lease, probe: ClientProbe, *, eof_means_gone: bool
+    ) -> None:
+        """Watch the request's client if *lease* is still held after :data:`WATCH_DELAY`.
+
+        The request thread only appends to a deque; the watcher thread registers
+        the client when it is due, under the lease's lock, so a lease released
+        meanwhile is never registered.
+        """
+        if not self.running:
+            with self._lock:
+                self._ensure_running()
+        self._pending.append((time.monotonic() + WATCH_DELAY, lease, probe, eof_means_gone))
+
+    def _register_due(self) -> None:
+        pending = self._pending
+        now = time.monotonic()
+        while pending and pending[0][0] <= now:
+            _due, lease, probe, eof_means_gone = pending.popleft()
+            if not lease.active:
+                continue
+            with lease._lock:
+                if lease.active and lease.cancelled is None:
+                    self.watch_client(lease, probe, eof_means_gone=eof_means_gone)
 
     def unwatch(self, entry: ClientWatch) -> None:
         with self._lock:
@@ -184,8 +217,13 @@ class Watcher:
             timeout = max(0.0, min(next_tick - time.monotonic(), self._tick))
             if self._polled or self._epoll is None:
                 timeout = min(timeout, POLL_INTERVAL)
+            if self._pending:
+                timeout = min(timeout, max(0.0, self._pending[0][0] - time.monotonic()))
+            else:
+                timeout = min(timeout, WATCH_DELAY)
             try:
                 self._wait(timeout)
+                self._register_due()
                 for entry in list(self._polled):
                     if entry.gone():
                         self._client_gone(entry)

@@ -82,6 +82,20 @@ def test_departed_client_query_is_cancelled_and_connection_returned(
     assert "Traceback" not in server.log_text()  # a 499, not a 500 with a stack
 
 
+def test_client_gone_before_the_watcher_registered_it_is_still_seen(
+    spawn: Any, pg_dsn: str, pg_admin: Any
+) -> None:
+    """Registration waits WATCH_DELAY; a client already gone by then is seen at once."""
+    server, appname = start(spawn, pg_dsn, env={}, worker_class="gthread", threads=4)
+    sock = servers.raw_connect(server.url)
+    sock.sendall(request_bytes("GET", "/slow?s=30"))
+    pg.wait_until(lambda: sleeping(pg_admin, appname), timeout=15, message="query running")
+    sock.close()  # the query runs; the watcher may not have registered the client yet
+    pg.wait_until(lambda: not sleeping(pg_admin, appname), timeout=15,
+                  message="the pg_sleep(30) was cancelled")  # fmt: skip
+    assert assert_recovered(server, pg_admin, appname)["cancelled"] == 1
+
+
 @pytest.mark.parametrize(("method", "policy"), [("GET", "off"), ("POST", "safe")])
 def test_no_cancellation_when_the_policy_says_so(
     spawn: Any, pg_dsn: str, pg_admin: Any, method: str, policy: str
