@@ -1,0 +1,242 @@
+"""The one small app every benchmark variant serves, built by :func:`create_app`.
+
+gunicorn loads it as ``benchapp:create_app()`` (with ``--pythonpath bench``); the
+variant and the database come from the environment:
+
+``BENCH_VARIANT``
+    ``bare`` (a), ``eager`` (b), ``lazy`` (c), ``fsqla`` (d), ``plain`` (e); ``eager``
+    and ``lazy`` take suffixes that switch one safety feature off each
+    (:data:`FEATURE_SWITCHES`), e.g. ``eager-noreset`` or ``eager-nocheck-nocancel``.
+``BENCH_DSN``
+    libpq conninfo of the PostgreSQL to use (seeded by ``run.py``).
+``BENCH_POOL_SIZE``
+    Connections per worker process, for every variant (min = max, so no variant
+    pays for growing its pool during a measurement).
+``BENCH_ROWS``
+    Rows in the seeded ``bench_items`` table.
+``BENCH_APPNAME``
+    ``application_name`` of the pool's connections (default ``bench_<variant>``).
+
+Endpoints, identical in every variant that has them:
+
+``/select1``  ``SELECT 1``
+``/read``     one indexed lookup (unique index on ``sku``) of a random seeded row, as JSON
+``/nodb``     no database at all
+``/stream``   (bare and flask-reqconn variants) a short streamed body that queries
+``/stats``    (flask-reqconn variants) ``ReqConn.stats()`` of the worker that answers
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Flask, Response, jsonify, stream_with_context
+
+SELECT1_SQL = "SELECT 1"
+READ_SQL = "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = %s"
+READ_SQL_SQLA = "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = :sku"
+APPLICATION_NAME_PREFIX = "bench_"
+
+VARIANTS = ("bare", "eager", "lazy", "fsqla", "plain")
+#: Suffixes for ``eager`` and ``lazy`` that switch one feature off each, combinable
+#: (``eager-noreset-nocheck``): what each safety feature costs.
+FEATURE_SWITCHES: dict[str, dict[str, Any]] = {
+    "noreset": {"REQCONN_RESET_SESSION": False},
+    "nocheck": {"REQCONN_CHECK_CLIENT": False},
+    "nocancel": {"REQCONN_CANCEL_ON_DISCONNECT": "off"},
+    "noprep": {"REQCONN_CONNECT_ARGS": {"prepare_threshold": None}},
+}
+
+
+def parse_variant(variant: str) -> tuple[str, dict[str, Any]]:
+    """``"eager-noreset-nocheck"`` -> ``("eager", {REQCONN_* overrides})``."""
+    base, *switches = variant.split("-")
+    if base not in VARIANTS or (switches and base not in ("eager", "lazy")):
+        raise ValueError(f"unknown BENCH_VARIANT {variant!r}; choose from {', '.join(VARIANTS)}")
+    config: dict[str, Any] = {}
+    for switch in switches:
+        if switch not in FEATURE_SWITCHES:
+            raise ValueError(
+                f"unknown switch {switch!r} in {variant!r}; known: {', '.join(FEATURE_SWITCHES)}"
+            )
+        config.update(FEATURE_SWITCHES[switch])
+    return base, config
+
+
+def sku_of(n: int) -> str:
+    """The ``sku`` of seeded row *n* (1-based)."""
+    return f"SKU-{n:08d}"
+
+
+def _row_json(row: Any) -> dict[str, Any]:
+    return {"id": row[0], "sku": row[1], "name": row[2], "price_cents": row[3]}
+
+
+def create_app(variant: str | None = None, **reqconn_config: Any) -> Flask:
+    """Build the app of *variant* (default ``$BENCH_VARIANT``).
+
+    :param reqconn_config: extra ``REQCONN_*`` keys for the flask-reqconn variants
+        (the microbenchmark uses it to switch single features off).
+    """
+    variant = variant or os.environ["BENCH_VARIANT"]
+    base, switches = parse_variant(variant)
+    dsn = os.environ.get("BENCH_DSN", "")
+    pool_size = int(os.environ.get("BENCH_POOL_SIZE", "4"))
+    rows = int(os.environ.get("BENCH_ROWS", "100000"))
+    app = Flask(f"bench_{variant.replace('-', '_')}")
+    appname = os.environ.get("BENCH_APPNAME") or APPLICATION_NAME_PREFIX + variant.replace("-", "_")
+
+    def random_sku() -> str:
+        return sku_of(random.randint(1, rows))
+
+    @app.get("/nodb")
+    def nodb() -> str:
+        return "ok"
+
+    if base == "plain":
+        return app
+
+    if base == "bare":
+        _bare(app, dsn, appname, pool_size, random_sku)
+    elif base == "fsqla":
+        _fsqla(app, dsn, appname, pool_size, random_sku)
+    else:
+        _reqconn(app, base, dsn, appname, pool_size, random_sku, {**switches, **reqconn_config})
+    return app
+
+
+def _bare(app: Flask, dsn: str, appname: str, pool_size: int, random_sku: Any) -> None:
+    """(a): what a user writes by hand, a module-level pool and ``with pool.connection()``.
+
+    gunicorn imports the app in each worker (no ``--preload``), so the pool opens in
+    the worker, as it would in such an app.
+    """
+    from psycopg_pool import ConnectionPool
+
+    pool: ConnectionPool[Any] = ConnectionPool(
+        dsn,
+        min_size=pool_size,
+        max_size=pool_size,
+        kwargs={"application_name": appname},
+        name=appname,
+        open=True,
+    )
+    app.extensions["bench_pool"] = pool  # for the microbenchmark's timers
+
+    @app.get("/select1")
+    def select1() -> str:
+        with pool.connection() as conn:
+            row = conn.execute(SELECT1_SQL).fetchone()
+        return str(row[0]) if row else ""
+
+    @app.get("/read")
+    def read() -> Response:
+        with pool.connection() as conn:
+            row = conn.execute(READ_SQL, (random_sku(),)).fetchone()
+        return jsonify(_row_json(row))
+
+    @app.get("/stream")
+    def stream() -> Response:
+        def body() -> Iterator[str]:
+            with pool.connection() as conn:
+                for _ in range(5):
+                    row = conn.execute(READ_SQL, (random_sku(),)).fetchone()
+                    yield f"{row[1] if row else '-'}\n"
+
+        return Response(body(), mimetype="text/plain")
+
+
+def _reqconn(
+    app: Flask,
+    variant: str,
+    dsn: str,
+    appname: str,
+    pool_size: int,
+    random_sku: Any,
+    extra: dict[str, Any],
+) -> None:
+    """(b) and (c), with *extra* config: flask-reqconn with ``get_conn()``."""
+    from flask_reqconn import ReqConn, get_conn
+
+    app.config.update(
+        REQCONN_CONNINFO=dsn,
+        REQCONN_MIN_SIZE=pool_size,
+        REQCONN_MAX_SIZE=pool_size,
+        REQCONN_CHECKOUT=variant,
+        REQCONN_CONNECT_ARGS={
+            "application_name": appname,
+            **extra.pop("REQCONN_CONNECT_ARGS", {}),
+        },
+    )
+    app.config.update(extra)
+    reqconn = ReqConn(app)
+    app.extensions["bench_reqconn"] = reqconn
+
+    @app.get("/select1")
+    def select1() -> str:
+        row = get_conn().execute(SELECT1_SQL).fetchone()
+        return str(row[0]) if row else ""
+
+    @app.get("/read")
+    def read() -> Response:
+        row = get_conn().execute(READ_SQL, (random_sku(),)).fetchone()
+        return jsonify(_row_json(row))
+
+    @app.get("/stream")
+    def stream() -> Response:
+        conn = get_conn()
+
+        def body() -> Iterator[str]:
+            for _ in range(5):
+                row = conn.execute(READ_SQL, (random_sku(),)).fetchone()
+                yield f"{row[1] if row else '-'}\n"
+
+        return Response(stream_with_context(body()), mimetype="text/plain")
+
+    @app.get("/stats")
+    @reqconn.exempt
+    def stats() -> Response:
+        return jsonify(reqconn.stats())
+
+
+def _fsqla(app: Flask, dsn: str, appname: str, pool_size: int, random_sku: Any) -> None:
+    """(d): Flask-SQLAlchemy 3.1, psycopg 3 driver, the same SQL as ``text()``."""
+    from flask_sqlalchemy import SQLAlchemy
+    from psycopg.conninfo import conninfo_to_dict
+    from sqlalchemy import URL, text
+
+    params = conninfo_to_dict(dsn)
+    query = {k: str(v) for k, v in params.items() if k not in ("user", "password", "dbname")}
+    host = query.pop("host", None)
+    port = query.pop("port", None)
+    url = URL.create(
+        "postgresql+psycopg",
+        username=params.get("user"),
+        password=params.get("password"),
+        database=params.get("dbname"),
+        query={**query, **({"host": host} if host else {}), **({"port": port} if port else {})},
+    )
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=url,
+        SQLALCHEMY_ENGINE_OPTIONS={
+            "pool_size": pool_size,
+            "max_overflow": 0,
+            "pool_timeout": 5,
+            "connect_args": {"application_name": appname},
+        },
+    )
+    db = SQLAlchemy(app)
+    select1_sql = text(SELECT1_SQL)
+    read_sql = text(READ_SQL_SQLA)
+
+    @app.get("/select1")
+    def select1() -> str:
+        return str(db.session.execute(select1_sql).scalar())
+
+    @app.get("/read")
+    def read() -> Response:
+        row = db.session.execute(read_sql, {"sku": random_sku()}).first()
+        return jsonify(_row_json(row))
