@@ -48,6 +48,7 @@ FEATURE_SWITCHES: dict[str, dict[str, Any]] = {
     "nocheck": {"REQCONN_CHECK_CLIENT": False},
     "nocancel": {"REQCONN_CANCEL_ON_DISCONNECT": "off"},
     "noprep": {"REQCONN_CONNECT_ARGS": {"prepare_threshold": None}},
+    "leak": {"REQCONN_LEAK_THRESHOLD": 30},
 }
 
 

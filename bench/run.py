@@ -85,8 +85,8 @@ ENDPOINTS = {"select1": DB_VARIANTS, "read": DB_VARIANTS, "nodb": NODB_VARIANTS}
 #: What each safety feature costs on /select1: one switched off at a time, then all.
 ABLATION = {
     "select1": [
-        "bare", "eager", "eager-noreset", "eager-nocheck", "eager-nocancel", "eager-noprep",
-        "eager-noreset-nocheck-nocancel-noprep",
+        "bare", "eager", "eager-noreset", "eager-nocheck", "eager-nocancel", "eager-leak",
+        "eager-noreset-nocheck-nocancel",
     ],
 }  # fmt: skip
 LABELS = {
@@ -101,6 +101,7 @@ SWITCH_LABELS = {
     "nocheck": "CHECK_CLIENT=False",
     "nocancel": "CANCEL_ON_DISCONNECT=off",
     "noprep": "no prepared statements",
+    "leak": "LEAK_THRESHOLD=30 (leak detection on)",
 }
 
 
