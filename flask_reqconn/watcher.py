@@ -217,8 +217,11 @@ class Watcher:
             timeout = max(0.0, min(next_tick - time.monotonic(), self._tick))
             if self._polled or self._epoll is None:
                 timeout = min(timeout, POLL_INTERVAL)
+            # wake at most every WATCH_DELAY / 2 for registrations: one wake-up
+            # per request would fight the request threads for the GIL
             if self._pending:
-                timeout = min(timeout, max(0.0, self._pending[0][0] - time.monotonic()))
+                due = self._pending[0][0] - time.monotonic()
+                timeout = min(timeout, max(due, WATCH_DELAY / 2))
             else:
                 timeout = min(timeout, WATCH_DELAY)
             try:
