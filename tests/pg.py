@@ -205,6 +205,19 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
+def release_watchdog(watchdog: subprocess.Popen[bytes] | None) -> None:
+    """Let a watchdog (see ``_WATCHDOG``) exit: close its pipe and reap it."""
+    if watchdog is None:
+        return
+    with contextlib.suppress(OSError):
+        watchdog.stdin.close()  # type: ignore[union-attr]
+    try:
+        watchdog.wait(30)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()
+
+
 # A tiny process that outlives a crashed pytest: it blocks reading a pipe whose only
 # writer is the pytest process, and on EOF (pytest exited, however it exited) it stops the
 # postmaster and removes the directories. After a normal teardown there is nothing left to do.
@@ -348,14 +361,7 @@ def _embedded_server(max_connections: int, extra_dirs: list[str]) -> Iterator[st
             if not _wait_gone(postmaster_pid, 10):
                 problems.append(f"postmaster {postmaster_pid} survived SIGKILL")
         shutil.rmtree(root, ignore_errors=True)
-        if watchdog is not None:
-            with contextlib.suppress(OSError):
-                watchdog.stdin.close()  # type: ignore[union-attr]
-            try:
-                watchdog.wait(30)
-            except subprocess.TimeoutExpired:
-                watchdog.kill()
-                watchdog.wait()
+        release_watchdog(watchdog)
         if root.exists():
             problems.append(f"{root} could not be removed")
         if problems:

@@ -425,14 +425,7 @@ def pgbouncer_server(
                 shutil.copy(log_path, keep_dir / f"pgbouncer-{proc.pid if proc else 'x'}.log")
         if own_dir:
             shutil.rmtree(rundir, ignore_errors=True)
-        if watchdog is not None:
-            with contextlib.suppress(OSError):
-                watchdog.stdin.close()  # type: ignore[union-attr]
-            try:
-                watchdog.wait(30)
-            except subprocess.TimeoutExpired:
-                watchdog.kill()
-                watchdog.wait()
+        pg.release_watchdog(watchdog)
         if problems:
             raise PgBouncerError("; ".join(problems))
 

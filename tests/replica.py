@@ -279,14 +279,7 @@ def streaming_replica(primary_dsn: str) -> Iterator[str]:
                 if not pg._wait_gone(postmaster_pid, 10):
                     problems.append(f"standby postmaster {postmaster_pid} survived SIGKILL")
         shutil.rmtree(root, ignore_errors=True)
-        if watchdog is not None:
-            with contextlib.suppress(OSError):
-                watchdog.stdin.close()  # type: ignore[union-attr]
-            try:
-                watchdog.wait(30)
-            except subprocess.TimeoutExpired:
-                watchdog.kill()
-                watchdog.wait()
+        pg.release_watchdog(watchdog)
         if root.exists():
             problems.append(f"{root} could not be removed")
         if problems:
