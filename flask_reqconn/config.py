@@ -277,8 +277,7 @@ def load_pool_settings(config: Mapping[str, t.Any], app_name: str) -> dict[str, 
             "REQCONN_READ_POOL",
             f"{read_pool!r} is not a configured pool; configured: {', '.join(sorted(pools))}",
         )
-    if not isinstance(config.get("REQCONN_READ_FALLBACK", False), bool):
-        raise ConfigError("REQCONN_READ_FALLBACK", "must be True or False")
+    _Getter(config).boolean("REQCONN_READ_FALLBACK")
     return pools
 
 

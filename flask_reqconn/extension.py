@@ -20,6 +20,7 @@ from .cli import make_cli
 from .clientgone import ClientProbe
 from .config import DEFAULTS, SAFE_METHODS, Settings, load_pool_settings
 from .errors import ClientGone, ConnectionReleased, PoolExhausted, ReqConnError
+from .handback import make_read_only
 from .lease import Lease, ReleaseReason, RequestLeases
 from .middleware import LeaseGuard, body_may_use_connection
 from .pool import PoolHolder
@@ -287,12 +288,8 @@ class AppState:
         self._read_only_by_endpoint[endpoint] = read_only
         return read_only
 
-    def routed_checkout(self, req: RequestLeases, name: str | None) -> Lease:
-        """Check out for ``get_conn(name)``; no name means the view's route."""
-        if name is not None:
-            return self.checkout(req, name)
-        if not self.is_read_only(request.endpoint):
-            return self.checkout(req, DEFAULT_POOL)
+    def read_only_checkout(self, req: RequestLeases) -> Lease:
+        """Check out for a read-only view: the read pool (or its fallback), read-only."""
         req.route = self.read_pool
         fallback = self.read_fallback and self.read_pool != DEFAULT_POOL
         try:
@@ -309,7 +306,7 @@ class AppState:
             )
             req.route = DEFAULT_POOL
             lease = self.checkout(req, DEFAULT_POOL)
-        _make_read_only(lease)
+        make_read_only(lease.conn)
         return lease
 
     def after_request(self, response: Response) -> Response:
@@ -393,7 +390,7 @@ class AppState:
             lease.release(ReleaseReason.CLIENT_GONE)
             self._client_gone(req, lease)
         if holder.settings.read_only:
-            _make_read_only(lease)
+            make_read_only(lease.conn)
         if settings.cancel_on_disconnect != "off":
             armed = self._cancel_armed_by.get((endpoint, method))
             if armed is None:
@@ -582,16 +579,15 @@ def _get_conn_slow(name: str | None, req: RequestLeases | None) -> psycopg.Conne
     state = _state_of(None)
     if req is None:
         req = state.request_leases()
-    read_only_route = False
+    read_only = name is None and state.is_read_only(request.endpoint)
     if name is None and not req.routed:
-        read_only_route = state.is_read_only(request.endpoint)
-        req.route = state.read_pool if read_only_route else DEFAULT_POOL
+        req.route = state.read_pool if read_only else DEFAULT_POOL
         req.routed = True
     lease = req.leases.get(name or req.route)
     if lease is not None:
         if lease.active and lease.cancelled is None and lease.conn is not None:
-            if read_only_route:  # taken earlier by an explicit get_conn(name)
-                _make_read_only(lease)
+            if read_only:  # taken earlier by an explicit get_conn(name)
+                make_read_only(lease.conn)
             lease.handed_out = True
             return lease.conn
         if lease.cancelled is not None:
@@ -601,23 +597,10 @@ def _get_conn_slow(name: str | None, req: RequestLeases | None) -> psycopg.Conne
             f"the connection of pool {lease.pool_name!r} for this request was already given"
             f" back (released by {lease.released_by}); it cannot be used after that"
         )
-    lease = state.routed_checkout(req, name)
+    if read_only:
+        lease = state.read_only_checkout(req)
+    else:
+        lease = state.checkout(req, name or DEFAULT_POOL)
     assert lease.conn is not None
     lease.handed_out = True
     return lease.conn
-
-
-def _make_read_only(lease: Lease) -> None:
-    """Make the lease's connection refuse writes until it is handed back."""
-    conn = lease.conn
-    if conn is None:  # pragma: no cover
-        return
-    if conn.pgconn.transaction_status != TransactionStatus.IDLE:
-        return  # pragma: no cover - a fresh checkout is idle
-    # Autocommit connections leave autocommit for the request: every statement
-    # then runs in a READ ONLY transaction (rolled back at hand-back, where
-    # autocommit is restored). A session-level SET would outlive the
-    # transaction on the wrong server connection behind pgbouncer.
-    if conn.autocommit:
-        conn.autocommit = False
-    conn.read_only = True

@@ -110,6 +110,21 @@ def clean_connection(
     return result
 
 
+def make_read_only(conn: psycopg.Connection[t.Any] | None) -> None:
+    """Make *conn* refuse writes until it is handed back (and reset).
+
+    Autocommit connections leave autocommit: every statement then runs in a
+    ``READ ONLY`` transaction, rolled back at hand-back, where autocommit is
+    restored. A session-level ``SET`` would outlive the transaction on the
+    wrong server connection behind pgbouncer.
+    """
+    if conn is None or conn.pgconn.transaction_status != TransactionStatus.IDLE:
+        return
+    if conn.autocommit:
+        conn.autocommit = False
+    conn.read_only = True
+
+
 def _cancel_and_close(conn: psycopg.Connection[t.Any]) -> None:
     try:
         if hasattr(conn, "cancel_safe"):

@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from .config import Settings
 from .errors import PoolExhausted
-from .handback import Baseline, clean_connection, restore_attributes
+from .handback import Baseline, clean_connection, make_read_only, restore_attributes
 from .lease import Lease, ReleaseReason
 from .stats import Listener, PoolCounters
 from .watcher import CANCEL_TIMEOUT, get_watcher
@@ -283,8 +283,7 @@ class PoolHolder:
             raise PoolExhausted(self.name, self.settings.retry_after) from exc
         try:
             if self.settings.read_only:
-                conn.autocommit = False
-                conn.read_only = True
+                make_read_only(conn)
             with conn:  # psycopg: commit on success, rollback on error (pool-aware)
                 yield conn
         finally:
