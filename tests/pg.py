@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -223,7 +223,7 @@ def release_watchdog(watchdog: subprocess.Popen[bytes] | None) -> None:
 # postmaster and removes the directories. After a normal teardown there is nothing left to do.
 _WATCHDOG = r"""
 import os, shutil, signal, sys, time
-pid, dirs = int(sys.argv[1]), sys.argv[2:]
+pid, name, plan, dirs = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3], sys.argv[4:]
 sys.stdin.buffer.read()
 def alive():
     try:
@@ -231,18 +231,19 @@ def alive():
     except OSError:
         return False
     return st[st.rindex(b")") + 2:st.rindex(b")") + 3] not in (b"Z", b"X")
-def is_postgres():
+def is_ours():
     try:
-        return b"postgres" in open(f"/proc/{pid}/cmdline", "rb").read()
+        return name in open(f"/proc/{pid}/cmdline", "rb").read()
     except OSError:
         return False
-if alive() and is_postgres():
-    for sig, wait in ((signal.SIGINT, 10), (signal.SIGQUIT, 5), (signal.SIGKILL, 5)):
+if alive() and is_ours():
+    for step in plan.split(","):
+        sig, wait = step.split(":")
         try:
-            os.kill(pid, sig)
+            os.kill(pid, getattr(signal, sig))
         except OSError:
             break
-        end = time.monotonic() + wait
+        end = time.monotonic() + float(wait)
         while alive() and time.monotonic() < end:
             time.sleep(0.05)
         if not alive():
@@ -250,6 +251,24 @@ if alive() and is_postgres():
 for d in dirs:
     shutil.rmtree(d, ignore_errors=True)
 """
+
+#: How the watchdog stops a PostgreSQL postmaster: fast, then immediate, then kill.
+POSTGRES_STOP = "SIGINT:10,SIGQUIT:5,SIGKILL:5"
+
+
+def start_watchdog(pid: int, name: str, plan: str, dirs: Iterable[str]) -> subprocess.Popen[bytes]:
+    """Start a watchdog that stops *pid* (if its command line contains *name*) with the
+    signals of *plan* (``"SIGTERM:10,SIGKILL:5"``) and removes *dirs* once pytest exits,
+    however it exits. Release it with :func:`release_watchdog` after a normal teardown.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(pid), name, plan, *dirs],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 @contextlib.contextmanager
@@ -333,13 +352,8 @@ def _embedded_server(max_connections: int, extra_dirs: list[str]) -> Iterator[st
         if got < max_connections:
             raise PgSetupError(f"max_connections is {got} after restart, wanted {max_connections}")
 
-        watchdog = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, str(postmaster_pid), str(root), *extra_dirs],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
+        watchdog = start_watchdog(
+            postmaster_pid, "postgres", POSTGRES_STOP, [str(root), *extra_dirs]
         )
         yield uri
     finally:

@@ -37,7 +37,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -170,38 +169,6 @@ class PgBouncer:
 # --------------------------------------------------------------------------------------
 # Starting and stopping
 # --------------------------------------------------------------------------------------
-
-# Outlives a crashed pytest: blocks on a pipe only pytest writes to; on EOF (pytest exited,
-# however) it stops pgbouncer if it still runs and removes the directory we made.
-_WATCHDOG = r"""
-import os, shutil, signal, sys, time
-pid, dirs = int(sys.argv[1]), sys.argv[2:]
-sys.stdin.buffer.read()
-def alive():
-    try:
-        st = open(f"/proc/{pid}/stat", "rb").read()
-    except OSError:
-        return False
-    return st[st.rindex(b")") + 2:st.rindex(b")") + 3] not in (b"Z", b"X")
-def is_pgbouncer():
-    try:
-        return b"pgbouncer" in open(f"/proc/{pid}/cmdline", "rb").read()
-    except OSError:
-        return False
-if alive() and is_pgbouncer():
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            break
-        end = time.monotonic() + wait
-        while alive() and time.monotonic() < end:
-            time.sleep(0.05)
-        if not alive():
-            break
-for d in dirs:
-    shutil.rmtree(d, ignore_errors=True)
-"""
 
 
 def _target(target_dsn: str) -> dict[str, Any]:
@@ -391,13 +358,8 @@ def pgbouncer_server(
                     f"pgbouncer did not start; its log ({log_path}):\n{_tail(log_path)}"
                 )
         assert proc is not None
-        watchdog = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, str(proc.pid), *([str(rundir)] if own_dir else [])],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
+        watchdog = pg.start_watchdog(
+            proc.pid, "pgbouncer", "SIGTERM:10,SIGKILL:5", [str(rundir)] if own_dir else []
         )
         dsn = make_conninfo(
             "", host="127.0.0.1", port=port, user=target["user"], dbname=target["dbname"]

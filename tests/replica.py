@@ -28,7 +28,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,14 +239,7 @@ def streaming_replica(primary_dsn: str) -> Iterator[str]:
             postmaster_pid = pg._pid_from_pidfile(pgdata)
         if postmaster_pid is None:
             raise ReplicaError("standby: no postmaster.pid after pg_ctl start")
-        watchdog = subprocess.Popen(
-            [sys.executable, "-c", pg._WATCHDOG, str(postmaster_pid), str(root)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
+        watchdog = pg.start_watchdog(postmaster_pid, "postgres", pg.POSTGRES_STOP, [str(root)])
         dsn = make_conninfo(primary_dsn, host=str(pgdata), port=port)
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
             if not identity(conn)[1]:
