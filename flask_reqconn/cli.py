@@ -4,11 +4,13 @@
   and warn when the pools of all workers cannot fit in ``max_connections``;
 - ``activity``: the app's sessions in ``pg_stat_activity`` by state, flagging
   long idle-in-transaction ones;
-- ``storm``: the abort storm (:mod:`flask_reqconn.storm`).
+- ``storm``: the abort storm (:mod:`flask_reqconn.storm`), imported only when it runs or
+  its help is shown, so serving workers never load it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import typing as t
 
@@ -195,13 +197,51 @@ def activity_command(idle_threshold: float) -> None:
         )
 
 
+class ReqConnGroup(AppGroup):
+    """The ``reqconn`` group: its own commands, and lazy ones imported only when used.
+
+    A lazy command's module is imported when the command runs or its help is shown
+    (:meth:`get_command`); the group's own ``--help`` lists it by its short help alone.
+    """
+
+    #: name -> (module, attribute, short help) of each lazy command.
+    lazy_commands: t.ClassVar[dict[str, tuple[str, str, str]]] = {
+        "storm": (
+            "flask_reqconn.storm.cli",
+            "storm_command",
+            "Abort storm: check the app survives clients that hang up.",
+        ),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            module, attribute, _short_help = self.lazy_commands[cmd_name]
+            command = getattr(importlib.import_module(module), attribute)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            command = self.commands.get(name)
+            if command is None:
+                rows.append((name, self.lazy_commands[name][2]))
+            elif not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
 def make_cli() -> AppGroup:
     """Build the ``reqconn`` command group (one per app, no import-time state)."""
-    group = AppGroup("reqconn", help="flask-reqconn: pool checks and leak hunting.")
+    group = ReqConnGroup("reqconn", help="flask-reqconn: pool checks and leak hunting.")
     group.add_command(check_command)
     group.add_command(activity_command)
-
-    from .storm import make_storm_command
-
-    group.add_command(make_storm_command())
     return group

@@ -27,13 +27,13 @@ from flask_reqconn.storm import (
     StormConfig,
     StormError,
     StormResult,
-    _ProgressPrinter,
-    _resolve,
     format_report,
     main,
     make_storm_command,
     run_storm,
 )
+from flask_reqconn.storm.cli import ProgressPrinter
+from flask_reqconn.storm.client import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "tests.apps.stormtarget"
@@ -71,6 +71,8 @@ def _accepts(port: int) -> bool:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGCONT)  # a test may have frozen the group
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -82,6 +84,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def _serve(kind: str, log_dir: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    with _serve_process(kind, log_dir, env) as (url, _proc):
+        yield url
+
+
+@contextlib.contextmanager
+def _serve_process(
+    kind: str, log_dir: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Serve the storm target; yield its URL and its process (the leader of its group)."""
     port = _free_port()
     if kind == "werkzeug":
         argv = [
@@ -109,7 +120,7 @@ def _serve(kind: str, log_dir: Path, env: dict[str, str] | None = None) -> Itera
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"{kind} did not start:\n{log_path.read_text()}")
             time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc
     finally:
         _stop(proc)
 
@@ -265,11 +276,13 @@ def test_pg_stat_activity_oracle_sees_a_session_left_in_transaction(
 def test_dead_target_fails_with_socket_errors_not_statuses(tmp_path: Path) -> None:
     port = _free_port()  # nothing listens there
     config = StormConfig(
-        f"http://127.0.0.1:{port}/", **{**SMALL, "normal_count": 3, "final_count": 3}
+        f"http://127.0.0.1:{port}/", early_stop=False,  # the full run, final load included
+        **{**SMALL, "normal_count": 3, "final_count": 3},
     )
     result = run_storm(config)
 
     assert not result.ok
+    assert result.stopped_early is None and result.final.requests == 3
     assert result.final.statuses == {}
     assert result.final.errors == {"ERR:ConnectionRefused": 3}
     assert result.health.errors == {"ERR:ConnectionRefused": 1}
@@ -334,12 +347,12 @@ def test_main_exits_2_for_a_remote_target(capsys: pytest.CaptureFixture[str]) ->
     "url", ["http://127.0.0.1:8000/", "http://127.8.9.10/x?y=1", "http://[::1]:80/", "http://localhost/"]
 )
 def test_loopback_targets_are_allowed(url: str) -> None:
-    target = _resolve(url, allow_remote=False, what="target")
+    target = resolve(url, allow_remote=False, what="target")
     assert target.path.startswith("/")
 
 
 def test_allow_remote_lifts_the_guard() -> None:
-    target = _resolve("http://192.0.2.1/", allow_remote=True, what="target")
+    target = resolve("http://192.0.2.1/", allow_remote=True, what="target")
     assert target.sockaddr[0] == "192.0.2.1"
 
 
@@ -373,7 +386,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_terminal_progress_draws_a_bar_per_phase() -> None:
     stream = io.StringIO()
-    printer = _ProgressPrinter(stream, tty=True)
+    printer = ProgressPrinter(stream, tty=True)
     for event in [Progress("final", 0, 4), Progress("final", 4, 4),
                   Progress("final", 4, 4, finished=True), Progress("drain", 0, 0),
                   Progress("drain", 0, 0, finished=True)]:
@@ -426,13 +439,13 @@ def test_python_dash_m_runs_the_tool(server: str) -> None:
     assert proc.stdout.splitlines()[-1].startswith("verdict: OK:")
 
 
-def test_click_command_shares_the_argparse_options() -> None:
+def test_click_command_has_the_options_of_python_dash_m() -> None:
     group = click.Group("reqconn")
     group.add_command(make_storm_command())
     runner = CliRunner()
     shown = runner.invoke(group, ["storm", "--help"])
     assert shown.exit_code == 0
-    assert "usage: reqconn storm" in shown.output
+    assert "Usage: reqconn storm [OPTIONS] URL" in shown.output
     assert "--abort-styles" in shown.output and "--stats-url" in shown.output
     assert runner.invoke(group, ["storm", "--abort-count", "x", "http://127.0.0.1/"]).exit_code == 2
 
@@ -458,3 +471,196 @@ def server_less_result() -> StormResult:
         **{**SMALL, "normal_count": 1, "abort_count": 1, "final_count": 1, "drain_pause": 0},
     )
     return run_storm(config)
+
+
+# -- early stop: a health check without an answer ends the storm --------------------------
+
+# The final load of a default storm: against a server that accepts connections but never
+# answers, 100 requests of 10 s, 16 at a time, take 70 s.
+DEFAULT_FINAL: dict[str, Any] = {"final_count": 100, "final_concurrency": 16,
+                                 "final_timeout": 10.0}
+
+
+@pytest.mark.slow
+def test_hung_gunicorn_stops_the_storm_at_the_health_check(tmp_path: Path) -> None:
+    frozen: list[float] = []
+    with _serve_process("gunicorn", tmp_path) as (base, proc):
+
+        def freeze_at_drain(event: Progress) -> None:
+            if event.phase == "drain" and event.done == 0 and not event.finished:
+                # Master and worker stopped: the kernel still accepts into the listen
+                # backlog, so every request connects and then waits (a hung server).
+                os.killpg(proc.pid, signal.SIGSTOP)
+                frozen.append(time.monotonic())
+
+        config = StormConfig(
+            base + "/", stats_url="/stats",
+            **{**SMALL, **DEFAULT_FINAL, "health_timeout": 3.0, "drain_timeout": 2.0,
+               "max_seconds": 300.0},
+        )
+        result = run_storm(config, progress=freeze_at_drain)
+        after_freeze = time.monotonic() - frozen[0]
+
+    assert result.normal.all_ok and result.abort.aborted == 16  # alive until the drain
+    assert result.health.errors == {"timeout": 1}
+    assert result.final.requests == 0 and result.final.planned == 100
+    assert after_freeze < 30, format_report(result)  # hang guard; the full run takes 70 s+
+    assert result.stopped_early is not None
+    assert "no answer (timeout:1)" in result.stopped_early
+    assert not result.ok
+    assert "stopped early: the health check got no answer (timeout:1)" in result.verdict
+    assert "the final load (100 requests) and the last oracle reading skipped" in result.verdict
+    assert "--no-early-stop" in result.verdict
+    assert "final load 0/100" not in result.verdict  # not sent is not failed
+    (reading,) = result.leaks
+    assert reading.before == 0 and reading.at_end is None
+    report = format_report(result)
+    assert "0 (stopped early)" in report
+    assert report.splitlines()[-1] == f"verdict: {result.verdict}"
+
+
+@pytest.mark.slow
+def test_killed_gunicorn_stops_the_storm_at_the_health_check(tmp_path: Path) -> None:
+    events: list[Progress] = []
+    with _serve_process("gunicorn", tmp_path) as (base, proc):
+
+        def kill_at_drain(event: Progress) -> None:
+            events.append(event)
+            if event.phase == "drain" and event.done == 0 and not event.finished:
+                os.killpg(proc.pid, signal.SIGKILL)  # master and worker, by the group's PID
+                proc.wait(timeout=10)
+
+        config = StormConfig(base + "/", **{**SMALL, **DEFAULT_FINAL, "max_seconds": 300.0})
+        result = run_storm(config, progress=kill_at_drain)
+
+    assert result.normal.all_ok
+    assert result.health.errors == {"ERR:ConnectionRefused": 1}
+    assert result.final.requests == 0
+    assert result.seconds < 30  # hang guard only
+    assert result.stopped_early is not None and "ConnectionRefused" in result.stopped_early
+    assert result.verdict.startswith("FAIL: health check failed (ERR:ConnectionRefused:1")
+    assert "stopped early" in result.verdict
+    # The phases after the health check send no progress: they did not run.
+    assert [e.phase for e in events if e.finished] == ["normal", "abort", "drain", "health"]
+
+
+def test_nothing_listening_stops_early_and_no_early_stop_runs_the_final_load(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"http://127.0.0.1:{_free_port()}/"  # nothing listens there
+    tiny = [url, "--normal-count", "2", "--abort-count", "2", "--final-count", "3",
+            "--drain-pause", "0", "--json", "-q"]
+
+    assert main(tiny) == 1
+    early = json.loads(capsys.readouterr().out)
+    assert early["config"]["early_stop"] is True
+    assert "ERR:ConnectionRefused" in early["stopped_early"]
+    assert early["final"]["requests"] == 0 and "stopped early" in early["verdict"]
+
+    assert main([*tiny, "--no-early-stop"]) == 1
+    full = json.loads(capsys.readouterr().out)
+    assert full["config"]["early_stop"] is False and full["stopped_early"] is None
+    assert full["final"]["errors"] == {"ERR:ConnectionRefused": 3}
+    assert "stopped early" not in full["verdict"] and "final load 0/3 2xx" in full["verdict"]
+
+
+@pytest.mark.slow
+def test_health_check_answered_with_an_error_status_runs_the_final_load(server: str) -> None:
+    config = StormConfig(
+        server + "/", health_path="/no-such-page",
+        **{**SMALL, "normal_count": 2, "abort_count": 2, "final_count": 3},
+    )
+    result = run_storm(config)
+
+    assert result.health.statuses == {404: 1}  # alive, only unhealthy: no early stop
+    assert result.stopped_early is None and result.final.all_ok
+    assert not result.ok and "health check failed (404:1" in result.verdict
+
+
+# -- entry points and lazy loading ---------------------------------------------------------
+
+_IMPORTS_PROBE = """
+import json, sys
+import click
+from flask import Flask
+from flask.cli import ScriptInfo
+
+# Flask, click and werkzeug import no argparse themselves (gunicorn does, so this runs a
+# plain Flask app): anything of it found below was added by flask-reqconn.
+before = {"argparse": "argparse" in sys.modules}
+
+from flask_reqconn import ReqConn
+
+app = Flask("probe")
+app.config["REQCONN_CONNINFO"] = "postgresql://nobody@127.0.0.1:1/none"  # never connected
+ReqConn(app)
+ctx = click.Context(app.cli, info_name="flask", obj=ScriptInfo(create_app=lambda: app))
+group = app.cli.get_command(ctx, "reqconn")
+names = group.list_commands(ctx)
+group_help = group.get_help(click.Context(group, info_name="reqconn", parent=ctx))
+
+def loaded():
+    return {
+        "argparse": "argparse" in sys.modules,
+        "storm": sorted(m for m in sys.modules if m.startswith("flask_reqconn.storm")),
+    }
+
+after_init = loaded()
+storm = group.get_command(ctx, "storm")
+print(json.dumps({"before": before, "after_init": after_init, "names": names,
+                  "group_help": group_help, "storm": storm.name, "after_storm": loaded()}))
+"""
+
+
+def test_reqconn_app_and_its_cli_import_neither_the_storm_nor_argparse() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_PROBE], cwd=REPO, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["before"] == {"argparse": False}
+    assert seen["after_init"] == {"argparse": False, "storm": []}
+    # The group lists the storm, with its short help, without importing it ...
+    assert "storm" in seen["names"]
+    listed = [line.split(None, 1) for line in seen["group_help"].splitlines()]
+    assert ["storm", "Abort storm: check the app survives clients that hang up."] in listed
+    # ... and imports it once asked for the command (so the probe above can see an import).
+    assert seen["storm"] == "storm"
+    assert "flask_reqconn.storm.cli" in seen["after_storm"]["storm"]
+    assert seen["after_storm"]["argparse"] is False
+
+
+def test_lazy_short_help_is_the_commands_own() -> None:
+    from flask_reqconn.cli import ReqConnGroup
+
+    *_where, short_help = ReqConnGroup.lazy_commands["storm"]
+    assert short_help == make_storm_command().short_help
+
+
+def _help_of(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RC_DSN": "postgresql://nobody@127.0.0.1:1/x"}
+    env.pop("FLASK_APP", None)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["-m", "flask", "--app", "tests.apps.reqconn_app:create_app()", "reqconn", "storm",
+          "--help"], "Usage: python -m flask reqconn storm [OPTIONS] URL"),
+        (["-m", "flask_reqconn.storm", "--help"],
+         "Usage: python -m flask_reqconn.storm [OPTIONS] URL"),
+    ],
+    ids=["flask-reqconn-storm", "python-m"],
+)
+def test_both_entry_points_show_the_same_help(argv: list[str], usage: str) -> None:
+    proc = _help_of([sys.executable, *argv])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(usage), proc.stdout
+    for option in ("--abort-styles", "--stats-url", "--no-early-stop", "--max-seconds", "-H"):
+        assert option in proc.stdout
+    body = proc.stdout.split("\n", 1)[1]
+    assert body == _help_of(
+        [sys.executable, "-m", "flask_reqconn.storm", "--help"]
+    ).stdout.split("\n", 1)[1]
