@@ -664,3 +664,19 @@ def test_both_entry_points_show_the_same_help(argv: list[str], usage: str) -> No
     assert body == _help_of(
         [sys.executable, "-m", "flask_reqconn.storm", "--help"]
     ).stdout.split("\n", 1)[1]
+
+
+def test_reference_page_documents_every_option() -> None:
+    lines = (REPO / "docs" / "storm.rst").read_text().splitlines()
+    documented = {
+        opt.split()[0]
+        for line in lines if line.startswith(".. option:: ")
+        for opt in line.removeprefix(".. option:: ").split(", ")
+    }
+    command = make_storm_command()
+    expected = {
+        opt
+        for param in command.params if isinstance(param, click.Option)
+        for opt in (*param.opts, *param.secondary_opts)
+    }
+    assert expected and documented == expected

@@ -225,7 +225,7 @@ storm_command = _make_command()
 
 
 def make_storm_command() -> click.Command:
-    """The click command of the storm, to add to a click group of your own.
+    """The storm's ``click.Command``, to add to a click group of your own.
 
     ``flask reqconn storm`` is this command; ``python -m flask_reqconn.storm`` runs it
     through :func:`main`. Both take the same options and exit with the same statuses.

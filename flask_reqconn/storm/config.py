@@ -30,8 +30,37 @@ class StormError(ValueError):
 @dataclass(frozen=True)
 class StormConfig:
     """Every knob of a storm. Paths (``health_path``, ``stream_path``, ``stats_url``) may be
-    absolute URLs or paths resolved against ``url``.
+    absolute URLs or paths resolved against ``url``. Times are in seconds.
 
+    :param url: the ``http://`` URL of the app: the target of the normal and final load.
+    :param normal_count: requests of the normal load.
+    :param normal_concurrency: its client threads.
+    :param normal_timeout: time per request.
+    :param abort_count: requests that the client drops.
+    :param abort_concurrency: their client threads.
+    :param abort_styles: styles to mix, round-robin (:data:`ABORT_STYLES`); empty means
+        ``close``, ``delay``, ``rst`` and, if ``stream_path`` is set, ``stream``.
+    :param abort_delay: how long the ``delay`` style waits before it closes.
+    :param abort_timeout: time per aborted request (connect, send, first chunk).
+    :param stream_path: a streamed response, for the ``stream`` style.
+    :param drain_pause: the wait after the aborts, without a leak oracle.
+    :param drain_timeout: the longest wait for the oracles to read 0 twice in a row, after
+        the aborts and again after the final load.
+    :param health_path: the health check (default: ``url``).
+    :param health_timeout: the time the health check, and each oracle reading, may take.
+    :param final_count: requests of the final load, which must all answer 2xx.
+    :param final_concurrency: its client threads.
+    :param final_timeout: time per request.
+    :param stats_url: the JSON endpoint of the ``stats`` oracle.
+    :param stats_key: the dotted key of the checked-out count in it.
+    :param dsn: the conninfo of the ``pg`` oracle (left out of ``repr`` and hidden in JSON).
+    :param application_name: the app's ``application_name``, for the ``pg`` oracle.
+    :param headers: extra ``(name, value)`` headers on every request.
+    :param max_seconds: the deadline of the whole storm (at most :data:`MAX_SECONDS`).
+    :param allow_remote: allow targets that do not resolve to loopback.
+    :param early_stop: when the health check gets no answer at all (the server is dead or
+        hung), skip the final load and the last oracle reading and give the verdict at once;
+        ``False`` runs every phase anyway.
     :raises ValueError: on out-of-range values or inconsistent options.
 
     .. versionadded:: 0.1
@@ -43,8 +72,6 @@ class StormConfig:
     normal_timeout: float = 10.0
     abort_count: int = 500
     abort_concurrency: int = 32
-    #: Styles to mix, round-robin; empty means ``close``, ``delay``, ``rst`` and, if
-    #: ``stream_path`` is set, ``stream``.
     abort_styles: tuple[str, ...] = ()
     abort_delay: float = 0.001
     abort_timeout: float = 5.0
@@ -63,9 +90,6 @@ class StormConfig:
     headers: tuple[tuple[str, str], ...] = ()
     max_seconds: float = 300.0
     allow_remote: bool = False
-    #: When the health check gets no answer at all (refused, reset, timed out), skip the
-    #: final load and the last oracle reading and give the verdict at once. ``False``
-    #: runs every phase anyway (``--no-early-stop``).
     early_stop: bool = True
 
     def __post_init__(self) -> None:

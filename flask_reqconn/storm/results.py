@@ -16,6 +16,11 @@ class Progress:
     ``finished=True`` at its end. ``drain`` and ``settle`` (waits, no requests) have
     ``total == 0``. Phases skipped by an early stop send nothing.
 
+    :ivar phase: ``normal``, ``abort``, ``drain``, ``health``, ``final`` or ``settle``.
+    :ivar done: requests of the phase that have ended.
+    :ivar total: requests planned.
+    :ivar finished: the phase is over.
+
     .. versionadded:: 0.1
     """
 
@@ -39,9 +44,19 @@ class ProgressCallback(Protocol):
 class PhaseResult:
     """What one request phase saw.
 
-    ``requests`` counts requests started; ``skipped`` those not started because the
-    ``max_seconds`` deadline passed. Socket-level failures are in ``errors`` (``timeout``,
-    ``ERR:ConnectionRefused``, ...), never in ``statuses``.
+    :ivar name: the phase: ``normal``, ``abort``, ``health`` or ``final``.
+    :ivar planned: requests it was to send.
+    :ivar requests: requests started.
+    :ivar statuses: HTTP status -> count. In the abort phase, the statuses the ``stream``
+        style saw before it dropped the response.
+    :ivar errors: requests that got no status, by name (``timeout``,
+        ``ERR:ConnectionRefused``, ...); never in ``statuses``.
+    :ivar aborted: requests dropped as planned (abort phase).
+    :ivar styles: abort style -> count (abort phase).
+    :ivar skipped: requests not started because the ``max_seconds`` deadline passed.
+    :ivar p50_ms: median latency in milliseconds, errors included (``None`` without
+        requests); ``p99_ms`` and ``max_ms`` likewise.
+    :ivar seconds: how long the phase took.
 
     .. versionadded:: 0.1
     """
@@ -79,8 +94,17 @@ class PhaseResult:
 class LeakReading:
     """Readings of one leak oracle: before the storm, after the drain, after the final load.
 
-    ``None`` means it could not be read (or, after an early stop, was not read at the end);
-    ``error`` says why (last failure).
+    :ivar source: ``stats`` or ``pg``.
+    :ivar name: what it counts (``checked_out``, ``non-idle sessions``), as the verdict
+        names it.
+    :ivar label: where it reads it, for the report.
+    :ivar before: the reading before any load.
+    :ivar after_drain: the reading after the drain.
+    :ivar at_end: the reading after the final load.
+    :ivar error: the last failure to read it.
+
+    A reading of ``None`` could not be taken (or, after an early stop, was not taken at the
+    end); ``error`` says why.
 
     .. versionadded:: 0.1
     """
@@ -103,9 +127,17 @@ class LeakReading:
 class StormResult:
     """The outcome of :func:`run_storm`. ``verdict`` starts with ``OK:`` or ``FAIL:``.
 
-    ``stopped_early`` says why the storm stopped after the health check (see
-    :attr:`StormConfig.early_stop`); the final load was then not sent (``final.requests``
-    is 0) and the oracles were not read at the end.
+    :ivar config: the configuration it ran with.
+    :ivar normal: the normal load (likewise ``abort``, ``health``, ``final``).
+    :ivar leaks: one reading per leak oracle.
+    :ivar drain_seconds: how long the drain waited.
+    :ivar seconds: how long the whole storm took.
+    :ivar deadline_hit: ``max_seconds`` ran out before every request was sent.
+    :ivar ok: the verdict is OK.
+    :ivar verdict: ``OK: ...`` or ``FAIL: ...`` with every reason.
+    :ivar stopped_early: why the storm stopped after the health check (see
+        :ref:`storm-early-stop`), else ``None``. The final load was then not sent
+        (``final.requests`` is 0) and the oracles were not read at the end.
 
     .. versionadded:: 0.1
     """
