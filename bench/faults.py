@@ -104,12 +104,16 @@ class Clients:
             thread.start()
 
     def _loop(self) -> None:
-        for _ in range(self.max_requests):
+        sent = 0
+        while sent < self.max_requests:
             self._go.wait()
             with self._lock:
                 if self._stop.is_set():
                     return
+                if not self._go.is_set():  # paused meanwhile
+                    continue
                 self._in_flight += 1
+            sent += 1
             t0 = time.monotonic()
             try:
                 status, _headers, _body = servers.http_get(self.url + self.path, self.timeout)
@@ -127,7 +131,8 @@ class Clients:
 
     def pause(self) -> None:
         """Stop sending; return once no request is in flight (bounded)."""
-        self._go.clear()
+        with self._lock:  # no request starts after this
+            self._go.clear()
         deadline = time.monotonic() + self.timeout + 10
         while self._in_flight and time.monotonic() < deadline:
             time.sleep(0.01)

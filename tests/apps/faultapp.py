@@ -80,13 +80,12 @@ def _reqconn(app: Flask, dsn: str, appname: str) -> None:
     def stream() -> Response:
         chunks = min(100, int(request.args.get("n", "10")))
 
-        @stream_with_context
         def body() -> Iterator[str]:
             for i in range(chunks):
                 get_conn().execute("SELECT pg_sleep(0.01)")
                 yield f"chunk {i}\n" + "x" * 16384 + "\n"
 
-        return Response(body(), mimetype="text/plain")
+        return Response(stream_with_context(body()), mimetype="text/plain")
 
     @app.get("/stats")
     def stats() -> Response:
