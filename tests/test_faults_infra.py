@@ -234,3 +234,48 @@ def test_netns_without_root_fails_with_instructions(monkeypatch: pytest.MonkeyPa
     with pytest.raises(fix_faults.FaultSetupError, match="needs root"):
         with fix_faults.fault_server(netns=True):
             pass  # pragma: no cover
+
+
+# -- the app and the figures of bench/faults.py --------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["reqconn", "bare", "check"])
+def test_faultapp_variant_serves_with_a_pool_of_four(
+    fault_pg: FaultServer, spawn: Callable[..., servers.ServerProcess], variant: str
+) -> None:
+    name = pg.unique_name(variant)
+    server = spawn(
+        "gunicorn", "tests.apps.faultapp:create_app()", worker_class="gthread", threads=8,
+        env={"FAULT_VARIANT": variant, "FAULT_DSN": fault_pg.dsn, "FAULT_APPNAME": name},
+    )  # fmt: skip
+    assert servers.http_get(server.url + "/select1")[:3:2] == (200, b"1")
+    assert servers.http_get(server.url + "/sleep?s=0.01")[0] == 200
+    with fault_pg.admin() as admin:
+        pg.wait_until(lambda: len(pg.app_sessions(admin, name)) == 4, timeout=30)
+    stats = json.loads(servers.http_get(server.url + "/stats")[2])
+    pool = stats["pools"]["default"]["pool"] if variant == "reqconn" else stats["pool"]
+    assert pool["pool_max"] == 4
+
+
+def test_fault_figures_count_statuses_longest_and_recovery() -> None:
+    from bench.faults import Record, summarize
+
+    records = [
+        Record(0.0, 0.1, "200"),  # before the fault: not counted
+        Record(0.9, 1.2, "200"),  # in flight when the fault began at 1.0
+        Record(1.1, 4.1, "hang"),
+        Record(1.5, 3.5, "503"),
+        Record(3.6, 3.8, "500"),  # the fault ended at 3.0; still failing
+        Record(3.7, 4.0, "200"),  # the first 200 after the fault: 1.0 s after its end
+        Record(4.1, 4.2, "500"),  # an error after recovery
+        Record(4.2, 4.3, "200"),
+    ]
+    got = summarize(records, started=1.0, ended=3.0, client_timeout=3.0)
+    assert got["requests"] == 7
+    assert got["statuses"] == {"200": 3, "500": 2, "503": 1, "hang": 1}
+    assert got["hangs"] == 1
+    assert got["longest_s"] == 3.0
+    assert got["first_200_after_s"] == 1.0
+    assert got["errors_after_recovery"] == 1
+    assert summarize(records[:5], 1.0, 3.0, 3.0)["first_200_after_s"] is None
