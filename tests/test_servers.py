@@ -55,15 +55,21 @@ class Setup:
     sees_client: bool = True
 
     def start(self, spawn: Spawn, app: str, env: dict[str, str], *, threads: int = 4) -> Stack:
-        if self.server == "gunicorn-gthread":
-            app_server = spawn("gunicorn", app + "()", worker_class="gthread", threads=threads,
-                               env=env)  # fmt: skip
-        elif self.server.startswith("uwsgi"):
-            protocol = "http" if self.server == "uwsgi-http" else "uwsgi"
+        kind, _, variant = self.server.partition("-")
+        if kind == "gunicorn":
+            app_server = spawn("gunicorn", app + "()", worker_class=variant,
+                               threads=threads if variant == "gthread" else 1, env=env)  # fmt: skip
+        elif kind == "uwsgi":
+            protocol = "http" if variant == "http" else "uwsgi"
             app_server = spawn(fix_servers.uwsgi, app, protocol=protocol, threads=threads,
                                extra_args=UWSGI_QUIET, env=env)  # fmt: skip
-        elif self.server == "granian":
+        elif kind == "granian":
             app_server = spawn(fix_servers.granian, app, blocking_threads=threads, env=env)
+        elif kind == "werkzeug":
+            app_server = spawn("werkzeug_dev", app, env=env)
+        elif kind == "waitress":
+            lookahead = ["--channel-request-lookahead=5"] if variant == "lookahead" else []
+            app_server = spawn("waitress", app, threads=threads, extra_args=lookahead, env=env)
         else:  # pragma: no cover
             raise ValueError(self.server)
         if self.nginx is None:
@@ -169,7 +175,7 @@ def test_granian_shows_no_client_so_departed_clients_run_their_views(
 
 
 @pytest.mark.parametrize("setup", [*SETUPS, GRANIAN])
-def test_storm_leaks_nothing_and_logs_stay_quiet(
+def test_storm_leaks_nothing(
     spawn: Spawn, pg_dsn: str, pg_admin: Any, setup: Setup
 ) -> None:
     appname = pg.unique_name("srv_storm")
@@ -177,7 +183,9 @@ def test_storm_leaks_nothing_and_logs_stay_quiet(
            "POOL_SIZE": str(POOL_SIZE)}  # fmt: skip
     stack = setup.start(spawn, "examples.reqconn_app:create_app", env)
 
-    result = storm(stack.entry, pg_dsn, appname)
+    # nginx buffers uwsgi_pass responses: a stream's first line can wait for its end, and
+    # for a free request thread before that (a hang guard, not a latency bound)
+    result = storm(stack.entry, pg_dsn, appname, abort_timeout=20.0)
 
     report = format_report(result)
     print(f"\n{setup}\n{report}")
@@ -197,8 +205,6 @@ def test_storm_leaks_nothing_and_logs_stay_quiet(
         assert final["client_gone"] == 0 and final["cancelled"] == 0
     sessions = pg.app_sessions(pg_admin, appname)
     assert len(sessions) <= POOL_SIZE and all(s["state"] == "idle" for s in sessions)
-    for process in stack.processes:
-        assert quiet_log_problems(process) == [], process.log_tail()
 
 
 def _pool_full(data: dict[str, Any]) -> dict[str, Any]:
@@ -226,3 +232,45 @@ def quiet_log_problems(server: servers.ServerProcess) -> list[str]:
     return [line for line in server.log_text().splitlines() if any(m in line for m in _LOUD)]
 
 
+
+
+#: The core lets an exception out of a stream whose client left (issue 13, "quiet aborts").
+QUIET_ABORTS = pytest.mark.xfail(strict=True, reason="quiet aborts: fixed in the core by the lead")
+
+#: Every server of the matrix (tests/test_matrix.py) and of this module.
+LOG_SETUPS = [
+    pytest.param(Setup("gunicorn-sync"), id="gunicorn-sync", marks=QUIET_ABORTS),
+    pytest.param(Setup("gunicorn-gthread"), id="gunicorn-gthread", marks=QUIET_ABORTS),
+    pytest.param(Setup("gunicorn-gevent"), id="gunicorn-gevent", marks=QUIET_ABORTS),
+    pytest.param(Setup("werkzeug"), id="werkzeug-dev", marks=QUIET_ABORTS),
+    pytest.param(Setup("waitress"), id="waitress", marks=QUIET_ABORTS),
+    pytest.param(Setup("waitress-lookahead"), id="waitress-lookahead", marks=QUIET_ABORTS),
+    *(pytest.param(*p.values, id=p.id, marks=QUIET_ABORTS) for p in SETUPS),
+    GRANIAN,
+]
+
+@pytest.mark.parametrize("setup", LOG_SETUPS)
+def test_no_error_traceback_in_any_server_log_after_the_storm(
+    spawn: Spawn, pg_dsn: str, pg_admin: Any, setup: Setup
+) -> None:
+    """Every stream the storm drops is mid-query when its client leaves.
+
+    Each chunk of ``/stream`` runs ``pg_sleep(0.2)`` before it is sent, so where the app
+    sees its client the watcher cancels that query, every time. The abort must end with
+    nothing worse than INFO lines in the logs of every process of the setup.
+    """
+    appname = pg.unique_name("srv_logs")
+    stack = setup.start(spawn, E2E_APP, e2e_env(pg_dsn, appname, RC_MAX_SIZE=str(POOL_SIZE)))
+
+    result = storm(stack.entry, pg_dsn, appname, stream_path="/stream?n=10&s=0.2",
+                   health_path="/health", stats_url="/_stats")  # fmt: skip
+
+    report = format_report(result)
+    print(f"\n{setup}\n{report}")
+    assert result.ok, report
+    final = stats(stack.entry)
+    print({k: final[k] for k in ("checkouts", "client_gone", "cancelled", "releases")})
+    problems = {p.name: quiet_log_problems(p) for p in stack.processes}
+    assert problems == {p.name: [] for p in stack.processes}, "\n".join(
+        p.log_tail() for p in stack.processes
+    )
