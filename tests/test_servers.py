@@ -274,3 +274,29 @@ def test_no_error_traceback_in_any_server_log_after_the_storm(
     assert problems == {p.name: [] for p in stack.processes}, "\n".join(
         p.log_tail() for p in stack.processes
     )
+
+
+def test_borrowed_uwsgi_descriptor_is_never_closed_by_the_probe() -> None:
+    """``close()``, ``with`` and garbage collection leave uWSGI's descriptor open."""
+    import gc
+    import os
+    import socket
+
+    from flask_reqconn.probes.uwsgi import BorrowedSocket, UwsgiProbe, probe_from_environ
+
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        fd = ours.fileno()
+        BorrowedSocket(fd).close()
+        with BorrowedSocket(fd):
+            pass
+        cycle: list[Any] = [UwsgiProbe(fd)]
+        cycle.append(cycle)
+        del cycle
+        gc.collect()
+        os.fstat(fd)  # still open
+        probe = UwsgiProbe(fd)
+        assert probe.watchable and not probe.gone()
+        peer.close()
+        assert probe.gone() and not probe.gone(eof_means_gone=False)
+        assert probe_from_environ({}) is None  # not under uWSGI: nothing imported
