@@ -7,6 +7,7 @@ running the view. Detection uses what the WSGI server offers:
 - gunicorn sync, gthread and gevent workers: ``environ["gunicorn.socket"]``
   (``"gunicorn.sock"`` under ``gevent_pywsgi``);
 - the werkzeug development server: ``environ["werkzeug.socket"]``;
+- uWSGI: ``uwsgi.connection_fd()``, borrowed (see :mod:`flask_reqconn.probes.uwsgi`);
 - waitress: ``environ["waitress.client_disconnected"]()``, which only changes
   during a request when waitress runs with ``channel_request_lookahead > 0``.
 
@@ -70,6 +71,11 @@ class ClientProbe:
 
     def __init__(self, environ: t.Mapping[str, t.Any]) -> None:
         self.sock = client_socket(environ)
+        if self.sock is None and "uwsgi.version" in environ:  # a borrowed descriptor
+            from .probes.uwsgi import probe_from_environ
+
+            borrowed = probe_from_environ(environ)
+            self.sock = borrowed.sock if borrowed is not None else None
         self.check: t.Callable[[], bool] | None = (
             None if self.sock is not None else environ.get("waitress.client_disconnected")
         )

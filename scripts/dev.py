@@ -293,6 +293,76 @@ def ensure_pgbouncer() -> tuple[bool, str]:
 
 
 # --------------------------------------------------------------------------------------
+# nginx (Debian's package; tests/fix_servers.py runs it with configs of its own)
+# --------------------------------------------------------------------------------------
+
+NGINX_ENV = "REQCONN_NGINX"
+
+
+def ensure_nginx() -> tuple[bool, str]:
+    """Make sure an nginx binary exists (apt-get as root on Debian); (ok, what happened).
+
+    The package's own service is never wanted: a daemon it started (one named in
+    /run/nginx.pid that was not running before) is stopped by PID.
+    """
+    how = (
+        "install it (Debian/Ubuntu: sudo apt-get install nginx; macOS: brew install"
+        f" nginx) or set {NGINX_ENV} to the binary's path, then retry"
+    )
+
+    def find() -> str | None:
+        explicit = os.environ.get(NGINX_ENV)
+        if explicit:
+            return explicit if os.access(explicit, os.X_OK) else None
+        found = shutil.which("nginx")
+        return found or next(
+            (c for c in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(c, os.X_OK)),
+            None,
+        )
+
+    def service_pid() -> int | None:
+        try:
+            pid = int(Path("/run/nginx.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if os.path.exists(f"/proc/{pid}") else None
+
+    found = find()
+    if found:
+        return True, f"found {found}"
+    if os.environ.get(NGINX_ENV):
+        return False, f"${NGINX_ENV}={os.environ[NGINX_ENV]} is not an executable"
+    apt_get = shutil.which("apt-get")
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0 and apt_get):
+        why = "not root" if apt_get else "no apt-get"
+        return False, f"nginx is not installed ({why}, so not installing it): {how}"
+    env = dict(child_env(), DEBIAN_FRONTEND="noninteractive")
+    before = service_pid()
+    lock = ["-o", "DPkg::Lock::Timeout=300"]
+    install = [apt_get, *lock, "install", "-y", "-qq", "--no-install-recommends", "nginx"]
+    rc = 1
+    for refresh in (not apt_has_candidate("nginx"), True):
+        if refresh:
+            say(f"$ {apt_get} update -qq")
+            subprocess.call([apt_get, *lock, "update", "-qq"], env=env, stdin=subprocess.DEVNULL)
+        say("$ " + " ".join(install))
+        rc = subprocess.call(install, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+        if rc == 0 or refresh:
+            break
+    if rc != 0:
+        return False, f"apt-get install nginx failed (exit {rc}): {how}"
+    started = service_pid()
+    if started is not None and started != before:
+        say(f"stopping nginx daemon {started} started by the package install")
+        if not stop_pid(started):
+            return False, f"nginx daemon {started} started by apt-get could not be stopped"
+    found = find()
+    if not found:
+        return False, f"apt-get installed nginx but no binary was found: {how}"
+    return True, f"installed {found}"
+
+
+# --------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------
 
@@ -316,9 +386,9 @@ def cmd_test(args: list[str]) -> int:
             return 0
         say(f"--- {name}")
         t0 = time.monotonic()
-        if cmd is None:  # the pgbouncer binary, not a command to run
-            ok, what = ensure_pgbouncer()
-            say(f"pgbouncer: {what}")
+        if cmd is None:  # a binary the tests run (pgbouncer, nginx), not a command
+            ok, what = {"pgbouncer": ensure_pgbouncer, "nginx": ensure_nginx}[name]()
+            say(f"{name}: {what}")
             rc = 0 if ok else 1
         else:
             rc = run(cmd, check=False)
@@ -352,6 +422,7 @@ def cmd_test(args: list[str]) -> int:
                 None if has_docs else "docs/conf.py absent",
             ),
             ("pgbouncer", None, None),
+            ("nginx", None, None),
             ("pytest", [python, "-m", "pytest", *args], None),
         ]
         for name, cmd, skip in steps:
