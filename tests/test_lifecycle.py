@@ -16,6 +16,7 @@ from flask_reqconn import (
     ReqConn,
     ReqConnError,
     get_conn,
+    state_of,
 )
 from tests.appfixtures import AppFactory, reqconn_of
 
@@ -335,8 +336,8 @@ def test_password_never_reaches_logs_or_error_pages(
     app = make_app(timeout=0.5, min_size=0)
     app.config["DEBUG"] = False
     # a server that refuses: nothing listens on port 1
-    state = app.extensions["reqconn"]
-    holder = state.holders["default"]
+    state = state_of(app)
+    holder = state.pools["default"]
     import dataclasses
 
     holder.settings = dataclasses.replace(
