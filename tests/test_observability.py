@@ -307,11 +307,14 @@ def test_cli_check_fails_clearly_without_a_server(make_app: AppFactory) -> None:
     assert "hunter2secret" not in result.output
 
 
+@pytest.mark.parametrize("row_factory", ["tuple_row", "dict_row"])
 def test_cli_activity_groups_sessions_and_flags_idle_in_transaction(
-    make_app: AppFactory, pg_dsn: str
+    make_app: AppFactory, pg_dsn: str, row_factory: str
 ) -> None:
-    app = make_app()
     import psycopg
+    from psycopg import rows
+
+    app = make_app(connect_args={"row_factory": getattr(rows, row_factory)})
 
     with psycopg.connect(
         pg.with_conninfo(pg_dsn, application_name=app.config["TEST_APPNAME"])
