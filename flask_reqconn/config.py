@@ -90,7 +90,7 @@ _PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORE
 class PoolSettings:
     """The validated settings of one pool (the keys of :data:`POOL_KEYS`).
 
-    Built by :func:`load_pool`; the default pool's come from the ``REQCONN_*``
+    Built by ``load_pool()``; the default pool's come from the ``REQCONN_*``
     keys, a named pool's from its ``REQCONN_POOLS`` entry over those.
     """
 
@@ -123,7 +123,7 @@ class PoolSettings:
 class AppSettings:
     """The validated settings of one app: how its requests use the pools.
 
-    Built by :func:`load_app_settings`; the same for every pool of the app.
+    Built by ``load_app_settings()``; the same for every pool of the app.
     """
 
     checkout: str

@@ -70,8 +70,8 @@ class LeaseState(str, enum.Enum):
 class Lease:
     """A connection checked out from a pool for one request.
 
-    Created by :meth:`PoolHolder.checkout`; the connection is in
-    :attr:`conn` while :attr:`active`.
+    Created by the pool's checkout; the connection is in ``conn`` while
+    :attr:`active`.
     """
 
     __slots__ = (

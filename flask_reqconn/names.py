@@ -15,10 +15,10 @@ EXTENSION_KEY = "reqconn"
 
 
 class Stat(str, enum.Enum):
-    """The event counters of one pool, as keys of :meth:`ReqConn.stats`.
+    """The event counters of one pool, as keys of :meth:`~flask_reqconn.ReqConn.stats`.
 
-    Bumped with :meth:`PoolCounters.add <flask_reqconn.stats.PoolCounters.add>`;
-    summed over the pools at the top level of the stats.
+    Bumped with ``PoolCounters.add()`` (:mod:`flask_reqconn.stats`); summed
+    over the pools at the top level of the stats.
     """
 
     #: requests answered 503: no connection in time, or the wait queue was full
@@ -45,7 +45,7 @@ class Stat(str, enum.Enum):
 
 
 class CancelReason(str, enum.Enum):
-    """Why the watcher cancelled a lease's query (:attr:`Lease.cancelled`)."""
+    """Why the watcher cancelled a lease's query (the lease's ``cancelled``)."""
 
     #: the request's HTTP client disconnected (answered 499)
     CLIENT_GONE = "client_gone"

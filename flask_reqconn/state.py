@@ -88,7 +88,7 @@ class AppState:
             holder.add_listener(listener)
 
     def stats(self) -> dict[str, t.Any]:
-        """The counters of this process: see :meth:`ReqConn.stats`."""
+        """The counters of this process: see :meth:`~flask_reqconn.ReqConn.stats`."""
         return sum_pools({name: holder.stats() for name, holder in self.pools.items()})
 
     def close(self) -> None:

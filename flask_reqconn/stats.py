@@ -34,7 +34,7 @@ POOL_KEYS: tuple[str, ...] = (
     "holders",
     "pool",
 )
-#: The keys of the top level of :meth:`ReqConn.stats`, in order: the sums
+#: The keys of the top level of :meth:`~flask_reqconn.ReqConn.stats`, in order: the sums
 #: over the app's pools, and the pools themselves.
 APP_KEYS: tuple[str, ...] = (
     "pid",
@@ -47,7 +47,8 @@ APP_KEYS: tuple[str, ...] = (
 
 
 class Listener(t.Protocol):
-    """Receives every event of a pool; add one with :meth:`AppState.add_listener`.
+    """Receives every event of a pool; add one with
+    :meth:`~flask_reqconn.state.AppState.add_listener`.
 
     Called in the thread of the event (a request's, or the watcher's): keep it
     quick and never raise.
