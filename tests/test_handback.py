@@ -251,7 +251,16 @@ def test_connection_returned_mid_query_is_discarded(make_app: AppFactory, pg_adm
     def busy() -> str:
         conn = get_conn()
         conn.pgconn.send_query(b"select pg_sleep(30)")  # still running at hand-back
-        return str(conn.info.backend_pid)
+        pid = conn.info.backend_pid
+        # running for sure: a cancel that reaches the server before it has read
+        # the query is ignored by PostgreSQL (a race of the test, not of the check)
+        pg.wait_until(
+            lambda: [s for s in pg.app_sessions(pg_admin, app.config["TEST_APPNAME"])
+                     if s["pid"] == pid and s["state"] == "active"],
+            timeout=15,
+            message="the query runs",
+        )  # fmt: skip
+        return str(pid)
 
     @app.get("/pid")
     def pid() -> str:
