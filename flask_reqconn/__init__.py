@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import ClientGone, ConfigError, ConnectionReleased, PoolExhausted, ReqConnError
-from .extension import ReqConn, get_conn
+from .extension import ReqConn, get_conn, state_of
 from .lease import Lease, ReleaseReason
 
 __version__ = "0.1.0.dev0"
@@ -18,4 +18,5 @@ __all__ = [
     "ReqConn",
     "ReqConnError",
     "get_conn",
+    "state_of",
 ]

@@ -18,9 +18,10 @@ import click
 import psycopg
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
+from psycopg.rows import tuple_row
 
 if t.TYPE_CHECKING:
-    from .extension import AppState
+    from .state import AppState
 
 _SETTINGS = (
     "max_connections",
@@ -34,9 +35,9 @@ _SETTINGS = (
 
 
 def _state() -> AppState:
-    from .extension import _state_of
+    from .extension import state_of
 
-    return _state_of(current_app)
+    return state_of(current_app)
 
 
 def _connection(state: AppState) -> t.Any:
@@ -64,7 +65,7 @@ def check_command(workers: int | None, others: int) -> None:
     if workers is None:
         workers = int(os.environ.get("WEB_CONCURRENCY", "1") or 1)
     servers: dict[tuple[str, str, str], list[str]] = {}
-    for name, holder in state.holders.items():
+    for name, holder in state.pools.items():
         servers.setdefault(_server_key(holder.settings.conninfo), []).append(name)
     problems: list[str] = []
     for names in servers.values():
@@ -88,7 +89,7 @@ def _server_key(conninfo: str) -> tuple[str, str, str]:
 
 def _check_server(state: AppState, names: list[str], workers: int, others: int) -> list[str]:
     """Check one server shared by the pools *names*; return the problems found."""
-    settings = state.holders[names[0]].settings
+    settings = state.pools[names[0]].settings
     click.echo(f"conninfo:        {settings.safe_conninfo}")
     try:
         # a direct connection, not the pool: a refused or failed login shows
@@ -126,7 +127,7 @@ def _check_server(state: AppState, names: list[str], workers: int, others: int) 
         if name in values
     )
     usable = max_connections - reserved
-    pool_total = sum(state.holders[name].settings.max_size for name in names)
+    pool_total = sum(state.pools[name].settings.max_size for name in names)
     needed = workers * pool_total + others
     click.echo(
         f"pool:            max_size {pool_total} x {workers} worker(s)"
@@ -168,9 +169,10 @@ def _check_server(state: AppState, names: list[str], workers: int, others: int) 
 def activity_command(idle_threshold: float) -> None:
     """Show the app's sessions in pg_stat_activity, grouped by state."""
     state = _state()
-    appname = state.settings.application_name
+    appname = state.pools["default"].settings.application_name
     with _connection(state) as conn:
-        rows = conn.execute(
+        # tuple rows whatever REQCONN_CONNECT_ARGS["row_factory"] says
+        rows = conn.cursor(row_factory=tuple_row).execute(
             """
             select pid, coalesce(state, '?'), coalesce(extract(epoch from now() - xact_start), 0),
                    coalesce(extract(epoch from now() - state_change), 0), left(query, 80)

@@ -1,7 +1,9 @@
 """Reading and checking the ``REQCONN_*`` configuration.
 
-All keys are read once, in :meth:`ReqConn.init_app`, into a frozen
-:class:`Settings`. Anything wrong fails there, with the key in the message.
+All keys are read once, in :meth:`ReqConn.init_app`, by :func:`load_config`:
+into one frozen :class:`AppSettings` (how requests use the pools) and one
+frozen :class:`PoolSettings` per pool (``"default"`` and those of
+``REQCONN_POOLS``). Anything wrong fails there, with the key in the message.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import ConfigError
+from .names import DEFAULT_POOL
 
 CHECKOUT_MODES = ("eager", "lazy")
 TRANSACTION_MODES = ("rollback", "autocommit", "atomic")
@@ -84,8 +87,12 @@ _PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORE
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """The validated configuration of one app. Built by :func:`load_settings`."""
+class PoolSettings:
+    """The validated settings of one pool (the keys of :data:`POOL_KEYS`).
+
+    Built by ``load_pool()``; the default pool's come from the ``REQCONN_*``
+    keys, a named pool's from its ``REQCONN_POOLS`` entry over those.
+    """
 
     conninfo: str = dataclasses.field(repr=False)
     min_size: int
@@ -94,17 +101,10 @@ class Settings:
     max_waiting: int
     max_lifetime: float
     max_idle: float
-    checkout: str
-    exempt_endpoints: frozenset[str]
     transaction: str
     reset_session: bool
     connect_args: Mapping[str, t.Any] = dataclasses.field(repr=False)
-    check_client: bool
-    eof_means_gone: bool
     retry_after: int
-    leak_threshold: float | None
-    cancel_on_disconnect: str
-    max_hold: float | None
     read_only: bool
     pgbouncer: bool
     application_name: str
@@ -117,6 +117,25 @@ class Settings:
     @property
     def autocommit(self) -> bool:
         return self.transaction == "autocommit"
+
+
+@dataclasses.dataclass(frozen=True)
+class AppSettings:
+    """The validated settings of one app: how its requests use the pools.
+
+    Built by ``load_app_settings()``; the same for every pool of the app.
+    """
+
+    checkout: str
+    exempt_endpoints: frozenset[str]
+    check_client: bool
+    eof_means_gone: bool
+    leak_threshold: float | None
+    cancel_on_disconnect: str
+    max_hold: float | None
+    #: the pool of read-only views (the default pool when unset)
+    read_pool: str
+    read_fallback: bool
 
     @property
     def watcher_tick(self) -> float | None:
@@ -149,15 +168,14 @@ def scrub_secrets(text: str, secrets: Iterable[str] = ()) -> str:
     return _PASSWORD_KV.sub(r"\1***", text)
 
 
-def load_settings(config: Mapping[str, t.Any], app_name: str) -> Settings:
-    """Validate the ``REQCONN_*`` keys of *config* and return :class:`Settings`.
+def load_pool(config: Mapping[str, t.Any], app_name: str) -> PoolSettings:
+    """Validate the pool keys (:data:`POOL_KEYS`) of *config*; return :class:`PoolSettings`.
 
     :param config: the app's config (read only; defaults are not written back
         here, :meth:`ReqConn.init_app` does that).
     :param app_name: used as the default ``application_name``.
     :raises ConfigError: naming the first key that is missing or invalid.
     """
-    _reject_unknown_keys(config)
     get = _Getter(config)
 
     conninfo = get.conninfo("REQCONN_CONNINFO")
@@ -210,7 +228,7 @@ def load_settings(config: Mapping[str, t.Any], app_name: str) -> Settings:
             "REQCONN_CONNECT_ARGS", scrub_secrets(str(exc), _passwords(conninfo, connect_args))
         ) from None
 
-    return Settings(
+    return PoolSettings(
         conninfo=conninfo,
         min_size=min_size,
         max_size=max_size,
@@ -218,33 +236,73 @@ def load_settings(config: Mapping[str, t.Any], app_name: str) -> Settings:
         max_waiting=get.integer("REQCONN_MAX_WAITING", minimum=0),
         max_lifetime=get.number("REQCONN_MAX_LIFETIME", positive=True),
         max_idle=get.number("REQCONN_MAX_IDLE", positive=True),
-        checkout=get.choice("REQCONN_CHECKOUT", CHECKOUT_MODES),
-        exempt_endpoints=get.names("REQCONN_EXEMPT_ENDPOINTS"),
         transaction=get.choice("REQCONN_TRANSACTION", TRANSACTION_MODES),
         reset_session=get.boolean("REQCONN_RESET_SESSION"),
         connect_args=connect_args,
-        check_client=get.boolean("REQCONN_CHECK_CLIENT"),
-        eof_means_gone=get.boolean("REQCONN_EOF_MEANS_GONE"),
         retry_after=get.integer("REQCONN_RETRY_AFTER", minimum=0),
-        leak_threshold=get.optional_seconds("REQCONN_LEAK_THRESHOLD"),
-        cancel_on_disconnect=get.choice("REQCONN_CANCEL_ON_DISCONNECT", CANCEL_POLICIES),
-        max_hold=get.optional_seconds("REQCONN_MAX_HOLD"),
         read_only=get.boolean("REQCONN_READ_ONLY"),
         pgbouncer=pgbouncer,
         application_name=application_name,
     )
 
 
-def load_pool_settings(config: Mapping[str, t.Any], app_name: str) -> dict[str, Settings]:
+def load_app_settings(config: Mapping[str, t.Any], pools: Iterable[str]) -> AppSettings:
+    """Validate the app keys of *config* (those not in :data:`POOL_KEYS`).
+
+    :param pools: the configured pool names, for ``REQCONN_READ_POOL``.
+    :raises ConfigError: naming the first key that is invalid.
+    """
+    get = _Getter(config)
+    names = list(pools)
+    read_pool = config.get("REQCONN_READ_POOL")
+    if read_pool is not None and not isinstance(read_pool, str):
+        raise ConfigError("REQCONN_READ_POOL", f"must be a pool name, got {read_pool!r}")
+    if read_pool is not None and read_pool not in names:
+        raise ConfigError(
+            "REQCONN_READ_POOL",
+            f"{read_pool!r} is not a configured pool; configured: {', '.join(sorted(names))}",
+        )
+    return AppSettings(
+        checkout=get.choice("REQCONN_CHECKOUT", CHECKOUT_MODES),
+        exempt_endpoints=get.names("REQCONN_EXEMPT_ENDPOINTS"),
+        check_client=get.boolean("REQCONN_CHECK_CLIENT"),
+        eof_means_gone=get.boolean("REQCONN_EOF_MEANS_GONE"),
+        leak_threshold=get.optional_seconds("REQCONN_LEAK_THRESHOLD"),
+        cancel_on_disconnect=get.choice("REQCONN_CANCEL_ON_DISCONNECT", CANCEL_POLICIES),
+        max_hold=get.optional_seconds("REQCONN_MAX_HOLD"),
+        read_pool=read_pool or DEFAULT_POOL,
+        read_fallback=get.boolean("REQCONN_READ_FALLBACK"),
+    )
+
+
+def load_config(
+    config: Mapping[str, t.Any], app_name: str
+) -> tuple[AppSettings, dict[str, PoolSettings]]:
+    """Validate every ``REQCONN_*`` key of *config*.
+
+    :param config: the app's config (read only; defaults are not written back
+        here, :meth:`ReqConn.init_app` does that).
+    :param app_name: used as the default ``application_name``.
+    :returns: the app's settings, and the settings of each pool by name.
+    :raises ConfigError: naming the first key that is missing or invalid.
+    """
+    pools = load_pool_settings(config, app_name)
+    return load_app_settings(config, pools), pools
+
+
+def load_pool_settings(config: Mapping[str, t.Any], app_name: str) -> dict[str, PoolSettings]:
     """Settings of the default pool and of every pool in ``REQCONN_POOLS``.
+
+    Also rejects unknown ``REQCONN_*`` keys.
 
     :raises ConfigError: naming the key, e.g. ``REQCONN_POOLS['replica']['MAX_SIZE']``.
     """
-    pools = {"default": load_settings(config, app_name)}
+    _reject_unknown_keys(config)
+    pools = {DEFAULT_POOL: load_pool(config, app_name)}
     named = _Getter(config).mapping("REQCONN_POOLS")
     for name, spec in named.items():
         where = f"REQCONN_POOLS[{name!r}]"
-        if not isinstance(name, str) or not _POOL_NAME.match(name) or name == "default":
+        if not isinstance(name, str) or not _POOL_NAME.match(name) or name == DEFAULT_POOL:
             raise ConfigError(
                 "REQCONN_POOLS", f"{name!r} is not a valid pool name (letters, digits, _ and -;"
                 " 'default' is the main pool)"
@@ -264,20 +322,11 @@ def load_pool_settings(config: Mapping[str, t.Any], app_name: str) -> dict[str, 
         merged = {k: v for k, v in config.items() if k != "REQCONN_POOLS"}
         merged.update({f"REQCONN_{key}": value for key, value in spec.items()})
         try:
-            pools[name] = load_settings(merged, app_name)
+            pools[name] = load_pool(merged, app_name)
         except ConfigError as exc:
             key = exc.key.removeprefix("REQCONN_")
             message = str(exc).split(": ", 1)[1]
             raise ConfigError(f"{where}[{key!r}]", message) from None
-    read_pool = config.get("REQCONN_READ_POOL")
-    if read_pool is not None and not isinstance(read_pool, str):
-        raise ConfigError("REQCONN_READ_POOL", f"must be a pool name, got {read_pool!r}")
-    if read_pool is not None and read_pool not in pools:
-        raise ConfigError(
-            "REQCONN_READ_POOL",
-            f"{read_pool!r} is not a configured pool; configured: {', '.join(sorted(pools))}",
-        )
-    _Getter(config).boolean("REQCONN_READ_FALLBACK")
     return pools
 
 

@@ -17,8 +17,9 @@ import typing as t
 
 import psycopg
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("flask_reqconn.handback")
 
 #: Statements that undo session state; run after any rollback, in the same
 #: round trip. Startup settings (``REQCONN_SESSION_SETTINGS``,
@@ -28,7 +29,7 @@ RESET_SESSION_SQL = (
     " SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
 )
 #: Seconds to wait for a cancel request when a connection comes back mid-query.
-CANCEL_TIMEOUT = 5.0
+HANDBACK_CANCEL_TIMEOUT = 5.0
 _ROLLBACK_CHECKING_WRITES = "SELECT txid_current_if_assigned() IS NOT NULL; ROLLBACK"
 
 
@@ -41,8 +42,8 @@ class Baseline:
 
 
 @dataclasses.dataclass
-class HandBack:
-    """What cleaning a connection found and did."""
+class CleanOutcome:
+    """What cleaning a connection found and did (returned by :func:`clean_connection`)."""
 
     rolled_back: bool = False
     discarded_writes: bool = False
@@ -53,13 +54,13 @@ class HandBack:
 
 def clean_connection(
     conn: psycopg.Connection[t.Any], baseline: Baseline, *, reset_session: bool
-) -> HandBack:
+) -> CleanOutcome:
     """Roll back, reset session state and restore attributes. Never raises.
 
     A connection that is closed, broken, or in the middle of a query is left
     as it is: ``putconn`` discards such connections.
     """
-    result = HandBack()
+    result = CleanOutcome()
     if conn.closed:
         result.discarded = True
         return result
@@ -80,7 +81,8 @@ def clean_connection(
             sql = _ROLLBACK_CHECKING_WRITES
             if reset_session:
                 sql = f"{sql}; {RESET_SESSION_SQL}"
-            with conn.cursor() as cur:
+            # read with tuple rows whatever row factory the app set (dict_row...)
+            with conn.cursor(row_factory=tuple_row) as cur:
                 cur.execute(sql)
                 row = cur.fetchone()
                 result.discarded_writes = bool(row and row[0])
@@ -128,7 +130,7 @@ def make_read_only(conn: psycopg.Connection[t.Any] | None) -> None:
 def _cancel_and_close(conn: psycopg.Connection[t.Any]) -> None:
     try:
         if hasattr(conn, "cancel_safe"):
-            conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+            conn.cancel_safe(timeout=HANDBACK_CANCEL_TIMEOUT)
         else:  # pragma: no cover - psycopg < 3.2
             conn.cancel()
     except Exception as exc:

@@ -8,15 +8,25 @@ to coordinate; the lease remembers who released it.
 
 from __future__ import annotations
 
+import collections
 import enum
+import logging
 import threading
 import time
 import typing as t
+from collections.abc import Callable
+
+from .names import DEFAULT_POOL, CancelReason
 
 if t.TYPE_CHECKING:
     import psycopg
 
     from .pool import PoolHolder
+    from .probes import ClientProbe
+
+
+#: the finalizers' errors are logged with the pool's (documented name)
+logger = logging.getLogger("flask_reqconn.pool")
 
 
 class Unwatchable(t.Protocol):
@@ -60,8 +70,8 @@ class LeaseState(str, enum.Enum):
 class Lease:
     """A connection checked out from a pool for one request.
 
-    Created by :meth:`PoolHolder.checkout`; the connection is in
-    :attr:`conn` while :attr:`active`.
+    Created by the pool's checkout; the connection is in ``conn`` while
+    :attr:`active`.
     """
 
     __slots__ = (
@@ -109,9 +119,8 @@ class Lease:
         self.checkout_site: str | None = None
         #: a leak warning was logged for this lease
         self.leak_reported = False
-        #: why the watcher cancelled this lease's query: ``"client_gone"`` or
-        #: ``"max_hold"`` (None: never cancelled)
-        self.cancelled: str | None = None
+        #: why the watcher cancelled this lease's query (None: never cancelled)
+        self.cancelled: CancelReason | None = None
         #: the watcher's registration of the request's client, if any
         self.watch: Unwatchable | None = None
         #: get_conn() gave the connection to the app; False: no statement can have run
@@ -187,7 +196,7 @@ class Lease:
             self._state = LeaseState.RELEASED
         return True
 
-    def cancel(self, reason: str, timeout: float) -> bool:
+    def cancel(self, reason: CancelReason, timeout: float) -> bool:
         """Cancel the statement running on the connection, from another thread.
 
         Done under the lease's lock, and only while the lease is active: the
@@ -232,8 +241,9 @@ class Lease:
 class RequestLeases:
     """The leases of one request, one per pool at most.
 
-    Kept on :data:`flask.g` and in the WSGI environ, so that both the request
-    hooks and the WSGI wrapper (which runs after the context is gone) see it.
+    Kept on the request object (not on ``g``, which Flask may share between
+    requests) and in the WSGI environ, so that both the request hooks and the
+    WSGI wrapper (which runs after the context is gone) see it.
     """
 
     __slots__ = (
@@ -254,11 +264,11 @@ class RequestLeases:
         self.client_gone = False
         #: the pool ``get_conn()`` without a name uses (a read pool for
         #: read-only views)
-        self.route = "default"
+        self.route = DEFAULT_POOL
         #: :attr:`route` was decided (by the first ``get_conn()`` without a name)
         self.routed = False
-        #: how to see the request's client (a ``ClientProbe``), resolved on first use
-        self.probe: t.Any = None
+        #: how to see the request's client, resolved at the first checkout
+        self.probe: ClientProbe | None = None
 
     def has_active(self) -> bool:
         for lease in self.leases.values():
@@ -271,3 +281,39 @@ class RequestLeases:
         for lease in tuple(self.leases.values()):
             if lease._state is LeaseState.ACTIVE:
                 lease.release(reason)
+
+
+class DeferredQueue:
+    """Finalizer work waiting for a safe point (the next checkout, request or stats()).
+
+    A finalizer (``__del__``) can run in any thread, at any allocation, so it
+    only appends here. One queue serves all the pools of an app.
+    """
+
+    __slots__ = ("_work",)
+
+    def __init__(self) -> None:
+        self._work: collections.deque[Callable[[], None]] = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._work)
+
+    def __len__(self) -> int:
+        return len(self._work)
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        """Run *fn* at the next safe point. Safe from any thread and from ``__del__``."""
+        self._work.append(fn)
+
+    def run(self) -> None:
+        """Run everything deferred so far. Never raises."""
+        work = self._work
+        while True:
+            try:
+                fn = work.popleft()
+            except IndexError:
+                return
+            try:
+                fn()
+            except Exception:
+                logger.exception("error while finalizing an abandoned lease")

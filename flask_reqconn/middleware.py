@@ -16,15 +16,16 @@ import types
 import typing as t
 from collections.abc import Iterable, Iterator
 
-from werkzeug.wsgi import ClosingIterator, FileWrapper
+from werkzeug.wsgi import ClosingIterator
 
-from .clientgone import is_client_abort
 from .lease import ReleaseReason, RequestLeases
+from .names import CancelReason
+from .probes import is_client_abort, is_file_wrapper
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from .extension import AppState
+    from .state import AppState
 
 
 _FIXED_BODIES: tuple[type, ...] = (
@@ -34,7 +35,6 @@ _FIXED_BODIES: tuple[type, ...] = (
     str,
     type(iter([])),
     type(iter(())),
-    FileWrapper,
     # werkzeug's wrapping of a response Flask converted (error pages): fixed body
     ClosingIterator,
 )
@@ -45,14 +45,14 @@ def body_may_use_connection(body: t.Any) -> bool:
 
     Generators (``stream_with_context`` or plain) and unknown iterables might,
     so their connection is kept until the response iterable is closed. Fixed
-    bodies (lists, bytes, files, converted error pages) cannot.
+    bodies (lists, bytes, converted error pages, and files sent through the
+    server's ``wsgi.file_wrapper``, which :mod:`flask_reqconn.probes` knows) cannot.
     """
     if isinstance(body, types.GeneratorType):
         return True
     if isinstance(body, _FIXED_BODIES):
         return False
-    # a server's wsgi.file_wrapper (gunicorn: .filelike, waitress: .file)
-    return getattr(body, "filelike", None) is None and getattr(body, "file", None) is None
+    return not is_file_wrapper(body)
 
 
 def _reason_for(exc: BaseException) -> ReleaseReason:
@@ -70,13 +70,14 @@ class LeaseGuard:
         self.app = app
         self._state = state
         self._key = state.environ_key
+        self._deferred = state.deferred
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
         state = self._state
-        if state.has_deferred:
-            state.run_deferred()
+        if self._deferred:
+            self._deferred.run()
         try:
             app_iter = self.app(environ, start_response)
         except BaseException as exc:
@@ -120,7 +121,9 @@ class GuardedIterable:
             self._exhausted = True
             raise
         except BaseException as exc:
-            gone = any(lease.cancelled == "client_gone" for lease in self._req.leases.values())
+            gone = any(
+                lease.cancelled is CancelReason.CLIENT_GONE for lease in self._req.leases.values()
+            )
             self._req.release_all(ReleaseReason.ABORT if gone else _reason_for(exc))
             raise
 
@@ -142,7 +145,7 @@ class GuardedIterable:
     def __del__(self) -> None:
         if not self._closed:
             try:
-                self._state.defer(self._finalize)
+                self._state.deferred.defer(self._finalize)
             except Exception:  # pragma: no cover - interpreter shutdown
                 pass
 
@@ -151,5 +154,5 @@ class GuardedIterable:
             return
         for lease in self._req.leases.values():
             if lease.active:
-                self._state.holder(lease.pool_name).warn_finalized(lease)
+                self._state.pool(lease.pool_name).warn_finalized(lease)
         self._close(ReleaseReason.FINALIZER)

@@ -9,28 +9,28 @@ garbage collection never sends a ``Terminate`` over the parent's sockets.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
 import threading
 import time
 import typing as t
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
-from .config import Settings
+from .config import AppSettings, PoolSettings
 from .errors import PoolExhausted
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
-from .lease import Lease, ReleaseReason
+from .lease import DeferredQueue, Lease, ReleaseReason
+from .names import CancelReason, Stat
 from .stats import Listener, PoolCounters
-from .watcher import CANCEL_TIMEOUT, get_watcher
+from .watcher import WATCHER_CANCEL_TIMEOUT, get_watcher
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("flask_reqconn.pool")
 
 #: Pools inherited across a fork: referenced forever, never closed, never used.
 _INHERITED_POOLS: list[ConnectionPool[t.Any]] = []
@@ -42,17 +42,21 @@ class PoolHolder:
     def __init__(
         self,
         name: str,
-        settings: Settings,
+        settings: PoolSettings,
+        app_settings: AppSettings,
         *,
         label: str,
-        deferred: collections.deque[Callable[[], None]] | None = None,
-        listeners: Sequence[Listener] = (),
+        deferred: DeferredQueue | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
+        #: leak detection and REQCONN_MAX_HOLD are the app's, the same for each pool
+        self.leak_threshold = app_settings.leak_threshold
+        self.max_hold = app_settings.max_hold
+        self.watcher_tick = app_settings.watcher_tick
         self.label = label
-        #: receives every event (shared with the counters; see metrics.py)
-        self.listeners: list[Listener] = list(listeners)
+        #: receive every event (shared with the counters; see add_listener)
+        self.listeners: list[Listener] = []
         self.counters = PoolCounters(name, self.listeners)
         self.baseline = Baseline(
             autocommit=settings.autocommit,
@@ -61,12 +65,16 @@ class PoolHolder:
         self._pool: ConnectionPool[t.Any] | None = None
         self._pid = 0
         self._lock = threading.Lock()
-        self._deferred = deferred if deferred is not None else collections.deque()
+        self._deferred = deferred if deferred is not None else DeferredQueue()
         self._last_exhausted_log = 0.0
         self._exhausted_unlogged = 0
 
     def __repr__(self) -> str:
         return f"<PoolHolder {self.label!r} pid={self._pid or None}>"
+
+    def add_listener(self, listener: Listener) -> None:
+        """Send every later event of this pool to *listener* too."""
+        self.listeners.append(listener)
 
     # -- the pool ---------------------------------------------------------
 
@@ -165,19 +173,19 @@ class PoolHolder:
             the wait queue is full.
         """
         if self._deferred:
-            self.run_deferred()
+            self._deferred.run()
         pool = self.pool
         lease = Lease(self, method=method, path=path, endpoint=endpoint)
-        if self.settings.leak_threshold is not None:
+        if self.leak_threshold is not None:
             lease.checkout_site = site() if site is not None else None
-        tick = self.settings.watcher_tick
+        tick = self.watcher_tick
         if tick is not None:
             get_watcher().watch(self, tick)
         try:
             lease._activate(pool.getconn())
         except (PoolTimeout, TooManyRequests) as exc:
             if not quiet_exhaustion:  # a fallback follows: not an answered 503
-                self.counters.add("exhausted")
+                self.counters.add(Stat.EXHAUSTED)
                 self._log_exhausted(lease, exc)
             raise PoolExhausted(self.name, self.settings.retry_after) from exc
         self.counters.checked_out(lease)
@@ -195,9 +203,9 @@ class PoolHolder:
         """Clean the lease's connection and return it to the pool. Never raises."""
         conn = lease.conn
         try:
-            if conn is not None and lease.cancelled == "max_hold":
+            if conn is not None and lease.cancelled is CancelReason.MAX_HOLD:
                 # reclaimed: never reuse a connection a runaway request held
-                self.counters.add("discarded_connections")
+                self.counters.add(Stat.DISCARDED_CONNECTIONS)
                 conn.close()
                 self._putconn(conn)
             elif (
@@ -215,7 +223,7 @@ class PoolHolder:
                     conn, self.baseline, reset_session=self.settings.reset_session
                 )
                 if outcome.discarded_writes:
-                    self.counters.add("discarded_writes")
+                    self.counters.add(Stat.DISCARDED_WRITES)
                     logger.warning(
                         "rolled back uncommitted writes left by %s %s (endpoint %r): %s",
                         lease.method,
@@ -228,7 +236,7 @@ class PoolHolder:
                         " REQCONN_TRANSACTION = 'atomic'",
                     )
                 if outcome.discarded:
-                    self.counters.add("discarded_connections")
+                    self.counters.add(Stat.DISCARDED_CONNECTIONS)
                     if outcome.error:
                         logger.warning(
                             "could not clean the connection of %s %s; discarding it: %s",
@@ -302,15 +310,15 @@ class PoolHolder:
         The request's own thread then closes the connection at release and
         the pool replaces it.
         """
-        limit = self.settings.max_hold
+        limit = self.max_hold
         if limit is None:
             return
         for lease in self.counters.active_leases():
             if lease.cancelled is not None or lease.held_for < limit:
                 continue
             held = lease.held_for
-            if lease.cancel("max_hold", CANCEL_TIMEOUT):
-                self.counters.add("reclaimed")
+            if lease.cancel(CancelReason.MAX_HOLD, WATCHER_CANCEL_TIMEOUT):
+                self.counters.add(Stat.RECLAIMED)
                 logger.warning(
                     "REQCONN_MAX_HOLD (%.1f s) exceeded: %s %s (endpoint %r) held its"
                     " connection %.1f s; cancelled its query, the connection will be closed"
@@ -324,7 +332,7 @@ class PoolHolder:
 
     def check_leaks(self) -> None:
         """Warn once about each lease held longer than ``REQCONN_LEAK_THRESHOLD``."""
-        threshold = self.settings.leak_threshold
+        threshold = self.leak_threshold
         if threshold is None:
             return
         stats: dict[str, int] | None = None
@@ -332,7 +340,7 @@ class PoolHolder:
             if lease.leak_reported or lease.held_for < threshold:
                 continue
             lease.leak_reported = True
-            self.counters.add("leak_warnings")
+            self.counters.add(Stat.LEAK_WARNINGS)
             if stats is None:
                 stats = self.pool.get_stats() if self.is_open else {}
             logger.warning(
@@ -355,21 +363,10 @@ class PoolHolder:
 
     def defer(self, fn: Callable[[], None]) -> None:
         """Schedule *fn* to run at the next safe point (a checkout or stats())."""
-        self._deferred.append(fn)
-
-    def run_deferred(self) -> None:
-        while True:
-            try:
-                fn = self._deferred.popleft()
-            except IndexError:
-                return
-            try:
-                fn()
-            except Exception:
-                logger.exception("error while finalizing an abandoned lease")
+        self._deferred.defer(fn)
 
     def warn_finalized(self, lease: Lease) -> None:
-        self.counters.add("finalized")
+        self.counters.add(Stat.FINALIZED)
         logger.warning(
             "connection of %s %s (endpoint %r) was never released: nothing closed the"
             " response; returned it from a finalizer after %.1f s. A server or"
@@ -407,7 +404,7 @@ class PoolHolder:
 
     def stats(self) -> dict[str, t.Any]:
         if self._deferred:
-            self.run_deferred()
+            self._deferred.run()
         data = self.counters.snapshot()
         data["pool"] = self.pool.get_stats() if self.is_open else {}
         return data

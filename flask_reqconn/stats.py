@@ -1,31 +1,67 @@
 """Counters kept per pool, and the shape of :meth:`ReqConn.stats`.
 
 Everything here is per process: under gunicorn each worker has its own
-numbers (the Prometheus integration aggregates them across workers).
+numbers (the Prometheus integration aggregates them across workers). The
+counter keys are the :class:`~flask_reqconn.names.Stat` members; the keys of
+one pool's entry and of the top level are :data:`POOL_KEYS` and
+:data:`APP_KEYS`.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import typing as t
 import weakref
+from collections.abc import Iterable, Mapping
 
 from .lease import Lease, ReleaseReason
+from .names import Stat
 
 #: Upper bounds (seconds) of the wait and hold time histograms; the last
 #: bucket (``+Inf``) is implied.
 BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
 
+#: The keys of one pool's entry in ``stats()["pools"]``, in order.
+POOL_KEYS: tuple[str, ...] = (
+    "checked_out",
+    "checkouts",
+    "releases",
+    *(stat.value for stat in Stat),
+    "wait_time",
+    "hold_time",
+    "holders",
+    "pool",
+)
+#: The keys of the top level of :meth:`~flask_reqconn.ReqConn.stats`, in order: the sums
+#: over the app's pools, and the pools themselves.
+APP_KEYS: tuple[str, ...] = (
+    "pid",
+    "checked_out",
+    "checkouts",
+    "releases",
+    *(stat.value for stat in Stat),
+    "pools",
+)
+
 
 class Listener(t.Protocol):
-    """Receives every event of a pool (used by the Prometheus integration)."""
+    """Receives every event of a pool; add one with
+    :meth:`~flask_reqconn.state.AppState.add_listener`.
 
-    def checked_out(self, pool: str, wait: float) -> None: ...
+    Called in the thread of the event (a request's, or the watcher's): keep it
+    quick and never raise.
+    """
 
-    def released(self, pool: str, reason: ReleaseReason, held: float) -> None: ...
+    def checked_out(self, pool: str, wait: float) -> None:
+        """A request got a connection of *pool* after *wait* seconds."""
 
-    def counted(self, pool: str, name: str, amount: int) -> None: ...
+    def released(self, pool: str, reason: ReleaseReason, held: float) -> None:
+        """A connection of *pool* came back, after being held *held* seconds."""
+
+    def counted(self, pool: str, name: Stat, amount: int) -> None:
+        """The counter *name* of *pool* grew by *amount*."""
 
 
 class Histogram:
@@ -55,32 +91,24 @@ class Histogram:
 class PoolCounters:
     """Thread-safe counters of one pool in one process."""
 
-    def __init__(self, pool: str = "default", listeners: list[Listener] | None = None) -> None:
+    def __init__(self, pool: str, listeners: list[Listener] | None = None) -> None:
         self.pool = pool
         self.listeners: list[Listener] = listeners if listeners is not None else []
         self._lock = threading.Lock()
         self.checkouts = 0
         self.releases: dict[ReleaseReason, int] = {reason: 0 for reason in ReleaseReason}
-        self.exhausted = 0
-        self.discarded_writes = 0
-        self.discarded_connections = 0
-        self.finalized = 0
-        self.leak_warnings = 0
-        self.client_gone = 0
-        self.cancelled = 0
-        self.reclaimed = 0
-        self.fallbacks = 0
+        self.counts: dict[Stat, int] = {stat: 0 for stat in Stat}
         self.wait_time = Histogram()
         self.hold_time = Histogram()
         # weak: an abandoned lease must stay collectable (its finalizer returns it)
-        self._holders: dict[int, weakref.ref[Lease]] = {}
+        self._held: dict[int, weakref.ref[Lease]] = {}
 
     def checked_out(self, lease: Lease) -> None:
         wait = lease.wait_time
         with self._lock:
             self.checkouts += 1
             self.wait_time.observe(wait)
-            self._holders[id(lease)] = weakref.ref(lease)
+            self._held[id(lease)] = weakref.ref(lease)
         for listener in self.listeners:
             listener.checked_out(self.pool, wait)
 
@@ -89,39 +117,58 @@ class PoolCounters:
         with self._lock:
             self.releases[reason] += 1
             self.hold_time.observe(held)
-            self._holders.pop(id(lease), None)
+            self._held.pop(id(lease), None)
         for listener in self.listeners:
             listener.released(self.pool, reason, held)
 
-    def add(self, name: str, amount: int = 1) -> None:
+    def add(self, stat: Stat, amount: int = 1) -> None:
+        """Count *amount* more of *stat*, and tell the listeners."""
         with self._lock:
-            setattr(self, name, getattr(self, name) + amount)
+            self.counts[stat] += amount
         for listener in self.listeners:
-            listener.counted(self.pool, name, amount)
+            listener.counted(self.pool, stat, amount)
+
+    def __getitem__(self, stat: Stat) -> int:
+        return self.counts[stat]
 
     def active_leases(self) -> list[Lease]:
+        """The leases of this pool held right now."""
         with self._lock:
-            refs = list(self._holders.values())
+            refs = list(self._held.values())
         return [lease for ref in refs if (lease := ref()) is not None and lease.active]
 
     def snapshot(self) -> dict[str, t.Any]:
-        holders = sorted(self.active_leases(), key=lambda lease: lease.checked_out_at)
+        held = sorted(self.active_leases(), key=lambda lease: lease.checked_out_at)
         with self._lock:
-            releases = {reason.value: n for reason, n in self.releases.items()}
-            return {
+            data: dict[str, t.Any] = {
                 "checked_out": self.checkouts - sum(self.releases.values()),
                 "checkouts": self.checkouts,
-                "releases": releases,
-                "exhausted": self.exhausted,
-                "discarded_writes": self.discarded_writes,
-                "discarded_connections": self.discarded_connections,
-                "finalized": self.finalized,
-                "leak_warnings": self.leak_warnings,
-                "client_gone": self.client_gone,
-                "cancelled": self.cancelled,
-                "reclaimed": self.reclaimed,
-                "fallbacks": self.fallbacks,
-                "wait_time": self.wait_time.snapshot(),
-                "hold_time": self.hold_time.snapshot(),
-                "holders": [lease.describe() for lease in holders],
+                "releases": {reason.value: n for reason, n in self.releases.items()},
             }
+            data.update((stat.value, n) for stat, n in self.counts.items())
+            data["wait_time"] = self.wait_time.snapshot()
+            data["hold_time"] = self.hold_time.snapshot()
+        data["holders"] = [lease.describe() for lease in held]
+        return data
+
+
+def sum_pools(pools: Mapping[str, Mapping[str, t.Any]]) -> dict[str, t.Any]:
+    """The top level of :meth:`ReqConn.stats`: every counter summed over *pools*.
+
+    :param pools: each pool's snapshot (with its ``pool`` entry), by name.
+    """
+    snapshots: Iterable[Mapping[str, t.Any]] = pools.values()
+    releases = {reason.value: 0 for reason in ReleaseReason}
+    for data in snapshots:
+        for reason, n in data["releases"].items():
+            releases[reason] += n
+    result: dict[str, t.Any] = {
+        "pid": os.getpid(),
+        "checked_out": sum(p["checked_out"] for p in snapshots),
+        "checkouts": sum(p["checkouts"] for p in snapshots),
+        "releases": releases,
+    }
+    for stat in Stat:
+        result[stat.value] = sum(p[stat.value] for p in snapshots)
+    result["pools"] = dict(pools)
+    return result

@@ -7,9 +7,10 @@ import or in ``init_app``), restarted in a forked child, and stopped at exit.
   are registered with ``epoll`` (``EPOLLRDHUP``, one-shot): when one reports a
   close or a reset, a non-blocking ``recv(1, MSG_PEEK)`` decides (EOF or reset:
   gone; data: unknown, never gone) and the running statement of that request
-  is cancelled (:meth:`Lease.cancel`). Where ``epoll`` is not available (other
-  systems, gevent's monkey patching) and for waitress (``client_disconnected``)
-  the registered clients are polled instead every :data:`POLL_INTERVAL`.
+  is cancelled (:meth:`Lease.cancel`). Clients whose probe has no descriptor
+  for ``epoll`` (waitress's ``client_disconnected``; any server under gevent's
+  monkey patching or where ``epoll`` does not exist) are polled instead every
+  :data:`POLL_INTERVAL` (:mod:`flask_reqconn.probes` knows which).
 - **Long holds** (``REQCONN_MAX_HOLD``) and **leaks**
   (``REQCONN_LEAK_THRESHOLD``) are checked every tick.
 
@@ -24,27 +25,27 @@ import collections
 import logging
 import os
 import select
-import sys
 import threading
 import time
 import typing as t
 import weakref
 
-from .clientgone import ClientProbe
+from .names import CancelReason, Stat
 
 if t.TYPE_CHECKING:
     from .lease import Lease
     from .pool import PoolHolder
+    from .probes import ClientProbe
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("flask_reqconn.watcher")
 
 #: Seconds between polls of clients that cannot be watched with epoll.
 POLL_INTERVAL = 0.05
 #: Seconds a request holds its connection before its client is registered: most
 #: requests end sooner and never cost the watcher a system call.
 WATCH_DELAY = 0.05
-#: Seconds a cancel request may take before the watcher gives up on it.
-CANCEL_TIMEOUT = 2.0
+#: Seconds a cancel request sent by the watcher may take before it gives up on it.
+WATCHER_CANCEL_TIMEOUT = 2.0
 
 _EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
 #: A peer's close (FIN) or reset, once; EPOLLHUP and EPOLLERR always report.
@@ -62,7 +63,7 @@ class ClientWatch:
         self.watcher = watcher
         self.lease = lease
         self.probe = probe
-        self.fd = probe.sock.fileno() if probe.sock is not None else -1
+        self.fd = probe.fileno()
         self.eof_means_gone = eof_means_gone
         self.since = time.monotonic()
 
@@ -73,17 +74,12 @@ class ClientWatch:
         return self.probe.gone(self.eof_means_gone)
 
 
-def _gevent_patched() -> bool:
-    monkey = sys.modules.get("gevent.monkey")
-    return bool(monkey and monkey.is_module_patched("threading"))
-
-
 class Watcher:
     """The per-process watcher thread (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._holders: weakref.WeakSet[PoolHolder] = weakref.WeakSet()
+        self._pools: weakref.WeakSet[PoolHolder] = weakref.WeakSet()
         self._by_fd: dict[int, ClientWatch] = {}
         self._polled: set[ClientWatch] = set()
         self._epoll: t.Any = None
@@ -106,10 +102,10 @@ class Watcher:
 
     def watch(self, holder: PoolHolder, interval: float) -> None:
         """Run *holder*'s periodic checks at least every *interval* seconds."""
-        if self.running and holder in self._holders and interval >= self._tick:
+        if self.running and holder in self._pools and interval >= self._tick:
             return
         with self._lock:
-            self._holders.add(holder)
+            self._pools.add(holder)
             self._tick = min(self._tick, interval)
             self._ensure_running()
 
@@ -117,7 +113,6 @@ class Watcher:
         self, lease: Lease, probe: ClientProbe, *, eof_means_gone: bool
     ) -> ClientWatch | None:
         """Watch the request's client; cancel *lease*'s query if it leaves."""
-        sock = probe.sock
         if not probe.watchable:
             if not self._said_unwatchable:
                 self._said_unwatchable = True
@@ -129,7 +124,9 @@ class Watcher:
         entry = ClientWatch(self, lease, probe, eof_means_gone=eof_means_gone)
         with self._lock:
             self._ensure_running()
-            if sock is not None and self._epoll is not None:
+            if entry.fd >= 0 and self._epoll is None and hasattr(select, "epoll"):
+                self._epoll = select.epoll()
+            if entry.fd >= 0 and self._epoll is not None:
                 old = self._by_fd.pop(entry.fd, None)
                 try:
                     if old is not None:
@@ -191,17 +188,13 @@ class Watcher:
             self._by_fd.clear()
             self._polled.clear()
             self._epoll = None
-        if self._epoll is None and hasattr(select, "epoll") and not _gevent_patched():
-            self._epoll = select.epoll()
         self._stop = threading.Event()
         self._pid = pid
         self._thread = threading.Thread(
             target=self._run, name=f"flask-reqconn-watcher-{pid}", daemon=True
         )
         self._thread.start()
-        logger.debug(
-            "watcher started in process %d (%s)", pid, "epoll" if self._epoll else "polling"
-        )
+        logger.debug("watcher started in process %d", pid)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread of this process (idempotent)."""
@@ -233,7 +226,7 @@ class Watcher:
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + self._tick
-                    for holder in list(self._holders):
+                    for holder in list(self._pools):
                         holder.periodic_checks()
             except Exception:  # never let the watcher die
                 logger.exception("flask-reqconn watcher error")
@@ -256,8 +249,8 @@ class Watcher:
     def _client_gone(self, entry: ClientWatch) -> None:
         self.unwatch(entry)
         lease = entry.lease
-        if lease.cancel("client_gone", CANCEL_TIMEOUT):
-            lease._holder.counters.add("cancelled")
+        if lease.cancel(CancelReason.CLIENT_GONE, WATCHER_CANCEL_TIMEOUT):
+            lease._holder.counters.add(Stat.CANCELLED)
             logger.debug(
                 "client of %s %s left after %.3f s: cancelled its query",
                 lease.method,

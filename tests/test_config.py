@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_reqconn import ConfigError, ReqConn
-from flask_reqconn.config import DEFAULTS, load_settings, redact_conninfo, scrub_secrets
+from flask_reqconn import ConfigError, ReqConn, state_of
+from flask_reqconn.config import DEFAULTS, load_config, redact_conninfo, scrub_secrets
 from tests import pg
 
 GOOD = "postgresql://app@db.example/app"
@@ -17,7 +17,8 @@ GOOD = "postgresql://app@db.example/app"
 def settings(**config: Any) -> Any:
     base = {"REQCONN_CONNINFO": GOOD}
     base.update(config)
-    return load_settings(base, "myapp")
+    _app_settings, pools = load_config(base, "myapp")
+    return pools["default"]
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,7 @@ def test_invalid_value_names_the_key(key: str, value: Any, fragment: str) -> Non
 
 def test_missing_conninfo_says_what_to_set() -> None:
     with pytest.raises(ConfigError, match="REQCONN_CONNINFO: is required"):
-        load_settings({}, "myapp")
+        load_config({}, "myapp")
 
 
 def test_max_size_below_min_size_is_rejected() -> None:
@@ -148,8 +149,8 @@ def test_init_app_writes_defaults_and_opens_nothing(pg_dsn: str, pg_admin: Any) 
     for key, value in DEFAULTS.items():
         if value is not None:
             assert key in app.config
-    state = app.extensions["reqconn"]
-    assert not state.holders["default"].is_open
+    state = state_of(app)
+    assert not state.pools["default"].is_open
     assert pg.app_sessions(pg_admin, appname) == []
     reqconn.close(app)
 

@@ -16,6 +16,7 @@ def test_all_is_pinned() -> None:
         "ReqConn",
         "ReqConnError",
         "get_conn",
+        "state_of",
     ]
     for name in flask_reqconn.__all__:
         assert getattr(flask_reqconn, name).__module__.startswith("flask_reqconn.")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
 
 import psycopg
 import pytest
 from flask import Flask
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row, namedtuple_row
 
 from flask_reqconn import get_conn
 from tests import pg
@@ -249,7 +251,16 @@ def test_connection_returned_mid_query_is_discarded(make_app: AppFactory, pg_adm
     def busy() -> str:
         conn = get_conn()
         conn.pgconn.send_query(b"select pg_sleep(30)")  # still running at hand-back
-        return str(conn.info.backend_pid)
+        pid = conn.info.backend_pid
+        # running for sure: a cancel that reaches the server before it has read
+        # the query is ignored by PostgreSQL (a race of the test, not of the check)
+        pg.wait_until(
+            lambda: [s for s in pg.app_sessions(pg_admin, app.config["TEST_APPNAME"])
+                     if s["pid"] == pid and s["state"] == "active"],
+            timeout=15,
+            message="the query runs",
+        )  # fmt: skip
+        return str(pid)
 
     @app.get("/pid")
     def pid() -> str:
@@ -324,3 +335,69 @@ def test_connection_for_scripts_is_committed_and_reset(
     with reqconn.connection(app=app) as conn:
         assert conn.info.backend_pid == pid
         assert conn.execute("show search_path").fetchone()[0] == '"$user", public'
+
+
+# -- row factories (issue 11, point 8) ----------------------------------------------
+
+
+@dataclasses.dataclass
+class PidRow:
+    pid: int
+
+
+ROW_FACTORIES = {
+    "dict_row": dict_row,
+    "namedtuple_row": namedtuple_row,
+    "class_row": class_row(PidRow),
+}
+
+
+def backend_pid_of(row: Any) -> int:
+    if isinstance(row, dict):
+        return int(row["pid"])
+    return int(row.pid)
+
+
+@pytest.mark.parametrize("factory", sorted(ROW_FACTORIES))
+@pytest.mark.parametrize("where", ["config", "view"])
+def test_a_row_factory_does_not_break_the_hand_back_of_an_open_transaction(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture, factory: str, where: str
+) -> None:
+    row_factory = ROW_FACTORIES[factory]
+    config = {"connect_args": {"row_factory": row_factory}} if where == "config" else {}
+    app = make_app(max_size=1, **config)
+
+    @app.get("/pid")
+    def pid() -> str:
+        conn = get_conn()
+        if where == "view":
+            conn.row_factory = row_factory
+        # a transaction is open at hand-back: the write check runs and reads a row
+        row = conn.execute("select pg_backend_pid() as pid").fetchone()
+        return str(backend_pid_of(row))
+
+    with caplog.at_level("WARNING", logger="flask_reqconn"):
+        client = app.test_client()
+        first = client.get("/pid")
+        second = client.get("/pid")
+    assert first.status_code == second.status_code == 200
+    assert first.data == second.data  # the same connection, reused, not replaced
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    s = stats(app)
+    assert s["discarded_connections"] == 0 and s["discarded_writes"] == 0
+
+
+def test_the_write_check_still_sees_writes_with_a_dict_row_factory(
+    make_app: AppFactory, table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app(max_size=1, connect_args={"row_factory": dict_row})
+
+    @app.post("/write")
+    def write() -> str:
+        get_conn().execute(f"insert into {table} (v) values ('lost')")
+        return "ok"
+
+    with caplog.at_level("WARNING", logger="flask_reqconn"):
+        assert app.test_client().post("/write").status_code == 200
+    assert stats(app)["discarded_writes"] == 1
+    assert any("rolled back uncommitted writes" in r.getMessage() for r in caplog.records)

@@ -7,15 +7,15 @@ import time
 from typing import Any
 
 import pytest
-from flask import Blueprint, Flask, request
+from flask import Flask, request
 
 from flask_reqconn import (
     ConnectionReleased,
     PoolExhausted,
     ReleaseReason,
-    ReqConn,
     ReqConnError,
     get_conn,
+    state_of,
 )
 from tests.appfixtures import AppFactory, reqconn_of
 
@@ -72,57 +72,6 @@ def test_lazy_mode_checks_out_only_when_a_view_asks(make_app: AppFactory) -> Non
     assert client.get("/db").data == b"2"
     s = stats(app)
     assert s["checkouts"] == 1 and s["checked_out"] == 0
-
-
-def test_exempt_endpoints_by_config_decorator_and_blueprint(make_app: AppFactory) -> None:
-    reqconn = ReqConn()
-    bp = Blueprint("ops", __name__)
-
-    @bp.get("/ops/ping")
-    def ping() -> str:
-        return "pong"
-
-    reqconn.exempt(bp)
-    app = make_app(ext=reqconn, exempt_endpoints=["health"])
-
-    @app.get("/health")
-    def health() -> str:
-        return "ok"
-
-    @app.get("/metrics")
-    @reqconn.exempt
-    def metrics() -> str:
-        return "m"
-
-    @app.get("/exempt-but-uses-db")
-    @reqconn.exempt
-    def uses_db() -> str:
-        return str(get_conn().execute("select 3").fetchone()[0])
-
-    app.register_blueprint(bp)
-    client = app.test_client()
-    for path in ("/health", "/metrics", "/ops/ping", "/static/nothing.css"):
-        client.get(path)
-    assert stats(app)["checkouts"] == 0
-    assert client.get("/exempt-but-uses-db").data == b"3"
-    assert stats(app)["checkouts"] == 1
-
-
-def test_exempt_nested_blueprint(make_app: AppFactory) -> None:
-    reqconn = ReqConn()
-    parent = Blueprint("api", __name__)
-    child = Blueprint("internal", __name__)
-
-    @child.get("/ping")
-    def ping() -> str:
-        return "pong"
-
-    parent.register_blueprint(child, url_prefix="/internal")
-    reqconn.exempt(child)
-    app = make_app(ext=reqconn)
-    app.register_blueprint(parent, url_prefix="/api")
-    assert app.test_client().get("/api/internal/ping").data == b"pong"
-    assert stats(app)["checkouts"] == 0
 
 
 def test_unknown_url_does_not_check_out(make_app: AppFactory) -> None:
@@ -335,8 +284,8 @@ def test_password_never_reaches_logs_or_error_pages(
     app = make_app(timeout=0.5, min_size=0)
     app.config["DEBUG"] = False
     # a server that refuses: nothing listens on port 1
-    state = app.extensions["reqconn"]
-    holder = state.holders["default"]
+    state = state_of(app)
+    holder = state.pools["default"]
     import dataclasses
 
     holder.settings = dataclasses.replace(

@@ -11,7 +11,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from flask_reqconn import ConfigError, get_conn
+from flask_reqconn import ConfigError, get_conn, state_of
 from flask_reqconn.metrics import PrometheusMetrics
 from flask_reqconn.stats import BUCKETS
 from tests import pg
@@ -118,7 +118,8 @@ def test_stats_shape_is_stable(make_app: AppFactory) -> None:
     s = stats(app)
     assert set(s) == {
         "pid", "checked_out", "checkouts", "releases", "exhausted", "client_gone",
-        "discarded_writes", "leak_warnings", "cancelled", "reclaimed", "fallbacks", "pools",
+        "discarded_writes", "discarded_connections", "finalized", "leak_warnings",
+        "cancelled", "reclaimed", "fallbacks", "pools",
     }  # fmt: skip
     pool = s["pools"]["default"]
     assert set(pool) == {
@@ -180,7 +181,7 @@ def test_ready_says_503_when_the_database_is_down(make_app: AppFactory) -> None:
     import dataclasses
 
     app = make_app(timeout=1)
-    holder = app.extensions["reqconn"].holders["default"]
+    holder = state_of(app).pools["default"]
     holder.settings = dataclasses.replace(holder.settings, conninfo="host=127.0.0.1 port=1")
     app.register_blueprint(reqconn_of(app).health_blueprint())
     response = app.test_client().get("/ready")
@@ -296,7 +297,7 @@ def test_cli_check_fails_clearly_without_a_server(make_app: AppFactory) -> None:
     app = make_app(timeout=0.5)
     import dataclasses
 
-    holder = app.extensions["reqconn"].holders["default"]
+    holder = state_of(app).pools["default"]
     holder.settings = dataclasses.replace(
         holder.settings, conninfo="postgresql://u:hunter2secret@127.0.0.1:1/db"
     )
@@ -306,11 +307,14 @@ def test_cli_check_fails_clearly_without_a_server(make_app: AppFactory) -> None:
     assert "hunter2secret" not in result.output
 
 
+@pytest.mark.parametrize("row_factory", ["tuple_row", "dict_row"])
 def test_cli_activity_groups_sessions_and_flags_idle_in_transaction(
-    make_app: AppFactory, pg_dsn: str
+    make_app: AppFactory, pg_dsn: str, row_factory: str
 ) -> None:
-    app = make_app()
     import psycopg
+    from psycopg import rows
+
+    app = make_app(connect_args={"row_factory": getattr(rows, row_factory)})
 
     with psycopg.connect(
         pg.with_conninfo(pg_dsn, application_name=app.config["TEST_APPNAME"])

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from flask import Flask, Response, stream_with_context
 
-from flask_reqconn import get_conn
+from flask_reqconn import get_conn, state_of
 from flask_reqconn.storm import StormConfig, run_storm
 from tests import pg, servers
 from tests.appfixtures import AppFactory, reqconn_of
@@ -38,10 +38,10 @@ def no_server_held(bouncer: PgBouncer) -> bool:
 def bouncer_app(make_app: AppFactory, bouncer: PgBouncer, **config: Any) -> Flask:
     app = make_app(pgbouncer=True, **config)
     app.config["REQCONN_CONNINFO"] = bouncer.dsn
-    state = app.extensions["reqconn"]
+    state = state_of(app)
     import dataclasses
 
-    holder = state.holders["default"]
+    holder = state.pools["default"]
     holder.settings = dataclasses.replace(holder.settings, conninfo=bouncer.dsn)
     return app
 
@@ -52,7 +52,7 @@ def test_pgbouncer_setting_disables_prepared_statements_and_refuses_options(
     from flask_reqconn import ConfigError
 
     app = make_app(pgbouncer=True)
-    assert app.extensions["reqconn"].settings.connect_args["prepare_threshold"] is None
+    assert state_of(app).pools["default"].settings.connect_args["prepare_threshold"] is None
     with pytest.raises(ConfigError, match="REQCONN_SESSION_SETTINGS: cannot be sent through"):
         make_app(pgbouncer=True, session_settings={"statement_timeout": "5s"})
 

@@ -9,8 +9,15 @@ import psycopg
 import pytest
 from flask import Blueprint, Flask
 
-from flask_reqconn import ConfigError, PoolExhausted, ReleaseReason, ReqConn, get_conn
-from flask_reqconn.config import load_pool_settings
+from flask_reqconn import (
+    ConfigError,
+    PoolExhausted,
+    ReleaseReason,
+    ReqConn,
+    get_conn,
+    state_of,
+)
+from flask_reqconn.config import load_config, load_pool_settings
 from tests.appfixtures import AppFactory, reqconn_of
 
 #: tells the primary from the replica: a streaming standby shares the primary's
@@ -81,7 +88,7 @@ def test_named_pools_inherit_unset_options() -> None:
 
 def test_read_pool_must_exist() -> None:
     with pytest.raises(ConfigError, match="REQCONN_READ_POOL: 'replica' is not a configured"):
-        load_pool_settings({**BASE, "REQCONN_READ_POOL": "replica"}, "app")
+        load_config({**BASE, "REQCONN_READ_POOL": "replica"}, "app")
 
 
 # -- named pools ---------------------------------------------------------------------
@@ -245,7 +252,7 @@ def test_fallback_to_the_primary_when_the_read_pool_is_exhausted(
         make_app, replica_dsn, read_pool="replica", read_fallback=fallback,
         pools={"replica": {"CONNINFO": replica_dsn, "MAX_SIZE": 1, "TIMEOUT": 0.3}},
     )  # fmt: skip
-    holder = app.extensions["reqconn"].holders["replica"]
+    holder = state_of(app).pools["replica"]
     taken = holder.pool.getconn()  # the read pool's only connection
     try:
         response = app.test_client().get("/items")
@@ -280,7 +287,7 @@ def test_read_only_view_stays_read_only_after_an_explicit_default_checkout(
     make_app: AppFactory, replica_dsn: str, ids: dict[str, str]
 ) -> None:
     app = routing_app(make_app, replica_dsn, read_pool="replica")
-    reqconn = app.extensions["reqconn"].ext
+    reqconn = state_of(app).ext
 
     @app.get("/mixed")
     @reqconn.read_only

@@ -9,14 +9,14 @@ from typing import Any
 from flask import Flask
 from werkzeug.test import EnvironBuilder
 
-from flask_reqconn import ReleaseReason
+from flask_reqconn import ReleaseReason, checkout, state_of
 from flask_reqconn.lease import LeaseState
 from flask_reqconn.middleware import GuardedIterable
 from tests.appfixtures import AppFactory, reqconn_of
 
 
 def holder_of(app: Flask) -> Any:
-    return app.extensions["reqconn"].holders["default"]
+    return state_of(app).pools["default"]
 
 
 def race(*targets: Any) -> None:
@@ -72,13 +72,13 @@ def test_concurrent_releases_put_the_connection_back_exactly_once(make_app: AppF
 def test_teardown_and_response_close_race(make_app: AppFactory) -> None:
     """The two real releasers of a stream: Flask's second teardown and close()."""
     app = make_app(max_size=1)
-    state = app.extensions["reqconn"]
+    state = state_of(app)
     for _ in range(50):
         with app.test_request_context("/race"):
             from flask import request
 
-            req = state.request_leases()
-            state.checkout(req, "default")
+            req = checkout.request_leases(state)
+            checkout.checkout(state, req, "default")
             req.streamed = True
             environ = request.environ
         guarded = GuardedIterable([b"x"], req, state)

@@ -15,7 +15,8 @@ import socket
 import sys
 import typing as t
 
-from ..clientgone import socket_gone
+from .base import ClientProbe
+from .peek import SocketProbe
 
 #: The environ key uWSGI always sets; nothing is imported when it is absent.
 UWSGI_ENVIRON_KEY = "uwsgi.version"
@@ -40,28 +41,17 @@ class BorrowedSocket(socket.socket):
         self.detach()
 
 
-class UwsgiProbe:
-    """Whether one uWSGI request's client is still there (see the module docstring)."""
+class UwsgiProbe(SocketProbe):
+    """A uWSGI request's client, seen through its borrowed descriptor."""
 
-    __slots__ = ("sock", "check")
+    __slots__ = ()
 
     def __init__(self, fd: int) -> None:
-        self.sock: socket.socket | None = BorrowedSocket(fd)
-        self.check: t.Callable[[], bool] | None = None
-
-    @property
-    def watchable(self) -> bool:
-        return self.sock is not None
-
-    def gone(self, eof_means_gone: bool = True) -> bool:
-        """True only when the client has certainly disconnected. Never raises."""
-        if self.sock is None:
-            return False
-        return socket_gone(self.sock, eof_means_gone=eof_means_gone)
+        super().__init__(BorrowedSocket(fd))
 
 
-def probe_from_environ(environ: t.Mapping[str, t.Any]) -> UwsgiProbe | None:
-    """A probe for this request if it is served by uWSGI, else None.
+def probe(environ: t.Mapping[str, t.Any]) -> ClientProbe | None:
+    """The probe of a uWSGI request, or None when *environ* is not uWSGI's.
 
     Must be called in the thread serving the request: ``connection_fd()`` answers
     for the current thread's request.
@@ -84,3 +74,13 @@ def probe_from_environ(environ: t.Mapping[str, t.Any]) -> UwsgiProbe | None:
         return UwsgiProbe(fd)
     except OSError:  # not a socket (a closed or foreign descriptor)
         return None
+
+
+#: The old name of :func:`probe`.
+probe_from_environ = probe
+
+
+def is_file_wrapper(body: t.Any) -> bool:
+    """Never: uWSGI's file wrapper is not recognised, so its connection is kept until
+    ``close()`` (safe, only later)."""
+    return False

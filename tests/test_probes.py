@@ -1,4 +1,4 @@
-"""Seeing a departed client on a real TCP socket, without consuming anything."""
+"""Seeing a departed client without consuming anything: real sockets, one probe per server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from collections.abc import Iterator
 import pytest
 from werkzeug.exceptions import ClientDisconnected
 
-from flask_reqconn.clientgone import client_gone, client_socket, is_client_abort, socket_gone
+from flask_reqconn.probes import (
+    NO_PROBE,
+    SocketProbe,
+    is_client_abort,
+    is_file_wrapper,
+    probe_for,
+    socket_gone,
+)
+from flask_reqconn.probes.waitress import WaitressProbe
 
 
 @pytest.fixture
@@ -76,6 +84,15 @@ def test_half_close_follows_the_eof_setting(pair: tuple[socket.socket, socket.so
     assert socket_gone(server, eof_means_gone=False) is False
 
 
+def client_socket(environ: dict[str, object]) -> object:
+    probe = probe_for(environ)
+    return probe.sock if isinstance(probe, SocketProbe) else None
+
+
+def client_gone(environ: dict[str, object]) -> bool:
+    return probe_for(environ).gone()
+
+
 def test_environ_keys_of_each_server(pair: tuple[socket.socket, socket.socket]) -> None:
     client, server = pair
     for key in ("gunicorn.socket", "werkzeug.socket", "gunicorn.sock"):
@@ -88,12 +105,56 @@ def test_environ_keys_of_each_server(pair: tuple[socket.socket, socket.socket]) 
     assert client_gone({}) is False
 
 
+def test_each_server_gets_its_probe(pair: tuple[socket.socket, socket.socket]) -> None:
+    _, server = pair
+    probe = probe_for({"gunicorn.socket": server})
+    assert isinstance(probe, SocketProbe) and probe.watchable
+    assert probe.fileno() == server.fileno()  # epoll-watchable (no gevent here)
+    waitress = probe_for({"waitress.client_disconnected": lambda: False})
+    assert isinstance(waitress, WaitressProbe) and waitress.watchable
+    assert waitress.fileno() == -1  # polled by the watcher
+    assert probe_for({}) is NO_PROBE and not NO_PROBE.watchable and NO_PROBE.fileno() == -1
+
+
+def test_a_failing_waitress_check_means_present() -> None:
+    def broken() -> bool:
+        raise RuntimeError("channel gone")
+
+    assert client_gone({"waitress.client_disconnected": broken}) is False
+
+
+def test_file_wrappers_of_each_server_are_known() -> None:
+    import io
+
+    from gunicorn.http.wsgi import FileWrapper as GunicornFileWrapper
+    from waitress.buffers import ReadOnlyFileBasedBuffer
+    from werkzeug.wsgi import FileWrapper
+
+    for body in (
+        GunicornFileWrapper(io.BytesIO(b"x")),
+        ReadOnlyFileBasedBuffer(io.BytesIO(b"x")),
+        FileWrapper(io.BytesIO(b"x")),
+    ):
+        assert is_file_wrapper(body), body
+    assert not is_file_wrapper(iter([b"x"]))
+
+
+def test_the_old_import_path_still_works(pair: tuple[socket.socket, socket.socket]) -> None:
+    from flask_reqconn import clientgone
+
+    _, server = pair
+    assert clientgone.client_socket({"gunicorn.socket": server}) is server
+    assert clientgone.client_gone({}) is False
+    assert clientgone.is_client_abort(BrokenPipeError())
+
+
 def test_tls_sockets_are_skipped(pair: tuple[socket.socket, socket.socket]) -> None:
     _, server = pair
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls = context.wrap_socket(server, server_side=True, do_handshake_on_connect=False)
     try:
         assert client_socket({"gunicorn.socket": tls}) is None
+        assert probe_for({"gunicorn.socket": tls}) is NO_PROBE
         assert client_gone({"gunicorn.socket": tls}) is False
     finally:
         tls.detach()

@@ -1,0 +1,234 @@
+"""A request's connections: checked out, routed, and handed back by the hooks.
+
+- :func:`checkout` takes a pool's connection for the current request. The
+  client is probed right before the wait for the pool and right after it (a
+  departed client is answered 499 and its connection goes straight back),
+  the connection is made read-only where needed, and the watcher is armed to
+  cancel its queries when the client leaves.
+- :func:`read_only_checkout` routes read-only views to the read pool, with
+  the fallback to the default pool.
+- The request hooks (:func:`before_request` for eager checkout,
+  :func:`after_request`, :func:`teardown_request`) commit (atomic mode) and
+  release; :func:`on_query_canceled` turns a watcher's cancel into 499 or 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import typing as t
+
+import psycopg
+from flask import request
+from psycopg.pq import TransactionStatus
+from werkzeug.exceptions import ServiceUnavailable
+
+from .errors import ClientGone, PoolExhausted, ReqConnError
+from .handback import make_read_only
+from .lease import Lease, ReleaseReason, RequestLeases
+from .middleware import body_may_use_connection
+from .names import DEFAULT_POOL, CancelReason, Stat
+from .probes import probe_for
+from .sites import checkout_site
+from .watcher import get_watcher
+
+if t.TYPE_CHECKING:
+    from werkzeug.wrappers import Response
+
+    from .state import AppState
+
+# the documented name (these lines used to be logged by extension.py)
+logger = logging.getLogger("flask_reqconn.extension")
+
+#: The request's leases live on the request object, not on ``g``: ``g``
+#: belongs to the app context, which Flask shares between requests whenever an
+#: app context is already pushed (a suspended ``stream_with_context``
+#: generator, ``with app.app_context():`` around a test client).
+REQUEST_ATTR = "_flask_reqconn"
+#: Seconds of waiting for the pool after which the client is checked again (a
+#: checkout that did not wait comes microseconds after the first check).
+_RECHECK_AFTER_WAIT = 0.001
+
+
+def request_leases(state: AppState) -> RequestLeases:
+    """The current request's leases, created on first use."""
+    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+    if req is None:
+        req = RequestLeases()
+        setattr(request._get_current_object(), REQUEST_ATTR, req)  # type: ignore[attr-defined]
+        request.environ[state.environ_key] = req
+    return req
+
+
+def checkout(
+    state: AppState, req: RequestLeases, name: str, *, quiet_exhaustion: bool = False
+) -> Lease:
+    """Check out *name*'s connection for this request, skipping dead clients.
+
+    :param quiet_exhaustion: a fallback follows an exhaustion: do not count or log it.
+    :raises ClientGone: the client left (499).
+    :raises PoolExhausted: no connection in time (503).
+    """
+    if req.client_gone:
+        raise ClientGone()
+    holder = state.pool(name)
+    rq = request._get_current_object()  # type: ignore[attr-defined]
+    environ = rq.environ
+    settings = state.settings
+    probe = req.probe
+    if probe is None:
+        probe = req.probe = probe_for(environ)
+    eof = settings.eof_means_gone
+    if settings.check_client and probe.gone(eof):
+        _client_gone(state, req, None)
+    method = environ.get("REQUEST_METHOD", "")
+    endpoint = rq.endpoint
+    lease = holder.checkout(
+        method=method,
+        path=environ.get("PATH_INFO", ""),
+        endpoint=endpoint,
+        site=checkout_site,
+        quiet_exhaustion=quiet_exhaustion,
+    )
+    req.leases[name] = lease
+    if settings.check_client and lease.wait_time > _RECHECK_AFTER_WAIT and probe.gone(eof):
+        lease.release(ReleaseReason.CLIENT_GONE)
+        _client_gone(state, req, lease)
+    if holder.settings.read_only:
+        make_read_only(lease.conn)
+    if settings.cancel_on_disconnect != "off":
+        policy = state.policy
+        armed = policy.cancel_by_endpoint.get((endpoint, method))
+        if armed is None:
+            armed = policy.cancel_armed(endpoint, method)
+        if armed:
+            get_watcher().watch_client_later(lease, probe, eof_means_gone=eof)
+    return lease
+
+
+def read_only_checkout(state: AppState, req: RequestLeases) -> Lease:
+    """Check out for a read-only view: the read pool (or its fallback), read-only."""
+    read_pool = state.settings.read_pool
+    fallback = state.settings.read_fallback and read_pool != DEFAULT_POOL
+    req.route = read_pool
+    try:
+        lease = checkout(state, req, read_pool, quiet_exhaustion=fallback)
+    except PoolExhausted:
+        if not fallback:
+            raise
+        state.pools[read_pool].counters.add(Stat.FALLBACKS)
+        logger.debug(
+            "read pool %r exhausted: %s %s falls back to the default pool",
+            read_pool,
+            request.method,
+            request.path,
+        )
+        req.route = DEFAULT_POOL
+        lease = checkout(state, req, DEFAULT_POOL)
+    make_read_only(lease.conn)
+    return lease
+
+
+def _client_gone(state: AppState, req: RequestLeases, lease: Lease | None) -> t.NoReturn:
+    req.client_gone = True
+    holder = state.pools[lease.pool_name if lease else DEFAULT_POOL]
+    holder.counters.add(Stat.CLIENT_GONE)
+    waited = f" after waiting {lease.wait_time:.3f} s for a connection" if lease else ""
+    logger.info(
+        "client gone before its connection was used: %s %s%s; answered 499",
+        request.method,
+        request.path,
+        waited,
+    )
+    raise ClientGone()
+
+
+def on_query_canceled(state: AppState, exc: psycopg.errors.QueryCanceled) -> t.Any:
+    """Error handler: a query the watcher cancelled becomes a 499 (or 503).
+
+    Other cancellations (``statement_timeout``...) are re-raised untouched.
+    """
+    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+    lease = next(
+        (lease for lease in (req.leases.values() if req else ()) if lease.cancelled), None
+    )
+    if req is None or lease is None:
+        raise exc
+    req.client_gone = True
+    if lease.cancelled is CancelReason.MAX_HOLD:
+        return ServiceUnavailable(
+            "The request held its database connection longer than allowed and was stopped."
+        )
+    state.pools[lease.pool_name].counters.add(Stat.CLIENT_GONE)
+    logger.info(
+        "client gone: %s %s; its query was cancelled; the client had waited %.3f s;"
+        " answered 499",
+        lease.method,
+        lease.path,
+        (lease.released_at or time.monotonic()) - lease.requested_at,
+    )
+    return ClientGone()
+
+
+# -- request hooks ------------------------------------------------------------------
+
+
+def before_request(state: AppState) -> None:
+    """Eager mode: check out the default pool's connection before the view."""
+    endpoint = request.endpoint
+    policy = state.policy
+    eager = policy.eager_by_endpoint.get(endpoint)
+    if eager is None:
+        eager = policy.eager(endpoint)
+    if eager and request.routing_exception is None:
+        req = request_leases(state)
+        req.routed = True  # eager views are never read-only: get_conn() is the default pool
+        checkout(state, req, DEFAULT_POOL)
+
+
+def after_request(state: AppState, response: Response) -> Response:
+    """Keep a streamed body's connection for the WSGI wrapper; commit in atomic mode."""
+    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+    if req is None:
+        return response
+    if response.is_streamed and body_may_use_connection(response.response):
+        req.streamed = True
+    if state.any_atomic:
+        _commit_atomic(state, req, response.status_code)
+    return response
+
+
+def teardown_request(state: AppState, exc: BaseException | None = None) -> None:
+    """Release the request's connections (not a streamed body's). Never raises."""
+    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+    if req is None:
+        return
+    if req.streamed:
+        # The body is not produced yet (Flask runs teardown before a
+        # stream_with_context body, and again at its end): the WSGI
+        # wrapper releases when the response iterable is closed.
+        return
+    try:
+        req.release_all(ReleaseReason.TEARDOWN)
+    except Exception:  # teardown must never raise
+        logger.exception("error while releasing connections in teardown")
+
+
+def _commit_atomic(state: AppState, req: RequestLeases, status: int) -> None:
+    if status >= 400:
+        return  # rolled back at release
+    for lease in req.leases.values():
+        conn = lease.conn
+        if not lease.active or conn is None:
+            continue
+        if state.pools[lease.pool_name].settings.transaction != "atomic":
+            continue
+        tx = conn.pgconn.transaction_status
+        if tx == TransactionStatus.INTRANS:
+            conn.commit()
+        elif tx == TransactionStatus.INERROR:
+            raise ReqConnError(
+                f"REQCONN_TRANSACTION is 'atomic' but the transaction of pool"
+                f" {lease.pool_name!r} failed earlier in this request and cannot be"
+                " committed; nothing was saved"
+            )

@@ -1,0 +1,56 @@
+"""Names declared once: the default pool, the counter keys, the reasons for a cancel.
+
+Everything else (the counters, the per-app sum, the Prometheus metrics, the
+docs' stats tables) iterates over these.
+"""
+
+from __future__ import annotations
+
+import enum
+
+#: The pool of the ``REQCONN_*`` keys; named pools come from ``REQCONN_POOLS``.
+DEFAULT_POOL = "default"
+#: The key of the per-app state in ``app.extensions``.
+EXTENSION_KEY = "reqconn"
+
+
+class Stat(str, enum.Enum):
+    """The event counters of one pool, as keys of :meth:`~flask_reqconn.ReqConn.stats`.
+
+    Bumped with ``PoolCounters.add()`` (:mod:`flask_reqconn.stats`); summed
+    over the pools at the top level of the stats.
+    """
+
+    #: requests answered 503: no connection in time, or the wait queue was full
+    EXHAUSTED = "exhausted"
+    #: requests answered 499: the client had left
+    CLIENT_GONE = "client_gone"
+    #: hand-backs whose rollback threw away uncommitted writes
+    DISCARDED_WRITES = "discarded_writes"
+    #: connections closed at hand-back instead of being reused
+    DISCARDED_CONNECTIONS = "discarded_connections"
+    #: leases held longer than ``REQCONN_LEAK_THRESHOLD``
+    LEAK_WARNINGS = "leak_warnings"
+    #: connections returned by the finalizer (nothing closed the response)
+    FINALIZED = "finalized"
+    #: queries cancelled because their client disconnected
+    CANCELLED = "cancelled"
+    #: leases cancelled for exceeding ``REQCONN_MAX_HOLD``
+    RECLAIMED = "reclaimed"
+    #: read-only requests sent to the default pool (``REQCONN_READ_FALLBACK``)
+    FALLBACKS = "fallbacks"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CancelReason(str, enum.Enum):
+    """Why the watcher cancelled a lease's query (the lease's ``cancelled``)."""
+
+    #: the request's HTTP client disconnected (answered 499)
+    CLIENT_GONE = "client_gone"
+    #: the lease was held longer than ``REQCONN_MAX_HOLD`` (answered 503)
+    MAX_HOLD = "max_hold"
+
+    def __str__(self) -> str:
+        return self.value

@@ -1,0 +1,45 @@
+"""waitress: no socket in the environ, a callable instead.
+
+``environ["waitress.client_disconnected"]()`` only changes during a request
+when waitress runs with ``channel_request_lookahead > 0`` (the default 0 means
+it never does). The watcher polls it. waitress's ``wsgi.file_wrapper`` keeps
+the file as ``.file``.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Callable
+
+from .base import ClientProbe
+
+
+class WaitressProbe:
+    """A client seen through ``waitress.client_disconnected``."""
+
+    __slots__ = ("check",)
+
+    watchable = True
+
+    def __init__(self, check: Callable[[], t.Any]) -> None:
+        self.check = check
+
+    def fileno(self) -> int:
+        return -1  # polled
+
+    def gone(self, eof_means_gone: bool = True) -> bool:
+        try:
+            return bool(self.check())
+        except Exception:
+            return False
+
+
+def probe(environ: t.Mapping[str, t.Any]) -> ClientProbe | None:
+    """The probe of a waitress request, or None when *environ* is not waitress's."""
+    check = environ.get("waitress.client_disconnected")
+    return WaitressProbe(check) if check is not None else None
+
+
+def is_file_wrapper(body: t.Any) -> bool:
+    """Is *body* waitress's ``wsgi.file_wrapper`` (a file sent as is)?"""
+    return getattr(body, "file", None) is not None

@@ -1,0 +1,97 @@
+"""What flask-reqconn keeps for one app: ``app.extensions["reqconn"]``.
+
+Reach it with :func:`flask_reqconn.state_of`. Integrations use
+:attr:`AppState.pools` (one :class:`~flask_reqconn.pool.PoolHolder` per pool
+name), :attr:`AppState.settings` and :meth:`AppState.add_listener`.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from .config import AppSettings, PoolSettings
+from .errors import ReqConnError
+from .lease import DeferredQueue
+from .names import DEFAULT_POOL
+from .policy import Marks, Policy
+from .pool import PoolHolder
+from .stats import Listener, sum_pools
+
+if t.TYPE_CHECKING:
+    from .extension import ReqConn
+
+
+class AppState:
+    """Everything flask-reqconn keeps for one app, in the process that serves it.
+
+    :param ext: the extension instance the app was set up with.
+    :param app_name: the Flask app's name (pool labels, logs).
+    :param settings: the app's settings.
+    :param pools: the settings of each pool, by name (``"default"`` first).
+    :param marks: the decorators' marks of *ext*.
+    """
+
+    def __init__(
+        self,
+        ext: ReqConn,
+        app_name: str,
+        settings: AppSettings,
+        pools: dict[str, PoolSettings],
+        marks: Marks,
+    ) -> None:
+        #: the :class:`~flask_reqconn.ReqConn` the app was set up with
+        self.ext = ext
+        self.app_name = app_name
+        #: the app's settings (checkout mode, client check, cancel policy, read pool...)
+        self.settings = settings
+        #: per-endpoint decisions (eager checkout, read-only, cancel on disconnect)
+        self.policy = Policy(marks, settings)
+        #: finalizer work of all pools, run at the next safe point
+        self.deferred = DeferredQueue()
+        #: where the WSGI wrapper finds the request's leases in the environ
+        self.environ_key = f"flask_reqconn.request.{id(self):x}"
+        #: the pools of the app by name: ``"default"`` and those of ``REQCONN_POOLS``
+        self.pools: dict[str, PoolHolder] = {
+            name: PoolHolder(
+                name,
+                pool_settings,
+                settings,
+                label=f"reqconn:{app_name}" + ("" if name == DEFAULT_POOL else f":{name}"),
+                deferred=self.deferred,
+            )
+            for name, pool_settings in pools.items()
+        }
+        #: some pool commits after the view (REQCONN_TRANSACTION = "atomic")
+        self.any_atomic = any(p.transaction == "atomic" for p in pools.values())
+
+    def __repr__(self) -> str:
+        return f"<AppState {self.app_name!r} {self.settings.checkout}>"
+
+    def pool(self, name: str) -> PoolHolder:
+        """The pool named *name*.
+
+        :raises ReqConnError: no such pool is configured.
+        """
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise ReqConnError(
+                f"no pool named {name!r}; configured pools: {', '.join(sorted(self.pools))}"
+            ) from None
+
+    def add_listener(self, listener: Listener, pool: str | None = None) -> None:
+        """Send every later event of *pool* (default: every pool) to *listener*.
+
+        :raises ReqConnError: no such pool is configured.
+        """
+        for holder in self.pools.values() if pool is None else (self.pool(pool),):
+            holder.add_listener(listener)
+
+    def stats(self) -> dict[str, t.Any]:
+        """The counters of this process: see :meth:`~flask_reqconn.ReqConn.stats`."""
+        return sum_pools({name: holder.stats() for name, holder in self.pools.items()})
+
+    def close(self) -> None:
+        """Close this process's pools; they reopen on next use."""
+        for holder in self.pools.values():
+            holder.close()

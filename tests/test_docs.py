@@ -1,0 +1,110 @@
+"""The docs match the code: the stats tables list the declared keys, quoted log lines exist."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+from flask_reqconn.integrations.prometheus import COUNTERS
+from flask_reqconn.names import Stat
+from flask_reqconn.stats import APP_KEYS, POOL_KEYS
+
+ROOT = Path(__file__).resolve().parent.parent
+OPERATIONS = (ROOT / "docs" / "operations.rst").read_text()
+
+
+def section(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def first_column_keys(table: str) -> list[str]:
+    """The ``keys`` of the first column of a list-table (header row left out)."""
+    keys: list[str] = []
+    for row in re.split(r"\n   \* - ", table)[2:]:
+        cell = row.split("\n     - ", 1)[0]
+        keys += re.findall(r"``(\w+)``", cell)
+    return keys
+
+
+def test_the_stats_tables_list_exactly_the_declared_keys() -> None:
+    stats = section(OPERATIONS, ".. _stats:", ".. _leak-detection:")
+    top = section(stats, "Top level\n~~~~~~~~~", "Each pool\n~~~~~~~~~")
+    pool = section(stats, "Each pool\n~~~~~~~~~", "**Histograms.**")
+    assert first_column_keys(top) == list(APP_KEYS)
+    assert sorted(first_column_keys(pool)) == sorted(POOL_KEYS)
+
+
+def test_the_stats_example_has_every_declared_key() -> None:
+    example = section(OPERATIONS, ".. code-block:: json\n", "\nThe keys described below")
+    data = json.loads(example)
+    assert list(data) == list(APP_KEYS)
+    assert list(data["pools"]["default"]) == list(POOL_KEYS)
+
+
+def test_every_counter_has_a_prometheus_metric_and_a_row_in_the_metrics_table() -> None:
+    assert set(COUNTERS) == set(Stat)
+    table = section(OPERATIONS, ".. _prometheus:", "Several gunicorn workers")
+    for stat, (name, _doc) in COUNTERS.items():
+        assert f"``flask_reqconn_{name}_total``" in table, stat
+
+
+def logged_formats() -> dict[str, list[str]]:
+    """Each ``logger.<level>("format", ...)`` of the package, by level."""
+    found: dict[str, list[str]] = {}
+    for path in (ROOT / "flask_reqconn").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            level = node.func.attr
+            if level not in ("debug", "info", "warning", "error", "exception"):
+                continue
+            if node.args and isinstance(node.args[0], ast.Constant):
+                level = "error" if level == "exception" else level
+                found.setdefault(level.upper(), []).append(str(node.args[0].value))
+    return found
+
+
+def as_pattern(fmt: str) -> re.Pattern[str]:
+    escaped = re.escape(" ".join(fmt.split()))
+    return re.compile(re.sub(r"%(\\\.\d)?[sdrf]", ".*?", escaped).replace("%%", "%"))
+
+
+def quoted_log_lines() -> list[tuple[str, str, str]]:
+    """(level, logger, message) of each log line quoted in the Logs section."""
+    logs = OPERATIONS.split(".. _logs:", 1)[1].split(".. _sizing:", 1)[0]
+    lines: list[tuple[str, str, str]] = []
+    for block in re.findall(r"::\n\n((?:    .*\n|\n)+)", logs):
+        for entry in re.split(r"\n(?=    (?:DEBUG|INFO|WARNING|ERROR) )|\n\s*\n", block):
+            text = " ".join(entry.split())
+            match = re.match(r"(DEBUG|INFO|WARNING|ERROR) (flask_reqconn\.\w+): (.*)", text)
+            if match:
+                lines.append((match[1], match[2], match[3]))
+    return lines
+
+
+def test_every_quoted_log_line_is_one_the_code_emits() -> None:
+    formats = logged_formats()
+    quoted = quoted_log_lines()
+    assert len(quoted) >= 20  # the parsing above finds the examples
+    unknown = [
+        f"{level} {logger}: {message}"
+        for level, logger, message in quoted
+        if not any(as_pattern(fmt).fullmatch(message) for fmt in formats.get(level, []))
+    ]
+    assert unknown == []
+
+
+def test_the_log_line_check_catches_a_line_no_code_emits() -> None:
+    formats = logged_formats()["ERROR"]
+    message = "leak check of <PoolHolder 'reqconn:myapp' pid=4711> failed"
+    assert not any(as_pattern(fmt).fullmatch(message) for fmt in formats)
+
+
+def test_the_api_page_documents_exactly_all() -> None:
+    import flask_reqconn
+
+    api = (ROOT / "docs" / "api.rst").read_text()
+    documented = re.findall(r"^\.\. auto(?:class|function|exception|data):: (\w+)", api, re.M)
+    assert sorted(documented) == sorted(flask_reqconn.__all__)

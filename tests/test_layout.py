@@ -1,0 +1,172 @@
+"""The package's layout: no import cycles, no giant modules, documented names pinned."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "flask_reqconn"
+#: Modules another part of issue 10 splits up (the storm tool becomes a package).
+TOO_BIG_FOR_NOW = {"flask_reqconn.storm"}
+MAX_LINES = 450
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def runtime_imports(name: str, path: Path) -> set[str]:
+    """The package modules *name* imports when it is imported (not under TYPE_CHECKING,
+    not inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, (ast.If, ast.Try)):
+                visit(node.body)
+                visit(getattr(node, "orelse", []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+                continue
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("flask_reqconn"))
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    target = ".".join([*base, node.module] if node.module else base)
+                else:
+                    target = node.module or ""
+                if not target.startswith("flask_reqconn"):
+                    continue
+                submodules = {f"{target}.{a.name}" for a in node.names} & set(modules())
+                found.update(submodules)  # from . import checkout: a submodule
+                if len(submodules) < len(node.names):  # a name defined in target itself
+                    found.add(target)
+
+    visit(ast.parse(path.read_text()).body)
+    found.discard(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each package module -> the package modules importing it runs (parents included)."""
+    mods = modules()
+    graph = {name: runtime_imports(name, path) & set(mods) for name, path in mods.items()}
+    for name, deps in graph.items():  # importing a.b.c runs a/__init__ and a/b/__init__
+        for dep in list(deps):
+            parent = dep.rpartition(".")[0]
+            while parent:
+                if parent in mods and parent != name and not name.startswith(parent + "."):
+                    deps.add(parent)
+                parent = parent.rpartition(".")[0]
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[str]:
+    cycles: list[str] = []
+    state: dict[str, int] = {}
+
+    def walk(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(dep) :], dep]))
+            elif dep not in state:
+                walk(dep, [*stack, dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name, [name])
+    return cycles
+
+
+def test_no_import_cycle_at_run_time() -> None:
+    """Imports under ``TYPE_CHECKING`` and inside functions aside."""
+    graph = import_graph()
+    assert "flask_reqconn.pool" in graph["flask_reqconn.state"]  # the analysis sees imports
+    assert "flask_reqconn.state" not in graph["flask_reqconn.middleware"]  # TYPE_CHECKING
+    assert find_cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == ["a -> b -> c -> a"]
+
+
+def test_every_module_imports_first_in_a_fresh_start() -> None:
+    """Whichever module is imported first, the import works (in shuffled order)."""
+    import subprocess
+    import sys
+
+    names = list(modules())
+    code = (
+        "import importlib, random, sys\n"
+        f"names = {names!r}\n"
+        "random.shuffle(names)\n"
+        "for name in names:\n"
+        "    for loaded in [m for m in sys.modules if m.startswith('flask_reqconn')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name)\n"
+        "print(len(names))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == str(len(names))
+
+
+def test_no_module_is_too_big() -> None:
+    sizes = {
+        name: len(path.read_text().splitlines())
+        for name, path in modules().items()
+        if name not in TOO_BIG_FOR_NOW
+    }
+    assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def documented_loggers() -> set[str]:
+    text = (ROOT / "docs" / "operations.rst").read_text()
+    section = text.split(".. _logs:", 1)[1].split(".. _log-exhausted:", 1)[0]
+    return set(re.findall(r"``(flask_reqconn(?:\.\w+)*)``", section)) - {"flask_reqconn"}
+
+
+def test_every_logger_is_named_explicitly_and_documented() -> None:
+    """Users configure loggers by name: a moved module must not rename one."""
+    used: set[str] = set()
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and ast.unparse(node.func) == "logging.getLogger"
+            ):
+                arg = node.args[0] if node.args else None
+                if name in TOO_BIG_FOR_NOW and isinstance(arg, ast.Name):
+                    used.add(name)  # getLogger(__name__), until the storm package lands
+                    continue
+                shown = ast.unparse(arg) if arg else ""
+                assert isinstance(arg, ast.Constant), f"{name}: getLogger({shown})"
+                used.add(arg.value)
+    assert used == documented_loggers()
+    assert documented_loggers() == {
+        "flask_reqconn.extension",
+        "flask_reqconn.pool",
+        "flask_reqconn.watcher",
+        "flask_reqconn.handback",
+        "flask_reqconn.storm",
+    }
+    for logger in used:
+        assert logging.getLogger(logger).name == logger
