@@ -12,7 +12,7 @@ Set ``REQCONN_TEST_DSN`` to test against an existing PostgreSQL instead of a thr
 ``test`` also needs the ``pgbouncer`` binary (the pgbouncer tests run it in front of the test
 server): when it is missing and this runs as root on Debian/Ubuntu, it is installed with
 apt-get; otherwise the test step fails and says how to install it (or set
-``REQCONN_PGBOUNCER`` to its path). Standard library only.
+``REQCONN_TEST_PGBOUNCER`` to its path). Standard library only.
 """
 
 from __future__ import annotations
@@ -155,15 +155,15 @@ def ensure_venv() -> float:
 # pgbouncer (Debian's package; the test fixtures run it themselves)
 # --------------------------------------------------------------------------------------
 
-PGBOUNCER_ENV = "REQCONN_PGBOUNCER"
+PGBOUNCER_ENV = "REQCONN_TEST_PGBOUNCER"
 PGBOUNCER_HOW = (
     "install it (Debian/Ubuntu: sudo apt-get install pgbouncer; macOS: brew install "
-    "pgbouncer) or set REQCONN_PGBOUNCER to the binary's path, then retry"
+    "pgbouncer) or set REQCONN_TEST_PGBOUNCER to the binary's path, then retry"
 )
 
 
 def find_pgbouncer() -> str | None:
-    """Path of the pgbouncer binary: $REQCONN_PGBOUNCER, PATH, then /usr/sbin."""
+    """Path of the pgbouncer binary: $REQCONN_TEST_PGBOUNCER, PATH, then /usr/sbin."""
     explicit = os.environ.get(PGBOUNCER_ENV)
     if explicit:
         return explicit if os.access(explicit, os.X_OK) else None
