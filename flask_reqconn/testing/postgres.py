@@ -191,10 +191,19 @@ def check_dsn(dsn: str, what: str) -> None:
 
 
 @contextlib.contextmanager
-def pg_server(dsn: str | None = None, *, max_connections: int = MAX_CONNECTIONS) -> Iterator[str]:
+def pg_server(
+    dsn: str | None = None,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    source: str = "the given conninfo",
+) -> Iterator[str]:
     """Yield a conninfo for tests: *dsn*, else ``$REQCONN_TEST_DSN``, else a throwaway
-    embedded server (see :func:`embedded_server`), cleaned up on exit."""
-    what = "the given conninfo"
+    embedded server (see :func:`embedded_server`), cleaned up on exit.
+
+    :param source: how error messages name *dsn* (``"--test-dsn"``).
+    :raises PgSetupError: the server named cannot be reached, or the embedded one failed.
+    """
+    what = source
     if not dsn:
         dsn, what = os.environ.get(DSN_ENV), f"${DSN_ENV}"
     if dsn:

