@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The project's two commands, needing nothing but Python 3.10+:
 
-    python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, then pytest
+    python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, pytest, then the
+                                                   example app's suite (examples/flaskr)
     python3 scripts/dev.py demo [DEMO ARGS...]     run examples/demo.py
 
 Both first make sure ``.venv`` in the repository exists and has the project installed
@@ -29,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".reqconn-install-stamp"
+FLASKR_TESTS = ROOT / "examples" / "flaskr" / "tests"
 LINT_DIRS = ("flask_reqconn", "tests", "examples", "bench", "scripts")
 # Bump to force a reinstall everywhere when the recipe below changes.
 RECIPE_VERSION = "1"
@@ -324,7 +326,7 @@ def cmd_test(args: list[str]) -> int:
             rc = run(cmd, check=False)
         secs = time.monotonic() - t0
         outcome = "ok" if rc == 0 else f"FAILED (exit {rc})"
-        if name == "pytest" and rc == 5:
+        if name.startswith("pytest") and rc == 5:
             outcome = "FAILED (exit 5: no tests ran)"
         results.append((name, outcome, secs))
         say(f"--- {name}: {outcome} in {secs:.1f}s")
@@ -353,6 +355,14 @@ def cmd_test(args: list[str]) -> int:
             ),
             ("pgbouncer", None, None),
             ("pytest", [python, "-m", "pytest", *args], None),
+            # the example app's own suite, as its users run it (its pyproject.toml:
+            # filterwarnings = error, flask-reqconn's pytest plugin)
+            (
+                "pytest flaskr",
+                [python, "-m", "pytest", "-c", "examples/flaskr/pyproject.toml",
+                 "--rootdir", "examples/flaskr", "examples/flaskr/tests"],
+                None if FLASKR_TESTS.is_dir() else "examples/flaskr/tests absent",
+            ),
         ]
         for name, cmd, skip in steps:
             rc = step(name, cmd, skip)
