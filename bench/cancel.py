@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from loadgen import run_load
+from pgsetup import bench_database
 
-from bench.loadgen import run_load  # noqa: E402
-from bench.pgsetup import bench_database  # noqa: E402
-from tests import pg, servers  # noqa: E402
+from flask_reqconn.testing import gunicorn, http_get, raw_connect
+
+ROOT = Path(__file__).resolve().parent.parent
 
 APP = "bench.cancelapp:create_app()"
 
@@ -41,8 +41,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def latency(dsn: str, admin_dsn: str, aborts: int, log_dir: Path) -> dict[str, Any]:
     log_path = log_dir / "cancelled.txt"
-    server = servers.gunicorn(
-        APP, worker_class="gthread", threads=16, log_dir=log_dir,
+    server = gunicorn(
+        APP, worker_class="gthread", threads=16, log_dir=log_dir, cwd=ROOT,
         env={"RC_DSN": dsn, "RC_POOL": "8", "RC_CANCEL": "safe", "RC_CANCEL_LOG": str(log_path)},
     )  # fmt: skip
     closed: dict[str, float] = {}
@@ -51,7 +51,7 @@ def latency(dsn: str, admin_dsn: str, aborts: int, log_dir: Path) -> dict[str, A
     try:
         def client(worker: int) -> None:
             for i in range(worker, aborts, concurrency):
-                sock = servers.raw_connect(server.url)
+                sock = raw_connect(server.url)
                 sock.sendall(f"GET /sleep?id={i}&s=30 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                 time.sleep(0.15)  # let the query start
                 t0 = time.time()
@@ -68,7 +68,7 @@ def latency(dsn: str, admin_dsn: str, aborts: int, log_dir: Path) -> dict[str, A
         stats: dict[str, Any] = {}
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            _, _, body = servers.http_get(server.url + "/_stats")
+            _, _, body = http_get(server.url + "/_stats")
             stats = json.loads(body)
             if stats["checked_out"] == 0:
                 break
@@ -93,8 +93,8 @@ def latency(dsn: str, admin_dsn: str, aborts: int, log_dir: Path) -> dict[str, A
 
 def overhead(dsn: str, rounds: int, duration: float, log_dir: Path) -> dict[str, Any]:
     started = {
-        policy: servers.gunicorn(
-            APP, worker_class="gthread", threads=4, log_dir=log_dir,
+        policy: gunicorn(
+            APP, worker_class="gthread", threads=4, log_dir=log_dir, cwd=ROOT,
             env={"RC_DSN": dsn, "RC_POOL": "4", "RC_CANCEL": policy},
         )  # fmt: skip
         for policy in ("safe", "off")
@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             "overhead": overhead(dsn, args.rounds, args.duration, log_dir),
         }
     print(json.dumps(results, indent=2))
-    _ = pg  # the embedded server comes from tests/pg.py through bench_database
     return 0
 
 

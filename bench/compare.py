@@ -26,12 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pgsetup
+from run import SERVERS, backend_pids, measured_load, say, warm
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:0] = [str(BENCH), str(ROOT)]
-
-import pgsetup  # noqa: E402
-from run import SERVERS, backend_pids, measured_load, say, warm  # noqa: E402
 
 MICRO_CASES = [
     "plain /nodb", "lazy /nodb", "eager /nodb (checks out)", "bare /select1",
@@ -76,13 +75,13 @@ def appname_of(name: str) -> str:
 
 
 def start(name: str, dsn: str, alt: Path, base: Path | None, log_dir: Path) -> Any:
-    from tests import servers
-
     variant, _, which = name.partition("@")
     pkg = alt if which == "alt" else base
     pythonpath = f"{pkg},{BENCH}" if pkg else str(BENCH)
     workers, threads, _ = SERVERS["gthread"]
-    return servers.gunicorn(
+    from flask_reqconn.testing import gunicorn
+
+    return gunicorn(
         "benchapp:create_app()", worker_class="gthread", workers=workers, threads=threads,
         extra_args=["--pythonpath", pythonpath, "--log-level", "warning"],
         env={"BENCH_VARIANT": variant, "BENCH_DSN": dsn, "BENCH_POOL_SIZE": "4",

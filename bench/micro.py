@@ -33,11 +33,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import benchapp
 
-import benchapp  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 WSGIApp = Callable[..., Iterable[bytes]]
 

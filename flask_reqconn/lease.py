@@ -67,6 +67,13 @@ class LeaseState(str, enum.Enum):
     RELEASED = "released"
 
 
+#: Set by :func:`flask_reqconn.testing.enable_strict`: wraps the connection get_conn()
+#: hands to the app. None (the default) costs one global read per checkout.
+handout_wrapper: (
+    t.Callable[[Lease, psycopg.Connection[t.Any]], psycopg.Connection[t.Any]] | None
+) = None
+
+
 class Lease:
     """A connection checked out from a pool for one request.
 
@@ -76,6 +83,7 @@ class Lease:
 
     __slots__ = (
         "conn",
+        "handle",
         "pool_name",
         "method",
         "path",
@@ -107,6 +115,8 @@ class Lease:
         self._holder = holder
         self.pool_name = holder.name
         self.conn: psycopg.Connection[t.Any] | None = None
+        #: what get_conn() hands to the app: :attr:`conn`, or a strict-mode proxy of it
+        self.handle: psycopg.Connection[t.Any] | None = None
         self.method = method
         self.path = path
         self.endpoint = endpoint
@@ -169,6 +179,7 @@ class Lease:
 
     def _activate(self, conn: psycopg.Connection[t.Any]) -> None:
         self.conn = conn
+        self.handle = conn if handout_wrapper is None else handout_wrapper(self, conn)
         self.checked_out_at = time.monotonic()
         self._state = LeaseState.ACTIVE
 

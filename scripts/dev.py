@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The project's two commands, needing nothing but Python 3.10+:
 
-    python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, then pytest
+    python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, pytest, then the
+                                                   example app's suite (examples/flaskr)
     python3 scripts/dev.py demo [DEMO ARGS...]     run examples/demo.py
 
 Both first make sure ``.venv`` in the repository exists and has the project installed
@@ -12,7 +13,7 @@ Set ``REQCONN_TEST_DSN`` to test against an existing PostgreSQL instead of a thr
 ``test`` also needs the ``pgbouncer`` binary (the pgbouncer tests run it in front of the test
 server): when it is missing and this runs as root on Debian/Ubuntu, it is installed with
 apt-get; otherwise the test step fails and says how to install it (or set
-``REQCONN_PGBOUNCER`` to its path). Standard library only.
+``REQCONN_TEST_PGBOUNCER`` to its path). Standard library only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".reqconn-install-stamp"
+FLASKR_TESTS = ROOT / "examples" / "flaskr" / "tests"
 LINT_DIRS = ("flask_reqconn", "tests", "examples", "bench", "scripts")
 # Bump to force a reinstall everywhere when the recipe below changes.
 RECIPE_VERSION = "1"
@@ -155,15 +157,15 @@ def ensure_venv() -> float:
 # pgbouncer (Debian's package; the test fixtures run it themselves)
 # --------------------------------------------------------------------------------------
 
-PGBOUNCER_ENV = "REQCONN_PGBOUNCER"
+PGBOUNCER_ENV = "REQCONN_TEST_PGBOUNCER"
 PGBOUNCER_HOW = (
     "install it (Debian/Ubuntu: sudo apt-get install pgbouncer; macOS: brew install "
-    "pgbouncer) or set REQCONN_PGBOUNCER to the binary's path, then retry"
+    "pgbouncer) or set REQCONN_TEST_PGBOUNCER to the binary's path, then retry"
 )
 
 
 def find_pgbouncer() -> str | None:
-    """Path of the pgbouncer binary: $REQCONN_PGBOUNCER, PATH, then /usr/sbin."""
+    """Path of the pgbouncer binary: $REQCONN_TEST_PGBOUNCER, PATH, then /usr/sbin."""
     explicit = os.environ.get(PGBOUNCER_ENV)
     if explicit:
         return explicit if os.access(explicit, os.X_OK) else None
@@ -394,7 +396,7 @@ def cmd_test(args: list[str]) -> int:
             rc = run(cmd, check=False)
         secs = time.monotonic() - t0
         outcome = "ok" if rc == 0 else f"FAILED (exit {rc})"
-        if name == "pytest" and rc == 5:
+        if name.startswith("pytest") and rc == 5:
             outcome = "FAILED (exit 5: no tests ran)"
         results.append((name, outcome, secs))
         say(f"--- {name}: {outcome} in {secs:.1f}s")
@@ -424,6 +426,14 @@ def cmd_test(args: list[str]) -> int:
             ("pgbouncer", None, None),
             ("nginx", None, None),
             ("pytest", [python, "-m", "pytest", *args], None),
+            # the example app's own suite, as its users run it (its pyproject.toml:
+            # filterwarnings = error, flask-reqconn's pytest plugin)
+            (
+                "pytest flaskr",
+                [python, "-m", "pytest", "-c", "examples/flaskr/pyproject.toml",
+                 "--rootdir", "examples/flaskr", "examples/flaskr/tests"],
+                None if FLASKR_TESTS.is_dir() else "examples/flaskr/tests absent",
+            ),
         ]
         for name, cmd, skip in steps:
             rc = step(name, cmd, skip)

@@ -1,5 +1,7 @@
 """Fixtures building Flask apps with flask-reqconn against the test PostgreSQL.
 
+A pytest plugin (registered in tests/conftest.py).
+
 Every app made by ``make_app`` is checked at teardown: no lease may still be
 checked out, and its pool is closed.
 """

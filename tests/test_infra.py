@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -177,3 +178,73 @@ def test_raw_socket_helpers(spawn: Any) -> None:
 
     assert servers.http_get(server.url + "/")[::2] == (200, b"hello")
     assert server.is_running()
+
+
+# -- the kit's /proc parser and watchdog -------------------------------------------------
+
+
+def test_read_stat_parses_a_name_with_spaces_and_parentheses(tmp_path: Path) -> None:
+    from flask_reqconn.testing import read_stat
+
+    link = tmp_path / "od d) (x"
+    link.symlink_to(sys.executable)
+    proc = subprocess.Popen([str(link), "-c", "import time; time.sleep(30)"])
+    try:
+        st = read_stat(proc.pid)
+        assert st is not None
+        assert (st.ppid, st.alive) == (os.getpid(), True)
+        assert st.state in "RS"
+        assert servers.pid_alive(proc.pid, st.starttime)
+        assert not servers.pid_alive(proc.pid, st.starttime + 1)  # a reused PID is not it
+    finally:
+        proc.kill()
+        proc.wait()
+    assert read_stat(proc.pid) is None
+
+
+def _sleeper(tmp_path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "reqconn-sleeper"],
+        start_new_session=True,
+    )
+
+
+def test_watchdog_cleans_up_when_its_owner_dies(tmp_path: Path) -> None:
+    from flask_reqconn.testing import Watchdog
+
+    victim = _sleeper(tmp_path)
+    left = tmp_path / "left behind"
+    left.mkdir()
+    watchdog = Watchdog()
+    try:
+        watchdog.stop_process(victim.pid, "reqconn-sleeper", "SIGTERM:5,SIGKILL:5")
+        watchdog.remove_dir(left)
+        assert watchdog.proc is not None and watchdog.proc.stdin is not None
+        watchdog.proc.stdin.close()  # what the kernel does when the owner dies: EOF
+        assert watchdog.proc.wait(30) == 0
+        assert victim.wait(10) == -signal.SIGTERM
+        assert not left.exists()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+
+
+def test_released_watchdog_leaves_everything_alone(tmp_path: Path) -> None:
+    from flask_reqconn.testing import Watchdog
+
+    victim = _sleeper(tmp_path)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    try:
+        watchdog = Watchdog()
+        watchdog.stop_process(victim.pid, "reqconn-sleeper")
+        watchdog.remove_dir(kept)
+        token = watchdog.kill_group(victim.pid)
+        watchdog.forget(token)
+        watchdog.release()
+        watchdog.release()  # idempotent
+        assert victim.poll() is None and kept.is_dir()
+    finally:
+        victim.kill()
+        victim.wait()

@@ -18,7 +18,7 @@ from flask_reqconn import get_conn, state_of
 from flask_reqconn.storm import StormConfig, run_storm
 from tests import pg, servers
 from tests.appfixtures import AppFactory, reqconn_of
-from tests.pgbouncer import PgBouncer
+from tests.fix_pgbouncer import PgBouncer
 
 pytestmark = pytest.mark.slow
 

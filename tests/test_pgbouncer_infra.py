@@ -1,4 +1,4 @@
-"""The pgbouncer and replica test infrastructure (tests/pgbouncer.py, tests/replica.py)."""
+"""The pgbouncer and replica test infrastructure (tests/fix_pgbouncer.py, tests/fix_replica.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from tests import pg, replica
-from tests.pgbouncer import PgBouncer, pgbouncer_server
+from tests import fix_replica as replica
+from tests import pg
+from tests.fix_pgbouncer import PgBouncer, pgbouncer_server
 
 
 @pytest.fixture

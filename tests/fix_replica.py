@@ -6,7 +6,7 @@
   wheel's ``pg_basebackup -R`` through the primary's unix socket and started with its
   ``pg_ctl``. It answers reads, refuses writes (``pg_is_in_recovery()`` is true), replays
   the primary's changes (``wait_for_replay``), and has the primary's system identifier.
-* ``independent``: a second throwaway embedded server (``tests.pg.embedded_server``), with
+* ``independent``: a second throwaway embedded server (``testing.embedded_server``), with
   its own data and system identifier.
 
 ``$REQCONN_TEST_REPLICA`` picks one (``streaming``, ``independent``, default ``auto``:
@@ -16,7 +16,8 @@ otherwise, e.g. for a ``$REQCONN_TEST_DSN`` on another version). A streaming set
 fails is an error, never a silent fallback.
 
 Tell the servers apart with ``identity(conn)``: (system identifier, in recovery), which
-differs between primary and replica in both modes.
+differs between primary and replica in both modes. A pytest plugin (registered in
+tests/conftest.py): the ``replica_dsn`` fixture.
 """
 
 from __future__ import annotations
@@ -34,15 +35,24 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.conninfo import make_conninfo
 
-from tests import pg
+from flask_reqconn.testing import PgSetupError, embedded_server, wait_until
+from flask_reqconn.testing.postgres import pid_from_pidfile
+from flask_reqconn.testing.procs import pid_alive, wait_gone
+from flask_reqconn.testing.watchdog import (
+    POSTGRES_STOP,
+    Watchdog,
+    release_watchdog,
+    start_watchdog,
+)
 
 MODE_ENV = "REQCONN_TEST_REPLICA"
 MODES = ("auto", "streaming", "independent")
 
 
-class ReplicaError(pg.PgSetupError):
+class ReplicaError(PgSetupError):
     """The second server could not be provided."""
 
 
@@ -91,7 +101,7 @@ def wait_for_replay(primary_dsn: str, replica_dsn: str, timeout: float = 30.0) -
             ).fetchone()
             return bool(row and row[0])
 
-        pg.wait_until(replayed, timeout=timeout, message=f"replica replayed up to {lsn}")
+        wait_until(replayed, timeout=timeout, message=f"replica replayed up to {lsn}")
 
 
 # --------------------------------------------------------------------------------------
@@ -113,7 +123,7 @@ def second_server(primary_dsn: str | None = None, *, mode: str | None = None) ->
         with streaming_replica(primary_dsn) as dsn:
             yield dsn
     else:
-        with pg.embedded_server() as dsn:
+        with embedded_server() as dsn:
             yield dsn
 
 
@@ -200,7 +210,7 @@ def streaming_replica(primary_dsn: str) -> Iterator[str]:
         os.chown(pgdata, user.pw_uid, user.pw_gid)
     log = pgdata / "log"
     postmaster_pid: int | None = None
-    watchdog: subprocess.Popen[bytes] | None = None
+    watchdog: Watchdog | None = None
     problems: list[str] = []
     try:
         _run(
@@ -236,10 +246,10 @@ def streaming_replica(primary_dsn: str) -> Iterator[str]:
                 timeout=90,
             )  # fmt: skip
         finally:
-            postmaster_pid = pg._pid_from_pidfile(pgdata)
+            postmaster_pid = pid_from_pidfile(pgdata)
         if postmaster_pid is None:
             raise ReplicaError("standby: no postmaster.pid after pg_ctl start")
-        watchdog = pg.start_watchdog(postmaster_pid, "postgres", pg.POSTGRES_STOP, [str(root)])
+        watchdog = start_watchdog(postmaster_pid, "postgres", POSTGRES_STOP, [str(root)])
         dsn = make_conninfo(primary_dsn, host=str(pgdata), port=port)
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
             if not identity(conn)[1]:
@@ -249,30 +259,50 @@ def streaming_replica(primary_dsn: str) -> Iterator[str]:
                 row = conn.execute("SELECT status FROM pg_stat_wal_receiver").fetchone()
                 return bool(row and row[0] == "streaming")
 
-            pg.wait_until(streaming, timeout=30, message="standby streaming from the primary")
+            wait_until(streaming, timeout=30, message="standby streaming from the primary")
         yield dsn
     except ReplicaError as exc:
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
         raise ReplicaError(f"{exc}\nstandby log:\n{tail}") from None
     finally:
         if postmaster_pid is None:
-            postmaster_pid = pg._pid_from_pidfile(pgdata)
-        if postmaster_pid is not None and pg._pid_alive(postmaster_pid):
+            postmaster_pid = pid_from_pidfile(pgdata)
+        if postmaster_pid is not None and pid_alive(postmaster_pid):
             with contextlib.suppress(ReplicaError):
                 _run(
                     [str(bindir / "pg_ctl"), "stop", "-D", str(pgdata), "-w", "-m", "fast"],
                     user,
                     timeout=60,
                 )
-            if not pg._wait_gone(postmaster_pid, 15):
+            if not wait_gone(postmaster_pid, 15):
                 problems.append(f"standby postmaster {postmaster_pid} still alive; killing it")
                 with contextlib.suppress(OSError):
                     os.kill(postmaster_pid, signal.SIGKILL)
-                if not pg._wait_gone(postmaster_pid, 10):
+                if not wait_gone(postmaster_pid, 10):
                     problems.append(f"standby postmaster {postmaster_pid} survived SIGKILL")
         shutil.rmtree(root, ignore_errors=True)
-        pg.release_watchdog(watchdog)
+        release_watchdog(watchdog)
         if root.exists():
             problems.append(f"{root} could not be removed")
         if problems:
             raise ReplicaError("; ".join(problems))
+
+
+@pytest.fixture(scope="session")
+def replica_dsn(pg_dsn: str) -> Iterator[str]:
+    """Conninfo of a second server acting as a read replica of ``pg_dsn``'s server.
+
+    A real streaming hot standby when the primary is the embedded server (reads replay the
+    primary's writes after ``wait_for_replay``; writes fail), otherwise an independent
+    throwaway server; ``$REQCONN_TEST_REPLICA`` forces one. Tell the servers apart with
+    ``identity(conn)``.
+    """
+    with contextlib.ExitStack() as stack:
+        error: str | None = None
+        try:
+            dsn = stack.enter_context(second_server(pg_dsn))
+        except PgSetupError as exc:
+            error = str(exc)
+        if error is not None:
+            pytest.fail(f"replica unavailable: {error}", pytrace=False)
+        yield dsn

@@ -1,5 +1,8 @@
 """pgbouncer for the test suite: a real pgbouncer process in front of the test PostgreSQL.
 
+A pytest plugin (registered in tests/conftest.py): fixtures ``pgbouncer`` and
+``make_pgbouncer``, on top of ``pgbouncer_server``.
+
 ``pgbouncer_server(target_dsn)`` writes a config into a fresh directory, starts the
 ``pgbouncer`` binary (Debian's package; ``scripts/dev.py test`` installs it) in the foreground
 in its own session, waits until a ``SELECT 1`` through it works, and on exit stops it by PID
@@ -39,18 +42,23 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from tests import pg, servers
+from flask_reqconn.testing import redacted
+from flask_reqconn.testing.procs import pid_alive
+from flask_reqconn.testing.servers import accepts, free_port
+from flask_reqconn.testing.watchdog import Watchdog, release_watchdog, start_watchdog
 
-BINARY_ENV = "REQCONN_PGBOUNCER"
+#: The pgbouncer binary to use (not the config key REQCONN_PGBOUNCER, a boolean).
+BINARY_ENV = "REQCONN_TEST_PGBOUNCER"
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 HOW_TO_INSTALL = (
@@ -65,7 +73,7 @@ class PgBouncerError(RuntimeError):
 
 
 def find_binary() -> str:
-    """Path of the pgbouncer binary ($REQCONN_PGBOUNCER, PATH, /usr/sbin); else raise."""
+    """Path of the pgbouncer binary ($REQCONN_TEST_PGBOUNCER, PATH, /usr/sbin); else raise."""
     explicit = os.environ.get(BINARY_ENV)
     if explicit:
         if not os.access(explicit, os.X_OK):
@@ -163,7 +171,7 @@ class PgBouncer:
             return ""
 
     def alive(self) -> bool:
-        return servers.pid_alive(self.pid)
+        return pid_alive(self.pid)
 
 
 # --------------------------------------------------------------------------------------
@@ -180,7 +188,7 @@ def _target(target_dsn: str) -> dict[str, Any]:
             password = info.password or None
     except psycopg.Error as exc:
         raise PgBouncerError(
-            f"cannot connect to the target {pg.redacted(target_dsn)!r}: {exc}"
+            f"cannot connect to the target {redacted(target_dsn)!r}: {exc}"
         ) from None
     return {"host": host, "port": int(port), "user": user, "dbname": dbname, "password": password}
 
@@ -316,11 +324,11 @@ def pgbouncer_server(
 
     bouncer: PgBouncer | None = None
     proc: subprocess.Popen[bytes] | None = None
-    watchdog: subprocess.Popen[bytes] | None = None
+    watchdog: Watchdog | None = None
     problems: list[str] = []
     try:
         for attempt in range(5):  # a free port can be taken before pgbouncer binds it
-            port = servers.free_port()
+            port = free_port()
             config_path.write_text(
                 _config(
                     target,
@@ -358,7 +366,7 @@ def pgbouncer_server(
                     f"pgbouncer did not start; its log ({log_path}):\n{_tail(log_path)}"
                 )
         assert proc is not None
-        watchdog = pg.start_watchdog(
+        watchdog = start_watchdog(
             proc.pid, "pgbouncer", "SIGTERM:10,SIGKILL:5", [str(rundir)] if own_dir else []
         )
         dsn = make_conninfo(
@@ -387,7 +395,7 @@ def pgbouncer_server(
                 shutil.copy(log_path, keep_dir / f"pgbouncer-{proc.pid if proc else 'x'}.log")
         if own_dir:
             shutil.rmtree(rundir, ignore_errors=True)
-        pg.release_watchdog(watchdog)
+        release_watchdog(watchdog)
         if problems:
             raise PgBouncerError("; ".join(problems))
 
@@ -416,7 +424,7 @@ def _wait_ready(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        if servers._accepts(port):
+        if accepts(port):
             try:
                 with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
                     conn.execute("SELECT 1")
@@ -440,6 +448,51 @@ def _stop(proc: subprocess.Popen[bytes]) -> list[str]:
             os.kill(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(wait)
-    if servers.pid_alive(proc.pid):
+    if pid_alive(proc.pid):
         return [f"pgbouncer {proc.pid} is still running after SIGTERM and SIGKILL"]
     return []
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgBouncer]:
+    """A real pgbouncer (transaction pooling, default_pool_size 4) in front of ``pg_dsn``.
+
+    Shared by the whole session: for pool-level assertions (``SHOW POOLS``) connect to a
+    database of your own (``pg.create_database``; every name is served) or use
+    ``make_pgbouncer``. A missing pgbouncer binary fails, never skips.
+    """
+    with contextlib.ExitStack() as stack:
+        error: str | None = None
+        try:
+            bouncer = stack.enter_context(
+                pgbouncer_server(pg_dsn, tmpdir=tmp_path_factory.mktemp("pgbouncer"))
+            )
+        except PgBouncerError as exc:
+            error = str(exc)
+        if error is not None:
+            pytest.fail(f"pgbouncer unavailable: {error}", pytrace=False)
+        yield bouncer
+
+
+@pytest.fixture
+def make_pgbouncer(pg_dsn: str, tmp_path: Path) -> Iterator[Callable[..., PgBouncer]]:
+    """Factory for a pgbouncer of the test's own, stopped at teardown.
+
+    ``make_pgbouncer(default_pool_size=2, pool_mode="session", target_dsn=...)``; arguments
+    as for ``pgbouncer_server`` (``target_dsn`` defaults to ``pg_dsn``).
+    """
+    with contextlib.ExitStack() as stack:
+
+        def factory(target_dsn: str | None = None, **kwargs: Any) -> PgBouncer:
+            kwargs.setdefault("tmpdir", tmp_path)
+            try:
+                return stack.enter_context(pgbouncer_server(target_dsn or pg_dsn, **kwargs))
+            except PgBouncerError as exc:
+                pytest.fail(f"pgbouncer unavailable: {exc}", pytrace=False)
+
+        yield factory
