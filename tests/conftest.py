@@ -71,6 +71,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., servers.ServerProcess]]:
 
 
 from tests.appfixtures import make_app  # noqa: E402,F401  (fixture)
+from tests.sqla_models import items, items_table  # noqa: E402,F401  (fixtures)
 
 # -- pgbouncer and a second server (tests/pgbouncer.py, tests/replica.py) ----------------
 

@@ -1,0 +1,1 @@
+"""Integrations of flask-reqconn with other libraries, each behind its optional extra."""
