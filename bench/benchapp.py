@@ -4,7 +4,8 @@ gunicorn loads it as ``benchapp:create_app()`` (with ``--pythonpath bench``); th
 variant and the database come from the environment:
 
 ``BENCH_VARIANT``
-    ``bare`` (a), ``eager`` (b), ``lazy`` (c), ``fsqla`` (d), ``plain`` (e); ``eager``
+    ``bare`` (a), ``eager`` (b), ``lazy`` (c), ``fsqla`` (d), ``plain`` (e), ``fsqlarc``
+    (Flask-SQLAlchemy on flask-reqconn's pool, for ``bench/sqla.py``); ``eager``
     and ``lazy`` take suffixes that switch one safety feature off each
     (:data:`FEATURE_SWITCHES`), e.g. ``eager-noreset`` or ``eager-nocheck-nocancel``.
 ``BENCH_DSN``
@@ -40,7 +41,7 @@ READ_SQL = "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = %s"
 READ_SQL_SQLA = "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = :sku"
 APPLICATION_NAME_PREFIX = "bench_"
 
-VARIANTS = ("bare", "eager", "lazy", "fsqla", "plain")
+VARIANTS = ("bare", "eager", "lazy", "fsqla", "plain", "fsqlarc")
 #: Suffixes for ``eager`` and ``lazy`` that switch one feature off each, combinable
 #: (``eager-noreset-nocheck``): what each safety feature costs.
 FEATURE_SWITCHES: dict[str, dict[str, Any]] = {
@@ -102,8 +103,8 @@ def create_app(variant: str | None = None, **reqconn_config: Any) -> Flask:
 
     if base == "bare":
         _bare(app, dsn, appname, pool_size, random_sku)
-    elif base == "fsqla":
-        _fsqla(app, dsn, appname, pool_size, random_sku)
+    elif base in ("fsqla", "fsqlarc"):
+        _fsqla(app, dsn, appname, pool_size, random_sku, reqconn=base == "fsqlarc")
     else:
         _reqconn(app, base, dsn, appname, pool_size, random_sku, {**switches, **reqconn_config})
     return app
@@ -203,32 +204,60 @@ def _reqconn(
         return jsonify(reqconn.stats())
 
 
-def _fsqla(app: Flask, dsn: str, appname: str, pool_size: int, random_sku: Any) -> None:
-    """(d): Flask-SQLAlchemy 3.1, psycopg 3 driver, the same SQL as ``text()``."""
+def _fsqla(
+    app: Flask, dsn: str, appname: str, pool_size: int, random_sku: Any, *, reqconn: bool = False
+) -> None:
+    """(d): Flask-SQLAlchemy 3.1, psycopg 3 driver, the same SQL as ``text()``.
+
+    With *reqconn*, the same app on flask-reqconn's pool (eager checkout, ``/nodb`` and
+    ``/stats`` exempt), configured as the SQLAlchemy docs page says.
+    """
     from flask_sqlalchemy import SQLAlchemy
     from psycopg.conninfo import conninfo_to_dict
     from sqlalchemy import URL, text
 
-    params = conninfo_to_dict(dsn)
-    query = {k: str(v) for k, v in params.items() if k not in ("user", "password", "dbname")}
-    host = query.pop("host", None)
-    port = query.pop("port", None)
-    url = URL.create(
-        "postgresql+psycopg",
-        username=params.get("user"),
-        password=params.get("password"),
-        database=params.get("dbname"),
-        query={**query, **({"host": host} if host else {}), **({"port": port} if port else {})},
-    )
-    app.config.update(
-        SQLALCHEMY_DATABASE_URI=url,
-        SQLALCHEMY_ENGINE_OPTIONS={
-            "pool_size": pool_size,
-            "max_overflow": 0,
-            "pool_timeout": 5,
-            "connect_args": {"application_name": appname},
-        },
-    )
+    if reqconn:
+        from flask_reqconn import ReqConn
+        from flask_reqconn.integrations.sqlalchemy import engine_options
+
+        app.config.update(
+            REQCONN_CONNINFO=dsn,
+            REQCONN_MIN_SIZE=pool_size,
+            REQCONN_MAX_SIZE=pool_size,
+            REQCONN_CONNECT_ARGS={"application_name": appname},
+            REQCONN_EXEMPT_ENDPOINTS=["nodb", "stats"],
+            SQLALCHEMY_DATABASE_URI="postgresql+psycopg://",
+            SQLALCHEMY_ENGINE_OPTIONS=engine_options(),
+        )
+        ext = ReqConn(app)
+
+        @app.get("/stats")
+        def stats() -> Response:
+            return jsonify(ext.stats())
+
+    else:
+        params = conninfo_to_dict(dsn)
+        query = {k: str(v) for k, v in params.items() if k not in ("user", "password", "dbname")}
+        host = query.pop("host", None)
+        port = query.pop("port", None)
+        url = URL.create(
+            "postgresql+psycopg",
+            username=params.get("user"),
+            password=params.get("password"),
+            database=params.get("dbname"),
+            query={
+                **query, **({"host": host} if host else {}), **({"port": port} if port else {})
+            },
+        )
+        app.config.update(
+            SQLALCHEMY_DATABASE_URI=url,
+            SQLALCHEMY_ENGINE_OPTIONS={
+                "pool_size": pool_size,
+                "max_overflow": 0,
+                "pool_timeout": 5,
+                "connect_args": {"application_name": appname},
+            },
+        )
     db = SQLAlchemy(app)
     select1_sql = text(SELECT1_SQL)
     read_sql = text(READ_SQL_SQLA)

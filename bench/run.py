@@ -98,6 +98,7 @@ LABELS = {
     "lazy": "(c) reqconn lazy",
     "fsqla": "(d) Flask-SQLAlchemy",
     "plain": "(e) plain Flask",
+    "fsqlarc": "(f) Flask-SQLAlchemy on reqconn",
 }
 SWITCH_LABELS = {
     "noreset": "RESET_SESSION=False",

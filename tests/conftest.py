@@ -24,6 +24,8 @@ pytest_plugins = (
     "tests.appfixtures",
     "tests.fix_pgbouncer",
     "tests.fix_replica",
+    "tests.fix_faults",
+    "tests.sqla_models",
 )
 
 

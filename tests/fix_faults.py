@@ -534,8 +534,8 @@ def fault_server(tmpdir: Path | None = None, *, netns: bool = False) -> Iterator
 
 
 # --------------------------------------------------------------------------------------
-# pytest fixtures ``fault_pg`` and ``netns_pg``: import ``fault_pg_fixture`` and
-# ``netns_pg_fixture`` into a test module, or list this module in conftest's pytest_plugins
+# pytest fixtures ``fault_pg`` and ``netns_pg`` (this module is listed in conftest's
+# pytest_plugins)
 # --------------------------------------------------------------------------------------
 
 

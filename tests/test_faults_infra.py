@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from tests import fix_faults, pg, servers
-from tests.fix_faults import FaultServer, fault_pg_fixture, netns_pg_fixture  # noqa: F401
+from tests.fix_faults import FaultServer
 
 
 def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:

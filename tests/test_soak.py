@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.soak import SoakConfig, run_soak
-from tests.fix_faults import FaultServer, fault_pg_fixture  # noqa: F401  (fixture)
+from tests.fix_faults import FaultServer
 
 
 @pytest.mark.slow

@@ -1,1 +1,2 @@
-"""Integrations with other libraries, each through :func:`flask_reqconn.state_of` and listeners."""
+"""Integrations with other libraries, each behind its optional extra; they reach the
+library through :func:`flask_reqconn.state_of` and listeners."""

@@ -1,0 +1,488 @@
+"""SQLAlchemy engines whose connections are the request's connection.
+
+:class:`RequestPool` is an SQLAlchemy pool class. An engine made with it never opens a
+connection itself. In a request, every checkout is the request's connection from
+:func:`flask_reqconn.get_conn` (taken eagerly or lazily, as configured, and given back by
+flask-reqconn with all its guarantees). Outside a request, in an application context (CLI
+commands, scripts, tests), every checkout is a connection of its own from
+:meth:`ReqConn.connection <flask_reqconn.ReqConn.connection>`, cleaned the same way and
+given back when SQLAlchemy checks it in::
+
+    from flask_reqconn.integrations.sqlalchemy import create_engine, engine_options
+
+    engine = create_engine()                    # SQLAlchemy Core and ORM
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options()   # Flask-SQLAlchemy
+
+SQLAlchemy sees a thin DBAPI-level wrapper of the psycopg connection. It stops working when
+the lease ends, so a session closed after flask-reqconn gave the connection back (Flask
+runs ``teardown_appcontext`` after ``teardown_request``) cannot touch a connection that
+another request may already hold. SQLAlchemy never closes, pings or resets a connection
+flask-reqconn owns. See the SQLAlchemy page of the documentation.
+
+Importing this module imports SQLAlchemy (the ``sqlalchemy`` extra); ``import
+flask_reqconn`` does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import typing as t
+from collections.abc import Callable
+
+import psycopg
+import sqlalchemy as sa
+from flask import current_app, has_app_context, has_request_context, request
+from psycopg.pq import TransactionStatus
+from sqlalchemy import event, exc
+from sqlalchemy.pool import ConnectionPoolEntry, Pool
+
+from ..checkout import REQUEST_ATTR, on_query_canceled
+from ..errors import ConnectionReleased, ReqConnError
+from ..extension import get_conn, state_of
+
+if t.TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
+    from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
+
+    from ..lease import Lease
+    from ..state import AppState
+
+__all__ = ["RequestPool", "create_engine", "engine_options"]
+
+logger = logging.getLogger("flask_reqconn.integrations.sqlalchemy")
+
+#: The URL of an engine on flask-reqconn: it only selects the dialect. The connection
+#: parameters are flask-reqconn's (``REQCONN_CONNINFO``).
+DEFAULT_URL = "postgresql+psycopg://"
+#: Protects work the request did before SQLAlchemy's first use in the process: the
+#: dialect's initialisation ends with a ROLLBACK.
+_INIT_SAVEPOINT = "flask_reqconn_sqlalchemy_init"
+
+
+class RequestPool(Pool):
+    """An SQLAlchemy pool that hands out flask-reqconn's connections.
+
+    Give it to an engine as ``poolclass`` (:func:`engine_options` and
+    :func:`create_engine` do). It needs the psycopg dialect
+    (``postgresql+psycopg://``); the URL's host, database and credentials are not used.
+    The pool options of SQLAlchemy that would manage the connection a second time are
+    refused: ``pool_pre_ping``, ``pool_recycle``, ``pool_reset_on_return`` (other than
+    ``None``), and ``pool_size``, ``max_overflow``, ``pool_timeout`` (SQLAlchemy rejects
+    those itself for this pool class).
+
+    :param creator: the engine's connect function; kept for :meth:`recreate`, never called.
+    :param reqconn_pool: the flask-reqconn pool name (engine option ``reqconn_pool``).
+        ``None``: what :func:`~flask_reqconn.get_conn` without a name gives, which
+        follows :meth:`~flask_reqconn.ReqConn.read_only` routing.
+    :raises sqlalchemy.exc.ArgumentError: an option this pool cannot honour, naming it.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        creator: t.Any,
+        reqconn_pool: str | None = None,
+        recycle: int = -1,
+        echo: t.Any = None,
+        logging_name: str | None = None,
+        reset_on_return: t.Any = None,
+        events: list[tuple[Callable[..., t.Any], str]] | None = None,
+        dialect: t.Any = None,
+        pre_ping: bool = False,
+        _dispatch: t.Any = None,
+    ) -> None:
+        if pre_ping:
+            raise exc.ArgumentError(
+                "pool_pre_ping: flask-reqconn checks its connections itself; remove the option"
+            )
+        if recycle != -1:
+            raise exc.ArgumentError(
+                "pool_recycle: flask-reqconn's pool replaces old connections; set"
+                " REQCONN_MAX_LIFETIME instead"
+            )
+        if reset_on_return not in (None, False, "none"):
+            raise exc.ArgumentError(
+                "pool_reset_on_return: flask-reqconn rolls back and resets every connection"
+                " when it comes back; leave the option unset (None)"
+            )
+        if dialect is not None:
+            _check_dialect(dialect)
+            dialect = _PoolDialect(dialect)
+        self._sa_creator = creator
+        self._reqconn_pool = reqconn_pool
+        self._environ_key = f"flask_reqconn.sqlalchemy.{id(self):x}"
+        self._handing = threading.local()
+        self._initialized = False
+        super().__init__(
+            t.cast(t.Any, self._hand_over),
+            recycle=-1,
+            echo=echo,
+            logging_name=logging_name,
+            reset_on_return=None,
+            events=events,
+            dialect=dialect,
+            pre_ping=False,
+            _dispatch=_dispatch,
+        )
+
+    def status(self) -> str:
+        return f"RequestPool(flask-reqconn pool {self._reqconn_pool or 'of get_conn()'!s})"
+
+    def recreate(self) -> RequestPool:
+        dialect = self._dialect
+        return self.__class__(
+            self._sa_creator,
+            reqconn_pool=self._reqconn_pool,
+            echo=self.echo,
+            logging_name=self._orig_logging_name,
+            _dispatch=self.dispatch,
+            dialect=dialect.wrapped if isinstance(dialect, _PoolDialect) else None,
+        )
+
+    def dispose(self) -> None:
+        """Nothing to do: the connections belong to flask-reqconn."""
+
+    # -- checkout and checkin --------------------------------------------------
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        if has_request_context():
+            return self._request_record()
+        return self._private_record()
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        proxy = record.dbapi_connection
+        if isinstance(proxy, RequestConnection) and proxy._lease is None:
+            proxy._detach()  # a connection of its own: give it back now
+
+    def _close_connection(self, connection: DBAPIConnection, *, terminate: bool = False) -> None:
+        # SQLAlchemy "closes" on invalidation and failed connect events: the wrapper
+        # stops working; the psycopg connection stays flask-reqconn's, which discards it
+        # at hand-back if it is broken.
+        if isinstance(connection, RequestConnection):
+            connection._detach()
+        else:  # pragma: no cover - only wrappers are ever handed out
+            super()._close_connection(connection, terminate=terminate)
+
+    def _invalidate(
+        self,
+        connection: t.Any,
+        exception: BaseException | None = None,
+        _checkin: bool = True,
+    ) -> None:
+        # A disconnect on one connection says nothing about the others (other requests
+        # hold them): never invalidate the whole pool, only this connection.
+        if _checkin and getattr(connection, "is_valid", False):
+            connection.invalidate(exception)
+
+    def _request_record(self) -> ConnectionPoolEntry:
+        conn = get_conn(self._reqconn_pool)
+        lease = _lease_of(conn, self._reqconn_pool)
+        environ = request.environ
+        proxy = environ.get(self._environ_key)
+        if not isinstance(proxy, RequestConnection) or proxy._target() is not conn:
+            proxy = RequestConnection(conn, lease)
+            environ[self._environ_key] = proxy
+        record = proxy._record
+        if (
+            record is not None
+            and record.dbapi_connection is proxy
+            and not record._is_hard_or_soft_invalidated()
+        ):
+            return t.cast(ConnectionPoolEntry, record)
+        record = self._new_record(proxy, conn)
+        proxy._record = record
+        return record
+
+    def _private_record(self) -> ConnectionPoolEntry:
+        if not has_app_context():
+            raise ReqConnError(
+                "this SQLAlchemy engine takes its connections from flask-reqconn: use it in"
+                " a request or inside 'with app.app_context():' (in a streamed response,"
+                " wrap the generator with flask.stream_with_context())"
+            )
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        state: AppState = state_of(app)
+        cm = state.ext.connection(self._reqconn_pool, app=app)
+        conn = cm.__enter__()
+        proxy = RequestConnection(conn, None, release=_closer(cm, conn))
+        try:
+            return self._new_record(proxy, conn)
+        except BaseException:
+            proxy._detach()
+            raise
+
+    def _new_record(
+        self, proxy: RequestConnection, conn: psycopg.Connection[t.Any]
+    ) -> ConnectionPoolEntry:
+        """A new SQLAlchemy record for *proxy*: fires ``connect`` (and the dialect's
+        one-time initialisation on the first one)."""
+        guard = not self._initialized and (
+            conn.pgconn.transaction_status == TransactionStatus.INTRANS
+        )
+        if guard:
+            conn.execute(f"SAVEPOINT {_INIT_SAVEPOINT}")
+            proxy._savepoint = True
+        self._handing.proxy = proxy
+        try:
+            record = self._create_connection()
+        except BaseException:
+            if guard and conn.pgconn.transaction_status == TransactionStatus.INERROR:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(f"ROLLBACK TO SAVEPOINT {_INIT_SAVEPOINT}")
+            raise
+        finally:
+            self._handing.proxy = None
+            proxy._savepoint = False
+            if guard and conn.pgconn.transaction_status == TransactionStatus.INTRANS:
+                conn.execute(f"RELEASE SAVEPOINT {_INIT_SAVEPOINT}")
+        self._initialized = True
+        return record
+
+    def _hand_over(self, record: ConnectionPoolEntry) -> RequestConnection:
+        proxy: RequestConnection | None = getattr(self._handing, "proxy", None)
+        if proxy is None:  # pragma: no cover - recycling is disabled
+            raise ReqConnError("RequestPool cannot reconnect a record by itself")
+        return proxy
+
+
+class RequestConnection:
+    """The DBAPI connection SQLAlchemy sees: a wrapper of a flask-reqconn connection.
+
+    Everything is passed through to the psycopg connection while the request's lease
+    (or, outside requests, the connection of its own) is held. Afterwards ``rollback()``
+    and ``close()`` do nothing, attribute changes are ignored, and anything else raises
+    :class:`~flask_reqconn.ConnectionReleased`. ``close()`` never closes the psycopg
+    connection. ``driver_connection`` of SQLAlchemy's pool entries is the psycopg
+    connection itself.
+    """
+
+    __slots__ = ("_conn", "_lease", "_release", "_record", "_savepoint", "__weakref__")
+
+    _conn: psycopg.Connection[t.Any] | None
+    _lease: Lease | None
+    _release: Callable[[], None] | None
+    #: SQLAlchemy's pool entry for this wrapper (a ``_ConnectionRecord``)
+    _record: t.Any
+    #: the dialect's first initialisation runs inside a savepoint: rollback() goes to it
+    _savepoint: bool
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[t.Any],
+        lease: Lease | None,
+        *,
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        object.__setattr__(self, "_conn", conn)
+        object.__setattr__(self, "_lease", lease)
+        object.__setattr__(self, "_release", release)
+        object.__setattr__(self, "_record", None)
+        object.__setattr__(self, "_savepoint", False)
+
+    def __repr__(self) -> str:
+        state = "usable" if self._target() is not None else "released"
+        return f"<RequestConnection {state} {'request' if self._lease else 'own'}>"
+
+    def _target(self) -> psycopg.Connection[t.Any] | None:
+        conn = self._conn
+        lease = self._lease
+        if conn is None or (lease is not None and (lease.conn is not conn or not lease.active)):
+            return None
+        return conn
+
+    def _live(self) -> psycopg.Connection[t.Any]:
+        conn = self._target()
+        if conn is None:
+            raise ConnectionReleased(
+                "SQLAlchemy used the request's connection after flask-reqconn gave it back"
+                " (a session kept past the end of its request, or used after its stream"
+                " was closed)"
+            )
+        return conn
+
+    def _detach(self) -> None:
+        release = self._release
+        object.__setattr__(self, "_conn", None)
+        object.__setattr__(self, "_release", None)
+        if release is not None:
+            release()
+
+    # -- DBAPI ---------------------------------------------------------------
+
+    def cursor(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        return self._live().cursor(*args, **kwargs)
+
+    def commit(self) -> None:
+        self._live().commit()
+
+    def rollback(self) -> None:
+        conn = self._target()
+        if conn is None:
+            return  # flask-reqconn rolled back when it took the connection back
+        if self._savepoint:
+            conn.execute(f"ROLLBACK TO SAVEPOINT {_INIT_SAVEPOINT}")
+        else:
+            conn.rollback()
+
+    def close(self) -> None:
+        """Never closes the psycopg connection: flask-reqconn owns it."""
+
+    @property
+    def closed(self) -> bool:
+        conn = self._target()
+        return conn is None or conn.closed
+
+    @property
+    def broken(self) -> bool:
+        conn = self._target()
+        return conn is not None and conn.broken
+
+    @property
+    def driver_connection(self) -> psycopg.Connection[t.Any]:
+        return self._live()
+
+    def add_notice_handler(self, callback: Callable[..., t.Any]) -> None:
+        # ``connect`` fires once per request: keep one copy of each handler.
+        conn = self._live()
+        with contextlib.suppress(ValueError):
+            conn.remove_notice_handler(callback)
+        conn.add_notice_handler(callback)
+
+    def add_notify_handler(self, callback: Callable[..., t.Any]) -> None:
+        conn = self._live()
+        with contextlib.suppress(ValueError):
+            conn.remove_notify_handler(callback)
+        conn.add_notify_handler(callback)
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self._live(), name)
+
+    def __setattr__(self, name: str, value: t.Any) -> None:
+        if name in RequestConnection.__slots__:
+            object.__setattr__(self, name, value)
+            return
+        conn = self._target()
+        if conn is not None:  # after the lease: SQLAlchemy's cleanup, nothing to undo
+            setattr(conn, name, value)
+
+
+class _PoolDialect:
+    """The engine's dialect as the pool sees it: ``driver_connection`` is psycopg's."""
+
+    __slots__ = ("wrapped",)
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.wrapped = dialect
+
+    def __getattr__(self, name: str) -> t.Any:
+        return getattr(self.wrapped, name)
+
+    def get_driver_connection(self, connection: t.Any) -> t.Any:
+        if isinstance(connection, RequestConnection):
+            return connection.driver_connection
+        return self.wrapped.get_driver_connection(connection)  # pragma: no cover
+
+
+def _check_dialect(dialect: t.Any) -> None:
+    if getattr(dialect, "name", None) != "postgresql" or getattr(dialect, "driver", None) != (
+        "psycopg"
+    ):
+        raise exc.ArgumentError(
+            "RequestPool needs the psycopg dialect: use the URL 'postgresql+psycopg://'"
+            f" (got {dialect.name}+{dialect.driver})"
+        )
+    if getattr(dialect, "is_async", False):
+        raise exc.ArgumentError(
+            "RequestPool works with synchronous engines only (flask-reqconn's connections"
+            " are psycopg.Connection objects)"
+        )
+    for option in ("json_serializer", "json_deserializer"):
+        if getattr(dialect, f"_{option}", None) is not None:
+            raise exc.ArgumentError(
+                f"{option}: it applies to connections SQLAlchemy opens itself; register it"
+                " with psycopg.types.json.set_json_dumps()/set_json_loads() instead"
+            )
+    if getattr(dialect, "_native_inet_types", None) is False:
+        raise exc.ArgumentError(
+            "native_inet_types=False: it applies to connections SQLAlchemy opens itself"
+        )
+    # SQLAlchemy registers psycopg's hstore adapters on the connections it opens; it
+    # opens none here, so it must convert hstore values itself.
+    dialect.use_native_hstore = False
+    if not event.contains(dialect, "handle_error", _on_error):
+        event.listen(dialect, "handle_error", _on_error)
+
+
+def _on_error(context: ExceptionContext) -> None:
+    """A query flask-reqconn cancelled becomes its 499 (or 503), as with ``get_conn()``."""
+    orig = context.original_exception
+    if not isinstance(orig, psycopg.errors.QueryCanceled) or not has_request_context():
+        return
+    try:
+        state = state_of(current_app)
+    except ReqConnError:
+        return
+    try:
+        replacement = on_query_canceled(state, orig)
+    except psycopg.errors.QueryCanceled:
+        return  # not a cancellation of flask-reqconn's (statement_timeout...)
+    raise replacement from orig
+
+
+def _lease_of(conn: psycopg.Connection[t.Any], name: str | None) -> Lease:
+    req = getattr(request, REQUEST_ATTR)
+    lease: Lease = req.leases[name or req.route]
+    assert lease.conn is conn
+    return lease
+
+
+def _closer(cm: contextlib.AbstractContextManager[t.Any], conn: psycopg.Connection[t.Any]
+            ) -> Callable[[], None]:  # fmt: skip
+    """Give a connection of its own back: roll back (never commit) what is open."""
+
+    def close() -> None:
+        try:
+            if not conn.closed and conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                conn.rollback()
+        except Exception as error:  # the hand-back discards a broken connection
+            logger.debug("rollback before the hand-back failed: %s", error)
+        try:
+            cm.__exit__(None, None, None)
+        except Exception as error:
+            logger.debug("hand-back of a connection of its own failed: %s", error)
+
+    return close
+
+
+def engine_options(pool: str | None = None) -> dict[str, t.Any]:
+    """Engine options that put an engine on flask-reqconn's connections.
+
+    For ``SQLALCHEMY_ENGINE_OPTIONS`` (Flask-SQLAlchemy), an entry of
+    ``SQLALCHEMY_ENGINES`` (Flask-SQLAlchemy-Lite), ``engine_options=`` of either
+    extension, or ``sqlalchemy.create_engine(url, **engine_options())``.
+
+    :param pool: the flask-reqconn pool name; ``None`` follows ``get_conn()``.
+    """
+    options: dict[str, t.Any] = {"poolclass": RequestPool}
+    if pool is not None:
+        options["reqconn_pool"] = pool
+    return options
+
+
+def create_engine(
+    url: str | sa.URL = DEFAULT_URL, *, pool: str | None = None, **kwargs: t.Any
+) -> sa.Engine:
+    """``sqlalchemy.create_engine`` on flask-reqconn's connections.
+
+    Nothing connects here; the engine is usable in requests and application contexts of
+    any app set up with :class:`~flask_reqconn.ReqConn`.
+
+    :param url: selects the dialect; must be ``postgresql+psycopg``. Its host, database
+        and credentials are not used.
+    :param pool: the flask-reqconn pool name; ``None`` follows ``get_conn()``.
+    :param kwargs: further ``create_engine`` arguments (``echo``, ``execution_options``...).
+    """
+    return sa.create_engine(url, **engine_options(pool), **kwargs)
