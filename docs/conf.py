@@ -30,8 +30,7 @@ exclude_patterns = ["_build"]
 default_role = "code"
 nitpicky = True
 #: Names from other projects, which have no inventory here (no intersphinx:
-#: nothing is fetched from the network), and the storm tool's functions,
-#: whose API page comes with the storm package.
+#: nothing is fetched from the network).
 nitpick_ignore = [
     ("py:class", name)
     for name in (
@@ -49,11 +48,12 @@ nitpick_ignore = [
         "werkzeug.exceptions.HTTPException",
         "werkzeug.exceptions.ServiceUnavailable",
         "flask_reqconn.extension.F",  # the TypeVar of the decorators
+        "os.PathLike",
+        "sqlalchemy.engine.base.Engine",
+        "sqlalchemy.engine.url.URL",
+        "t.Any",
     )
-] + [
-    ("py:func", "flask_reqconn.storm.run_storm"),
-    ("py:func", "flask_reqconn.storm.format_report"),
-]
+] + [("py:exc", "sqlalchemy.exc.ArgumentError")]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"

@@ -72,7 +72,7 @@ class RequestPool(Pool):
     ``None``), and ``pool_size``, ``max_overflow``, ``pool_timeout`` (SQLAlchemy rejects
     those itself for this pool class).
 
-    :param creator: the engine's connect function; kept for :meth:`recreate`, never called.
+    :param creator: the engine's connect function; kept for ``recreate()``, never called.
     :param reqconn_pool: the flask-reqconn pool name (engine option ``reqconn_pool``).
         ``None``: what :func:`~flask_reqconn.get_conn` without a name gives, which
         follows :meth:`~flask_reqconn.ReqConn.read_only` routing.
