@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_reqconn import get_conn
+from flask_reqconn import get_conn, testing
+from flaskr import create_app
 from flaskr.db import reqconn
 
 
@@ -21,14 +22,15 @@ def _backend(app: Flask) -> int:
 
 
 def test_hand_back_keeps_the_connection_and_warns_nothing(
-    app: Flask, caplog: pytest.LogCaptureFixture
+    app: Flask, flaskr_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app.config["REQCONN_MAX_SIZE"] = 1
-    with caplog.at_level(logging.WARNING, logger="flask_reqconn"):
-        first = _backend(app)
-        assert _backend(app) == first  # cleaned and reused, not discarded
-    stats: dict[str, Any] = reqconn.stats(app)
-    assert stats["pools"]["default"]["discarded_connections"] == 0
+    del app  # its tables and data; this test needs a pool of one connection
+    one = create_app({"TESTING": True, "REQCONN_CONNINFO": flaskr_dsn, "REQCONN_MAX_SIZE": 1})
+    with testing.closing(one), caplog.at_level(logging.WARNING, logger="flask_reqconn"):
+        first = _backend(one)
+        assert _backend(one) == first  # cleaned and reused, not discarded
+        stats: dict[str, Any] = reqconn.stats(one)
+        assert stats["pools"]["default"]["discarded_connections"] == 0
     assert [r.getMessage() for r in caplog.records if r.name.startswith("flask_reqconn")] == []
 
 
