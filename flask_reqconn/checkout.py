@@ -190,7 +190,9 @@ def after_request(state: AppState, response: Response) -> Response:
     """Keep a streamed body's connection for the WSGI wrapper; commit in atomic mode."""
     req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
     if req is None:
-        return response
+        if not (response.is_streamed and body_may_use_connection(response.response)):
+            return response
+        req = request_leases(state)  # the body may check out: the WSGI wrapper guards it
     if response.is_streamed and body_may_use_connection(response.response):
         req.streamed = True
     if state.any_atomic:
