@@ -30,6 +30,7 @@ from .middleware import body_may_use_connection
 from .names import DEFAULT_POOL, CancelReason, Stat
 from .probes import probe_for
 from .sites import checkout_site
+from .sizing import check_once as check_pool_size
 from .watcher import get_watcher
 
 if t.TYPE_CHECKING:
@@ -74,6 +75,7 @@ def checkout(
     holder = state.pool(name)
     rq = request._get_current_object()  # type: ignore[attr-defined]
     environ = rq.environ
+    check_pool_size(holder, environ)
     settings = state.settings
     probe = req.probe
     if probe is None:
