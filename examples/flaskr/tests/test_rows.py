@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_reqconn import get_conn
+from flask_reqconn import get_conn, testing
+from flaskr import create_app
 from flaskr.db import reqconn
 
 
@@ -21,13 +22,14 @@ def _backend(app: Flask) -> int:
 
 
 def test_hand_back_keeps_the_connection_and_warns_nothing(
-    app: Flask, caplog: pytest.LogCaptureFixture
+    flaskr_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app.config["REQCONN_MAX_SIZE"] = 1
-    with caplog.at_level(logging.WARNING, logger="flask_reqconn"):
+    # a pool of one (the config is read at init_app): the same backend every time
+    app = create_app({"TESTING": True, "REQCONN_CONNINFO": flaskr_dsn, "REQCONN_MAX_SIZE": 1})
+    with testing.closing(app), caplog.at_level(logging.WARNING, logger="flask_reqconn"):
         first = _backend(app)
         assert _backend(app) == first  # cleaned and reused, not discarded
-    stats: dict[str, Any] = reqconn.stats(app)
+        stats: dict[str, Any] = reqconn.stats(app)
     assert stats["pools"]["default"]["discarded_connections"] == 0
     assert [r.getMessage() for r in caplog.records if r.name.startswith("flask_reqconn")] == []
 
