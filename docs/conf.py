@@ -49,8 +49,14 @@ nitpick_ignore = [
         "werkzeug.exceptions.HTTPException",
         "werkzeug.exceptions.ServiceUnavailable",
         "flask_reqconn.extension.F",  # the TypeVar of the decorators
+        "sqlalchemy.engine.base.Engine",
+        "sqlalchemy.engine.url.URL",
+        "os.PathLike",
+        "t.Any",  # a signature spelled with the typing alias
     )
 ] + [
+    ("py:exc", "sqlalchemy.exc.ArgumentError"),
+    ("py:meth", "recreate"),  # SQLAlchemy's Pool.recreate, in RequestPool's docstring
     ("py:func", "flask_reqconn.storm.run_storm"),
     ("py:func", "flask_reqconn.storm.format_report"),
 ]
