@@ -218,6 +218,8 @@ def _health(result: StormResult) -> str:
 
 
 def _final(result: StormResult) -> str:
+    if result.stopped_early:
+        return "not sent: stopped early"
     phase = result.final
     rate = 100 * phase.ok_count / phase.planned if phase.planned else 0.0
     return f"{phase.ok_count}/{phase.planned} 2xx ({rate:.0f}%)"
@@ -235,8 +237,16 @@ def _sessions(outcome: Outcome) -> str:
 
 
 def _pg_busy(outcome: Outcome) -> str:
-    values = [r.at_end for r in outcome.result.leaks if r.source == "pg"]
-    return "?" if not values or values[0] is None else str(values[0])
+    """The pg oracle's last reading: at the end, or after the drain if the storm stopped
+    early (the end reading is then not taken)."""
+    reading = next((r for r in outcome.result.leaks if r.source == "pg"), None)
+    if reading is None:
+        return "?"
+    if reading.at_end is not None:
+        return str(reading.at_end)
+    if reading.after_drain is not None:
+        return f"{reading.after_drain} (after the drain)"
+    return "?"
 
 
 def side_by_side(outcomes: list[Outcome]) -> str:

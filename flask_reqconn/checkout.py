@@ -30,6 +30,7 @@ from .middleware import body_may_use_connection
 from .names import DEFAULT_POOL, CancelReason, Stat
 from .probes import probe_for
 from .sites import checkout_site
+from .sizing import check_once as check_pool_size
 from .watcher import get_watcher
 
 if t.TYPE_CHECKING:
@@ -74,6 +75,7 @@ def checkout(
     holder = state.pool(name)
     rq = request._get_current_object()  # type: ignore[attr-defined]
     environ = rq.environ
+    check_pool_size(holder, environ)
     settings = state.settings
     probe = req.probe
     if probe is None:
@@ -190,7 +192,9 @@ def after_request(state: AppState, response: Response) -> Response:
     """Keep a streamed body's connection for the WSGI wrapper; commit in atomic mode."""
     req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
     if req is None:
-        return response
+        if not (response.is_streamed and body_may_use_connection(response.response)):
+            return response
+        req = request_leases(state)  # the body may check out: the WSGI wrapper guards it
     if response.is_streamed and body_may_use_connection(response.response):
         req.streamed = True
     if state.any_atomic:

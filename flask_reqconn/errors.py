@@ -69,6 +69,7 @@ class ClientGone(HTTPException):
     """
 
     code = 499
+    name = "Client Closed Request"
     description = "The client closed the connection before the request was processed."
 
     def get_response(  # type: ignore[override]

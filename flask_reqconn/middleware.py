@@ -7,17 +7,25 @@ release connections on the normal path; this wrapper covers the rest:
 - a streamed response keeps its connection until its iterable is closed (or
   raises while iterating), which this wrapper observes;
 - if nothing ever calls ``close()``, a finalizer returns the connection at the
-  next safe point and logs a WARNING.
+  next safe point and logs a WARNING;
+- a stream whose client left ends quietly: the error that the departure
+  caused in the generator (the watcher's cancel, ``ClientGone``, a broken
+  pipe) ends the iteration instead of reaching the server, with one INFO line.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 import types
 import typing as t
 from collections.abc import Iterable, Iterator
 
+from psycopg.errors import InFailedSqlTransaction, QueryCanceled
 from werkzeug.wsgi import ClosingIterator
 
+from .errors import ClientGone
 from .lease import ReleaseReason, RequestLeases
 from .names import CancelReason
 from .probes import is_client_abort, is_file_wrapper
@@ -26,6 +34,14 @@ if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from .state import AppState
+
+#: the documented name of the client-gone INFO lines
+logger = logging.getLogger("flask_reqconn.extension")
+
+#: What a generator raises when its client left: the cancelled query, a query on the
+#: connection the cancel left in error, ``get_conn()`` after the cancel (or
+#: :func:`~flask_reqconn.probes.is_client_abort` errors, checked separately).
+_DEPARTURE_ERRORS = (QueryCanceled, InFailedSqlTransaction, ClientGone)
 
 
 _FIXED_BODIES: tuple[type, ...] = (
@@ -57,6 +73,41 @@ def body_may_use_connection(body: t.Any) -> bool:
 
 def _reason_for(exc: BaseException) -> ReleaseReason:
     return ReleaseReason.ABORT if is_client_abort(exc) else ReleaseReason.EXCEPTION
+
+
+def _departure(req: RequestLeases, exc: BaseException, eof_means_gone: bool) -> str | None:
+    """Why *exc*, raised while a stream was produced, is its client's departure, or None.
+
+    A ``QueryCanceled`` counts only when the watcher cancelled for a departed client
+    (not ``statement_timeout``, not ``REQCONN_MAX_HOLD``); a broken pipe only when the
+    client is seen gone. ``""``: a departure already logged (by the checkout).
+    """
+    reasons = {lease.cancelled for lease in req.leases.values()}
+    if CancelReason.CLIENT_GONE in reasons and isinstance(exc, _DEPARTURE_ERRORS):
+        if isinstance(exc, ClientGone):
+            return "its next query was not run"
+        return "its query was cancelled"
+    if CancelReason.MAX_HOLD in reasons:
+        return None
+    if isinstance(exc, ClientGone):  # the checkout saw the client gone, and said so
+        return ""
+    if is_client_abort(exc) and req.probe is not None and req.probe.gone(eof_means_gone):
+        return f"{type(exc).__name__} while producing it"
+    return None
+
+
+def _log_departure(req: RequestLeases, detail: str) -> None:
+    lease = next(iter(req.leases.values()), None)
+    if lease is None:  # pragma: no cover - a guarded iterable has a lease
+        return
+    logger.info(
+        "client gone during the streamed response of %s %s: %s; the stream ended after"
+        " %.3f s",
+        lease.method,
+        lease.path,
+        detail,
+        time.monotonic() - lease.requested_at,
+    )
 
 
 class LeaseGuard:
@@ -98,10 +149,14 @@ class GuardedIterable:
 
     Released on ``close()`` (reason ``close`` if the body was fully produced,
     ``abort`` if not), on an exception while iterating, or by a finalizer when
-    it is garbage collected without being closed.
+    it is garbage collected without being closed. An exception that says the
+    client left (see :func:`_departure`) ends the iteration instead: the
+    server would log it as an error, for a client that reads nothing anyway.
     """
 
-    __slots__ = ("_app_iter", "_iterator", "_req", "_state", "_exhausted", "_closed")
+    __slots__ = (
+        "_app_iter", "_iterator", "_req", "_state", "_exhausted", "_closed", "_reported",
+    )  # fmt: skip
 
     def __init__(self, app_iter: Iterable[bytes], req: RequestLeases, state: AppState) -> None:
         self._app_iter = app_iter
@@ -109,6 +164,8 @@ class GuardedIterable:
         self._state = state
         self._exhausted = False
         self._closed = False
+        #: the client's departure was logged
+        self._reported = False
         self._iterator: Iterator[bytes] = iter(app_iter)
 
     def __iter__(self) -> GuardedIterable:
@@ -121,15 +178,36 @@ class GuardedIterable:
             self._exhausted = True
             raise
         except BaseException as exc:
-            gone = any(
-                lease.cancelled is CancelReason.CLIENT_GONE for lease in self._req.leases.values()
-            )
-            self._req.release_all(ReleaseReason.ABORT if gone else _reason_for(exc))
-            raise
+            req = self._req
+            detail = _departure(req, exc, self._state.settings.eof_means_gone)
+            if detail is None:
+                req.release_all(_reason_for(exc))
+                if isinstance(exc, Exception):
+                    _note_max_hold(req, exc)
+                raise
+            req.release_all(ReleaseReason.ABORT)
+            if detail and not self._reported:
+                _log_departure(req, detail)
+            self._reported = True
+            raise StopIteration from None
 
     def close(self) -> None:
         """Close the wrapped iterable (running stream teardown), then release."""
-        self._close(ReleaseReason.CLOSE if self._exhausted else ReleaseReason.ABORT)
+        if self._exhausted:
+            self._close(ReleaseReason.CLOSE)
+            return
+        req = self._req
+        probe = req.probe
+        if (
+            not self._reported
+            and not self._closed
+            and req.has_active()
+            and probe is not None
+            and probe.gone(self._state.settings.eof_means_gone)
+        ):
+            self._reported = True
+            _log_departure(req, "the server stopped sending it")
+        self._close(ReleaseReason.ABORT)
 
     def _close(self, reason: ReleaseReason) -> None:
         if self._closed:
@@ -156,3 +234,18 @@ class GuardedIterable:
             if lease.active:
                 self._state.pool(lease.pool_name).warn_finalized(lease)
         self._close(ReleaseReason.FINALIZER)
+
+
+def _note_max_hold(req: RequestLeases, exc: Exception) -> None:
+    """Say in *exc*'s traceback that ``REQCONN_MAX_HOLD`` cut the stream.
+
+    Such a stream is not ended quietly: its client is still reading, and a body
+    that ends cleanly would look complete to it. The error reaches the server,
+    which breaks the connection off.
+    """
+    lease = next((x for x in req.leases.values() if x.cancelled is CancelReason.MAX_HOLD), None)
+    if lease is not None and sys.version_info >= (3, 11):
+        exc.add_note(
+            f"flask-reqconn: {lease.method} {lease.path} held its connection longer than"
+            " REQCONN_MAX_HOLD; its query was cancelled and the stream cut off"
+        )

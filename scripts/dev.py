@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The project's two commands, needing nothing but Python 3.10+:
 
-    python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, pytest, then the
-                                                   example app's suite (examples/flaskr)
+    python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, pytest, the
+                                                   example app's suite (examples/flaskr),
+                                                   then the built package (sdist + wheel)
     python3 scripts/dev.py demo [DEMO ARGS...]     run examples/demo.py
 
 Both first make sure ``.venv`` in the repository exists and has the project installed
@@ -10,6 +11,9 @@ editable with its ``dev`` extra (``pip install -e '.[dev]'``). The install is re
 when pyproject.toml (or this script's install recipe) changed, or the venv is broken.
 
 Set ``REQCONN_TEST_DSN`` to test against an existing PostgreSQL instead of a throwaway one.
+The package step builds the sdist and the wheel, checks them (``twine check``, the wheel's
+files), installs the wheel into a fresh venv and runs the example app's suite from a copy
+outside the checkout against it (PyPI, or pip's cache, is the only network it needs).
 ``test`` also needs the ``pgbouncer`` binary (the pgbouncer tests run it in front of the test
 server): when it is missing and this runs as root on Debian/Ubuntu, it is installed with
 apt-get; otherwise the test step fails and says how to install it (or set
@@ -365,6 +369,94 @@ def ensure_nginx() -> tuple[bool, str]:
 
 
 # --------------------------------------------------------------------------------------
+# The built package (sdist + wheel), installed where the checkout cannot be imported
+# --------------------------------------------------------------------------------------
+
+#: What the wheel must carry besides every module of the checkout's package.
+WHEEL_MUST_HAVE = ("flask_reqconn/py.typed",)
+#: The subpackages named in the brief of issue 13, checked by name as well.
+WHEEL_SUBPACKAGES = ("storm", "probes", "integrations", "testing")
+#: What the fresh venv gets besides the wheel: the example suite's needs.
+WHEEL_EXTRAS = "binary,testing"
+
+
+def wheel_problems(wheel: Path) -> list[str]:
+    """What is wrong with the built wheel's file list and metadata ([] when nothing)."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        metadata = next(
+            (zf.read(n).decode() for n in names if n.endswith(".dist-info/METADATA")), ""
+        )
+    package = ROOT / "flask_reqconn"
+    want = {p.relative_to(ROOT).as_posix() for p in package.rglob("*.py")}
+    want.update(WHEEL_MUST_HAVE)
+    problems = [f"missing from the wheel: {name}" for name in sorted(want - names)]
+    for sub in WHEEL_SUBPACKAGES:
+        if f"flask_reqconn/{sub}/__init__.py" not in names:
+            problems.append(f"subpackage flask_reqconn.{sub} missing from the wheel")
+    problems += [f"not for the wheel: {n}" for n in sorted(names) if n.split("/")[0] in
+                 ("tests", "examples", "bench", "scripts", "docs")]  # fmt: skip
+    if "License-Expression: BSD-3-Clause" not in metadata:
+        problems.append("METADATA has no 'License-Expression: BSD-3-Clause'")
+    if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
+        problems.append("the LICENSE file is not in the wheel's .dist-info/licenses/")
+    return problems
+
+
+def check_package() -> tuple[bool, str]:
+    """Build, check, install into a fresh venv, run the example suite; (ok, what happened)."""
+    env = child_env()
+    with tempfile.TemporaryDirectory(prefix="reqconn-pkg-") as tmp_name:
+        tmp = Path(tmp_name)
+        dist = tmp / "dist"
+
+        def call(cmd: list[str], *, cwd: Path = ROOT, environ: dict[str, str] = env) -> bool:
+            say("$ " + " ".join(cmd))
+            return subprocess.call(cmd, cwd=cwd, env=environ, stdin=subprocess.DEVNULL) == 0
+
+        python = str(venv_bin("python"))
+        if not call([python, "-m", "build", "--sdist", "--wheel", "--outdir", str(dist), "."]):
+            return False, "python -m build failed"
+        built = sorted(dist.iterdir())
+        wheels = [p for p in built if p.suffix == ".whl"]
+        sdists = [p for p in built if p.name.endswith(".tar.gz")]
+        if len(wheels) != 1 or len(sdists) != 1:
+            return False, f"expected one wheel and one sdist, built {[p.name for p in built]}"
+        if not call([python, "-m", "twine", "check", "--strict", *map(str, built)]):
+            return False, "twine check failed"
+        problems = wheel_problems(wheels[0])
+        if problems:
+            return False, "; ".join(problems)
+
+        # A fresh venv without the checkout: the example suite runs from a copy in tmp
+        venv = tmp / "venv"
+        if not call([sys.executable, "-m", "venv", str(venv)]):
+            return False, "python3 -m venv failed"
+        fresh = dict(env, VIRTUAL_ENV=str(venv))
+        fresh["PATH"] = os.pathsep.join([str(venv / "bin"), os.environ.get("PATH", os.defpath)])
+        fresh.pop("PYTHONPATH", None)
+        vpython = str(venv / "bin" / "python")
+        if not call([vpython, "-m", "pip", "install", "-q", f"{wheels[0]}[{WHEEL_EXTRAS}]"],
+                    environ=fresh):  # fmt: skip
+            return False, "pip install of the built wheel failed"
+        flaskr = tmp / "flaskr"
+        shutil.copytree(ROOT / "examples" / "flaskr", flaskr,
+                        ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"))  # fmt: skip
+        where = (
+            "import flask_reqconn, sys; p = flask_reqconn.__file__; print(p);"
+            f" sys.exit(0 if p.startswith({str(venv)!r}) else 1)"
+        )
+        if not call([vpython, "-c", where], cwd=flaskr, environ=fresh):
+            return False, "flask_reqconn was not imported from the fresh venv"
+        if not call([vpython, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=flaskr,
+                    environ=fresh):  # fmt: skip
+            return False, "the example suite failed against the installed wheel"
+    return True, f"{wheels[0].name} and {sdists[0].name} checked; example suite passed on it"
+
+
+# --------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------
 
@@ -388,8 +480,10 @@ def cmd_test(args: list[str]) -> int:
             return 0
         say(f"--- {name}")
         t0 = time.monotonic()
-        if cmd is None:  # a binary the tests run (pgbouncer, nginx), not a command
-            ok, what = {"pgbouncer": ensure_pgbouncer, "nginx": ensure_nginx}[name]()
+        if cmd is None:  # a binary the tests run (pgbouncer, nginx), or the package check
+            checks = {"pgbouncer": ensure_pgbouncer, "nginx": ensure_nginx,
+                      "package": check_package}  # fmt: skip
+            ok, what = checks[name]()
             say(f"{name}: {what}")
             rc = 0 if ok else 1
         else:
@@ -434,6 +528,9 @@ def cmd_test(args: list[str]) -> int:
                  "--rootdir", "examples/flaskr", "examples/flaskr/tests"],
                 None if FLASKR_TESTS.is_dir() else "examples/flaskr/tests absent",
             ),
+            # sdist + wheel built and checked, the wheel installed into a fresh venv, and
+            # the example suite run from a copy outside the checkout against it
+            ("package", None, None if FLASKR_TESTS.is_dir() else "examples/flaskr absent"),
         ]
         for name, cmd, skip in steps:
             rc = step(name, cmd, skip)

@@ -249,11 +249,37 @@ def granian(
     return server.start() if start else server
 
 
+# --------------------------------------------------------------------------------------
+# Reading the servers' logs
+# --------------------------------------------------------------------------------------
+
+#: Lines that mean an error a person must look at, per server family. An aborted client
+#: may leave INFO lines (nginx's 499s, gunicorn's DEBUG write errors), never these.
+LOUD = (
+    "Traceback (most recent call last)",
+    "[ERROR]",  # gunicorn, Granian
+    "Error handling request",  # gunicorn
+    "Error on request",  # the werkzeug dev server
+    "Exception while serving",  # waitress
+    "ERROR in app",  # Flask's logger (an unhandled exception)
+    "Unknown Error",  # a ClientGone that reached the server
+    "[error]", "[crit]", "[alert]", "[emerg]",  # nginx
+    "OSError: write error",  # uWSGI's write exception
+)  # fmt: skip
+
+
+def loud_lines(server: ServerProcess) -> list[str]:
+    """The lines of ``server``'s log that say an error happened (``[]``: quiet)."""
+    return [line for line in server.log_text().splitlines() if any(m in line for m in LOUD)]
+
+
 __all__ = [
+    "LOUD",
     "NginxProcess",
     "SNIPPETS",
     "find_nginx",
     "granian",
+    "loud_lines",
     "nginx",
     "nginx_snippet",
     "uwsgi",

@@ -168,6 +168,7 @@ def test_every_logger_is_named_explicitly_and_documented() -> None:
         "flask_reqconn.handback",
         "flask_reqconn.storm",
         "flask_reqconn.integrations.sqlalchemy",
+        "flask_reqconn.sizing",
     }
     for logger in used:
         assert logging.getLogger(logger).name == logger

@@ -157,3 +157,38 @@ def test_error_page_is_not_treated_as_a_stream(make_app: AppFactory) -> None:
     # not closed on purpose: a fixed body must not keep the connection
     assert app.test_client().get("/boom").status_code == 500
     assert stats(app)["checked_out"] == 0
+
+
+def test_a_lazy_stream_whose_client_left_before_its_checkout_ends_quietly(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The generator's own ``get_conn()`` sees the client gone: ClientGone ends the body.
+
+    No connection was taken before the body: the wrapper guards such a stream all the same.
+    """
+    import socket
+
+    app = make_app(checkout="lazy")
+
+    @app.get("/lazy-stream")
+    def lazy_stream() -> Response:
+        @stream_with_context
+        def rows() -> Iterator[str]:
+            yield "first\n"
+            yield str(get_conn().execute("select 1").fetchone()[0])
+
+        return Response(rows())
+
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        peer.close()  # the client left
+        with caplog.at_level("INFO", logger="flask_reqconn.extension"):
+            response = app.test_client().get(
+                "/lazy-stream", environ_base={"werkzeug.socket": ours}
+            )
+            assert response.data == b"first\n"
+    messages = [r.getMessage() for r in caplog.records if r.name == "flask_reqconn.extension"]
+    assert messages == [
+        "client gone before its connection was used: GET /lazy-stream; answered 499"
+    ]
+    assert stats(app)["checkouts"] == 0 and stats(app)["client_gone"] == 1

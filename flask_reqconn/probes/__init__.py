@@ -9,6 +9,10 @@ server family has a module here with the same two functions:
 - ``is_file_wrapper(body)``: is this response body the server's
   ``wsgi.file_wrapper`` (a file, which cannot run queries)?
 
+and, optionally, ``concurrency(environ)``: how many requests a worker process
+runs at once (a :class:`~flask_reqconn.probes.base.Concurrency`), for the pool
+sizing check (:mod:`flask_reqconn.sizing`).
+
 Supporting one more server (uWSGI, Granian...) is one more module listed in
 :data:`SERVERS`.
 """
@@ -18,7 +22,14 @@ from __future__ import annotations
 import typing as t
 
 from . import gunicorn, uwsgi, waitress, werkzeug
-from .base import CLIENT_ABORT_ERRORS, NO_PROBE, ClientProbe, NoProbe, is_client_abort
+from .base import (
+    CLIENT_ABORT_ERRORS,
+    NO_PROBE,
+    ClientProbe,
+    Concurrency,
+    NoProbe,
+    is_client_abort,
+)
 from .peek import SocketProbe, socket_gone
 
 
@@ -43,6 +54,17 @@ def probe_for(environ: t.Mapping[str, t.Any]) -> ClientProbe:
     return NO_PROBE
 
 
+def concurrency_for(environ: t.Mapping[str, t.Any]) -> Concurrency | None:
+    """How many requests this worker process runs at once, from the first server module
+    that knows (None: unknown, e.g. the werkzeug dev server, which has no bound)."""
+    for server in SERVERS:
+        concurrency = getattr(server, "concurrency", None)
+        found = concurrency(environ) if concurrency is not None else None
+        if found is not None:
+            return t.cast(Concurrency, found)
+    return None
+
+
 def is_file_wrapper(body: t.Any) -> bool:
     """Is *body* a server's ``wsgi.file_wrapper`` (or werkzeug's ``FileWrapper``)?"""
     return any(server.is_file_wrapper(body) for server in SERVERS)
@@ -53,9 +75,11 @@ __all__ = [
     "NO_PROBE",
     "SERVERS",
     "ClientProbe",
+    "Concurrency",
     "NoProbe",
     "Server",
     "SocketProbe",
+    "concurrency_for",
     "is_client_abort",
     "is_file_wrapper",
     "probe_for",

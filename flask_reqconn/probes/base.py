@@ -8,6 +8,7 @@ from the WSGI environ (see :func:`flask_reqconn.probes.probe_for`).
 from __future__ import annotations
 
 import errno
+import sys
 import typing as t
 
 
@@ -67,3 +68,27 @@ def is_client_abort(exc: BaseException) -> bool:
     from werkzeug.exceptions import ClientDisconnected
 
     return isinstance(exc, ClientDisconnected)
+
+
+class Concurrency(t.NamedTuple):
+    """How many requests one worker process of a server runs at once, and why."""
+
+    #: requests at the same time in this process
+    requests: int
+    #: where the number comes from, as the user set it (``gunicorn gthread --threads 8``)
+    source: str
+
+
+def caller_self(cls: type) -> t.Any | None:
+    """The ``self`` of the nearest frame up this thread's stack that is a *cls* method.
+
+    How a server's worker or task object is found from inside the app: meant to run
+    once per process (it reads every frame's locals), never per request.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, cls):
+            return obj
+        frame = frame.f_back  # type: ignore[assignment]
+    return None

@@ -3,14 +3,16 @@
 The client socket is ``environ["gunicorn.socket"]`` (``"gunicorn.sock"``
 under ``gevent_pywsgi``), peeked by :class:`~flask_reqconn.probes.peek.SocketProbe`;
 gunicorn's own TLS sockets cannot be peeked. Its ``wsgi.file_wrapper`` keeps
-the file as ``.filelike``.
+the file as ``.filelike``. How many requests a worker runs at once is read from
+the worker object (its ``cfg``), found up the request thread's stack.
 """
 
 from __future__ import annotations
 
+import sys
 import typing as t
 
-from .base import ClientProbe
+from .base import ClientProbe, Concurrency, caller_self
 from .peek import SocketProbe, peekable
 
 
@@ -28,3 +30,36 @@ def probe(environ: t.Mapping[str, t.Any]) -> ClientProbe | None:
 def is_file_wrapper(body: t.Any) -> bool:
     """Is *body* gunicorn's ``wsgi.file_wrapper`` (a file sent as is)?"""
     return getattr(body, "filelike", None) is not None
+
+
+def concurrency(environ: t.Mapping[str, t.Any]) -> Concurrency | None:
+    """How many requests this gunicorn worker runs at once, or None if unknown.
+
+    ``sync``: 1; ``gthread``: ``--threads``; ``gevent``, ``eventlet`` (async workers):
+    ``--worker-connections``. Walks the frames up to the worker's ``handle_request``:
+    call it once per process, in the thread serving a request.
+    """
+    if "gunicorn.socket" not in environ and "gunicorn.sock" not in environ:
+        return None
+    base = sys.modules.get("gunicorn.workers.base")
+    if base is None:
+        return None
+    worker = caller_self(base.Worker)
+    if worker is None:
+        return None
+    cfg = worker.cfg
+    kinds: list[tuple[str, str, str | None]] = [
+        ("gunicorn.workers.gthread", "ThreadWorker", "threads"),
+        ("gunicorn.workers.base_async", "AsyncWorker", "worker_connections"),
+        ("gunicorn.workers.sync", "SyncWorker", None),
+    ]
+    for module_name, class_name, setting in kinds:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is None or not isinstance(worker, cls):
+            continue
+        if setting is None:
+            return Concurrency(1, "gunicorn sync worker")
+        value = int(getattr(cfg, setting))
+        name = cfg.worker_class_str
+        return Concurrency(value, f"gunicorn {name} worker, --{setting.replace('_', '-')} {value}")
+    return None

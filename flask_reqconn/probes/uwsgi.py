@@ -15,7 +15,7 @@ import socket
 import sys
 import typing as t
 
-from .base import ClientProbe
+from .base import ClientProbe, Concurrency
 from .peek import SocketProbe
 
 #: The environ key uWSGI always sets; nothing is imported when it is absent.
@@ -74,6 +74,26 @@ def probe(environ: t.Mapping[str, t.Any]) -> ClientProbe | None:
         return UwsgiProbe(fd)
     except OSError:  # not a socket (a closed or foreign descriptor)
         return None
+
+
+def concurrency(environ: t.Mapping[str, t.Any]) -> Concurrency | None:
+    """uWSGI's ``--threads`` of this worker (``uwsgi.opt``; 1 without it), or None."""
+    if UWSGI_ENVIRON_KEY not in environ:
+        return None
+    uwsgi: t.Any = sys.modules.get("uwsgi")
+    try:
+        value = uwsgi.opt.get("threads") if uwsgi is not None else None
+    except Exception:
+        return None
+    if isinstance(value, list):  # an option given twice
+        value = value[-1]
+    if isinstance(value, bytes):
+        value = value.decode()
+    try:
+        threads = int(value) if value is not None else 1
+    except ValueError:
+        return None
+    return Concurrency(threads, f"uWSGI, --threads {threads}")
 
 
 #: The old name of :func:`probe`.

@@ -3,15 +3,17 @@
 ``environ["waitress.client_disconnected"]()`` only changes during a request
 when waitress runs with ``channel_request_lookahead > 0`` (the default 0 means
 it never does). The watcher polls it. waitress's ``wsgi.file_wrapper`` keeps
-the file as ``.file``.
+the file as ``.file``. Its thread count is in the adjustments of the task
+serving the request, found up the request thread's stack.
 """
 
 from __future__ import annotations
 
+import sys
 import typing as t
 from collections.abc import Callable
 
-from .base import ClientProbe
+from .base import ClientProbe, Concurrency, caller_self
 
 
 class WaitressProbe:
@@ -43,3 +45,21 @@ def probe(environ: t.Mapping[str, t.Any]) -> ClientProbe | None:
 def is_file_wrapper(body: t.Any) -> bool:
     """Is *body* waitress's ``wsgi.file_wrapper`` (a file sent as is)?"""
     return getattr(body, "file", None) is not None
+
+
+def concurrency(environ: t.Mapping[str, t.Any]) -> Concurrency | None:
+    """waitress's ``threads`` (each runs one request), or None if unknown.
+
+    Walks the frames up to the task's ``execute``: call it once per process, in the
+    thread serving a request.
+    """
+    if "waitress.client_disconnected" not in environ:
+        return None
+    task_cls = getattr(sys.modules.get("waitress.task"), "Task", None)
+    if task_cls is None:
+        return None
+    task = caller_self(task_cls)
+    threads = getattr(getattr(getattr(task, "channel", None), "adj", None), "threads", None)
+    if not isinstance(threads, int):
+        return None
+    return Concurrency(threads, f"waitress, threads {threads}")

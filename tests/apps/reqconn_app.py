@@ -4,12 +4,14 @@ Configured from the environment so one module serves every scenario:
 ``RC_DSN`` (required), ``RC_APPNAME``, ``RC_MAX_SIZE``, ``RC_TIMEOUT``,
 ``RC_CHECKOUT``, ``RC_SESSION_SETTINGS`` (``name=value,name=value``),
 ``RC_CANCEL`` (the cancel-on-disconnect policy), ``RC_EOF_MEANS_GONE`` (``1``/``0``),
-``RC_MAX_HOLD``, and ``RC_OPEN_IN_MASTER=1`` to use the pool while the app is created (to prove that
+``RC_MAX_HOLD``, ``RC_LOG`` (a level: log to stderr, as an app configures its logging),
+and ``RC_OPEN_IN_MASTER=1`` to use the pool while the app is created (to prove that
 a pool opened before gunicorn forks does not hurt the workers).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -23,6 +25,10 @@ reqconn = ReqConn()
 
 
 def create_app() -> Flask:
+    if os.environ.get("RC_LOG"):
+        logging.basicConfig(
+            level=os.environ["RC_LOG"], format="%(levelname)s %(name)s: %(message)s"
+        )
     app = Flask(os.environ.get("RC_APPNAME", "reqconn_e2e"))
     app.config["REQCONN_CONNINFO"] = os.environ["RC_DSN"]
     app.config["REQCONN_MIN_SIZE"] = 0
