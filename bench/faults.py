@@ -28,7 +28,8 @@ longest request, the time from the end of the fault to the first 200, and the no
 answers to requests started after that first 200 ("errors after recovery").
 
 On this shared machine throughput means nothing; statuses, hangs and recovery times do.
-Results go to ``bench/results/faults.txt`` and ``faults.json``.
+Results go to ``bench/results/faults.txt`` and ``faults.json``; the copies kept in the
+repository are named for the run: ``faults-quick.txt`` (after) and ``faults-*-before.txt``.
 """
 
 from __future__ import annotations

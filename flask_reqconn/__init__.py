@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from .errors import ClientGone, ConfigError, ConnectionReleased, PoolExhausted, ReqConnError
+from .errors import (
+    ClientGone,
+    ConfigError,
+    ConnectionReleased,
+    DatabaseUnavailable,
+    PoolExhausted,
+    ReqConnError,
+)
 from .extension import ReqConn, get_conn, state_of
 from .lease import Lease, ReleaseReason
 
@@ -12,6 +19,7 @@ __all__ = [
     "ClientGone",
     "ConfigError",
     "ConnectionReleased",
+    "DatabaseUnavailable",
     "Lease",
     "PoolExhausted",
     "ReleaseReason",

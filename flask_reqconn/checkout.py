@@ -19,11 +19,11 @@ import time
 import typing as t
 
 import psycopg
-from flask import request
+from flask import current_app, request
 from psycopg.pq import TransactionStatus
 from werkzeug.exceptions import ServiceUnavailable
 
-from .errors import ClientGone, PoolExhausted, ReqConnError
+from .errors import ClientGone, DatabaseUnavailable, PoolExhausted, ReqConnError
 from .handback import make_read_only
 from .lease import Lease, ReleaseReason, RequestLeases
 from .middleware import body_may_use_connection
@@ -170,6 +170,32 @@ def on_query_canceled(state: AppState, exc: psycopg.errors.QueryCanceled) -> t.A
         (lease.released_at or time.monotonic()) - lease.requested_at,
     )
     return ClientGone()
+
+
+def on_operational_error(state: AppState, exc: psycopg.OperationalError) -> t.Any:
+    """Error handler: a connection lost mid-request becomes a 503 (:class:`DatabaseUnavailable`).
+
+    Any other ``OperationalError`` is re-raised untouched. One WARNING per pool
+    and second names the cause; the rest of a burst is counted in it.
+    """
+    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+    lease = next(
+        (
+            lease
+            for lease in (req.leases.values() if req else ())
+            if lease.conn is not None and (lease.conn.broken or lease.conn.closed)
+        ),
+        None,
+    )
+    if lease is None:
+        raise exc
+    holder = state.pools[lease.pool_name]
+    holder.counters.add(Stat.CONNECTION_LOST)
+    holder.log_connection_lost(lease, exc)
+    error = DatabaseUnavailable(lease.pool_name, holder.settings.retry_after)
+    error.__cause__ = exc
+    # through the app's own handler for DatabaseUnavailable, if it has one
+    return current_app.handle_http_exception(error)
 
 
 # -- request hooks ------------------------------------------------------------------

@@ -61,6 +61,27 @@ class PoolExhausted(ServiceUnavailable):
         self.pool_name = pool_name
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """The request's database connection was lost while it ran (a restart, a crash, a
+    terminated backend, a dead network path).
+
+    Flask answers it with ``503 Service Unavailable`` and a ``Retry-After`` header
+    instead of a 500 traceback. Register an error handler for this class to change
+    the response. The psycopg error is chained as ``__cause__``.
+
+    :param pool_name: the name of the pool whose connection was lost.
+    :param retry_after: seconds for the ``Retry-After`` header.
+    """
+
+    description = (
+        "The server lost its database connection while answering. Please try again shortly."
+    )
+
+    def __init__(self, pool_name: str = "default", retry_after: int | None = 1) -> None:
+        super().__init__(retry_after=retry_after)
+        self.pool_name = pool_name
+
+
 class ClientGone(HTTPException):
     """The HTTP client disconnected before the view ran; the request was skipped.
 

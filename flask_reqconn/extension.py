@@ -70,6 +70,9 @@ class ReqConn:
         app.teardown_request(functools.partial(_checkout.teardown_request, state))
         app.wsgi_app = LeaseGuard(app.wsgi_app, state)  # type: ignore[method-assign]
         app.cli.add_command(make_cli())
+        app.register_error_handler(
+            psycopg.OperationalError, functools.partial(_checkout.on_operational_error, state)
+        )
         if settings.cancel_on_disconnect != "off" or settings.max_hold is not None:
             app.register_error_handler(
                 psycopg.errors.QueryCanceled,

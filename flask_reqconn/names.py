@@ -39,6 +39,10 @@ class Stat(str, enum.Enum):
     RECLAIMED = "reclaimed"
     #: read-only requests sent to the default pool (``REQCONN_READ_FALLBACK``)
     FALLBACKS = "fallbacks"
+    #: pooled connections found dead at checkout (server side gone), never handed out
+    DEAD_DISCARDED = "dead_discarded"
+    #: requests answered 503 because their connection was lost while they ran
+    CONNECTION_LOST = "connection_lost"
 
     def __str__(self) -> str:
         return self.value

@@ -26,6 +26,7 @@ from .config import AppSettings, PoolSettings
 from .errors import PoolExhausted
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
 from .lease import DeferredQueue, Lease, ReleaseReason
+from .liveness import RequestPool, server_gone
 from .names import CancelReason, Stat
 from .stats import Listener, PoolCounters
 from .watcher import WATCHER_CANCEL_TIMEOUT, get_watcher
@@ -68,6 +69,8 @@ class PoolHolder:
         self._deferred = deferred if deferred is not None else DeferredQueue()
         self._last_exhausted_log = 0.0
         self._exhausted_unlogged = 0
+        self._last_lost_log = 0.0
+        self._lost_unlogged = 0
 
     def __repr__(self) -> str:
         return f"<PoolHolder {self.label!r} pid={self._pid or None}>"
@@ -113,7 +116,7 @@ class PoolHolder:
                 # then sends DEALLOCATE ALL): with a rollback per request they
                 # never pay off. REQCONN_CONNECT_ARGS["prepare_threshold"] wins.
                 kwargs.setdefault("prepare_threshold", None)
-            pool: ConnectionPool[t.Any] = ConnectionPool(
+            pool: ConnectionPool[t.Any] = RequestPool(
                 s.conninfo,
                 kwargs=kwargs,
                 min_size=s.min_size,
@@ -182,7 +185,7 @@ class PoolHolder:
         if tick is not None:
             get_watcher().watch(self, tick)
         try:
-            lease._activate(pool.getconn())
+            lease._activate(self._getconn_alive(pool))
         except (PoolTimeout, TooManyRequests) as exc:
             if not quiet_exhaustion:  # a fallback follows: not an answered 503
                 self.counters.add(Stat.EXHAUSTED)
@@ -198,6 +201,24 @@ class PoolHolder:
                 lease.wait_time,
             )
         return lease
+
+    def _getconn_alive(self, pool: ConnectionPool[t.Any]) -> psycopg.Connection[t.Any]:
+        """``getconn()``, discarding connections whose server side is gone (no round trip).
+
+        Bounded: at most ``max_size`` dead connections are skipped, all within
+        the pool's timeout.
+        """
+        deadline = time.monotonic() + self.settings.timeout
+        for _ in range(self.settings.max_size):
+            conn: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
+            if not server_gone(conn):
+                return conn
+            self.counters.add(Stat.DEAD_DISCARDED)
+            logger.debug("discarded a connection of %s whose server side was gone", self.label)
+            conn.close()
+            pool.putconn(conn)  # closed: the pool replaces it
+        last: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
+        return last
 
     def give_back(self, lease: Lease, reason: ReleaseReason) -> None:
         """Clean the lease's connection and return it to the pool. Never raises."""
@@ -378,6 +399,24 @@ class PoolHolder:
         )
 
     # -- reporting ------------------------------------------------------------
+
+    def log_connection_lost(self, lease: Lease, exc: Exception) -> None:
+        """One WARNING per second for connections lost mid-request; the rest counted."""
+        now = time.monotonic()
+        if now - self._last_lost_log < 1.0:
+            self._lost_unlogged += 1
+            return
+        suppressed, self._lost_unlogged = self._lost_unlogged, 0
+        self._last_lost_log = now
+        logger.warning(
+            "database connection of pool %r lost during %s %s: answered 503 (%s: %s)%s",
+            self.label,
+            lease.method,
+            lease.path,
+            type(exc).__name__,
+            str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            f"; {suppressed} more since the last report" if suppressed else "",
+        )
 
     def _log_exhausted(self, lease: Lease, exc: Exception) -> None:
         now = time.monotonic()

@@ -64,6 +64,8 @@ COUNTERS: dict[Stat, tuple[str, str]] = {
     Stat.CANCELLED: ("cancelled", "Queries cancelled because their client disconnected."),
     Stat.RECLAIMED: ("reclaimed", "Leases cancelled for exceeding REQCONN_MAX_HOLD."),
     Stat.FALLBACKS: ("read_fallbacks", "Read-only requests sent to the default pool instead."),
+    Stat.DEAD_DISCARDED: ("dead_discarded", "Dead pooled connections discarded at checkout."),
+    Stat.CONNECTION_LOST: ("connection_lost", "Requests answered 503: connection lost mid-way."),
 }
 _SAMPLE_EVERY = 0.5
 

@@ -1,0 +1,125 @@
+"""Is the server side of a pooled connection still there, and how soon to reconnect.
+
+An idle connection whose backend ended (``pg_terminate_backend``,
+``idle_session_timeout``, a restart, a failover, a proxy restart) still looks
+fine to psycopg until it is used: its socket, though, is readable at once and
+holds a ``FATAL`` ErrorResponse or an EOF. A healthy idle connection has
+nothing to read, or only asynchronous messages (a pending ``NOTIFY``, a
+ParameterStatus, a notice). :func:`server_gone` tells the two apart without a
+round trip and without consuming anything, so psycopg still sees every byte.
+
+psycopg_pool reconnects with an exponential back-off (1 s, doubling, up to
+``reconnect_timeout``): after an outage of 40 s its next attempt can be tens of
+seconds away. :class:`RequestPool` caps the delay between attempts, with
+jitter, so a pool serves again within about a second of the server coming back.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import typing as t
+
+import psycopg
+from psycopg_pool import ConnectionPool
+from psycopg_pool.base import AttemptWithBackoff, BasePool
+
+#: Seconds between reconnection attempts at most (jittered by :data:`RECONNECT_JITTER`).
+RECONNECT_MAX_DELAY = 0.5
+RECONNECT_JITTER = 0.2
+#: Message types an idle connection may legitimately receive: NotificationResponse,
+#: NoticeResponse, ParameterStatus. Anything else (an ErrorResponse) means gone.
+_IDLE_MESSAGES = frozenset(b"ANS")
+_PEEK = 65536
+_GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT})
+
+
+def _readable(fd: int) -> bool:
+    poll = getattr(select, "poll", None)
+    if poll is not None:  # not under gevent's patched select
+        p = poll()
+        p.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(p.poll(0))
+    ready, _, _ = select.select([fd], [], [], 0)
+    return bool(ready)
+
+
+def server_gone(conn: psycopg.Connection[t.Any]) -> bool:
+    """True when the idle *conn* certainly lost its server side. Never raises.
+
+    One ``poll()`` when the socket has nothing to read (the common case); a
+    non-consuming peek at what arrived otherwise.
+    """
+    if conn.closed or conn.broken:
+        return True
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:
+        return True
+    try:
+        if not _readable(fd):
+            return False
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            data = sock.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        return exc.errno in _GONE_ERRNOS
+    if not data:
+        return True  # EOF: the server closed the connection
+    return _has_error(data)
+
+
+def _has_error(data: bytes) -> bool:
+    """Does this stream of backend messages say the session ended?
+
+    An ErrorResponse does; so does a notice with an ``57P`` SQLSTATE (operator
+    intervention: an immediate shutdown sends its "terminating connection"
+    as a WARNING notice before it closes). NOTIFYs, other notices and
+    ParameterStatus messages are what a healthy idle connection receives.
+    """
+    pos = 0
+    while pos + 5 <= len(data):
+        kind = data[pos]
+        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if kind not in _IDLE_MESSAGES:
+            return True
+        if kind == ord("N") and _sqlstate(data[pos + 5 : end]).startswith(b"57P"):
+            return True
+        pos = end
+    return pos < len(data) and data[pos] not in _IDLE_MESSAGES
+
+
+def _sqlstate(fields: bytes) -> bytes:
+    """The ``C`` field of an ErrorResponse/NoticeResponse body (b"" if not in view)."""
+    for field in fields.split(b"\0"):
+        if field[:1] == b"C":
+            return field[1:]
+    return b""
+
+
+class _CappedBackoff(AttemptWithBackoff):
+    """psycopg_pool's back-off with the delay capped at :data:`RECONNECT_MAX_DELAY`."""
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        cap = BasePool._jitter(RECONNECT_MAX_DELAY, -RECONNECT_JITTER, RECONNECT_JITTER)
+        self.delay = min(self.delay, cap)
+
+
+class RequestPool(ConnectionPool[t.Any]):
+    """psycopg_pool's ``ConnectionPool`` reconnecting at most every ~0.5 s (jittered).
+
+    Each missing connection has one attempt in flight at a time, so a worker
+    makes at most ``max_size`` / 0.4 attempts per second during an outage.
+    """
+
+    def _add_connection(
+        self, attempt: AttemptWithBackoff | None, growing: bool = False
+    ) -> None:
+        super()._add_connection(
+            attempt if attempt is not None else _CappedBackoff(timeout=self.reconnect_timeout),
+            growing,
+        )
