@@ -119,13 +119,14 @@ def test_stats_shape_is_stable(make_app: AppFactory) -> None:
     assert set(s) == {
         "pid", "checked_out", "checkouts", "releases", "exhausted", "client_gone",
         "discarded_writes", "discarded_connections", "finalized", "leak_warnings",
-        "cancelled", "reclaimed", "fallbacks", "pools",
+        "cancelled", "reclaimed", "fallbacks", "dead_discarded", "connection_lost", "pools",
     }  # fmt: skip
     pool = s["pools"]["default"]
     assert set(pool) == {
         "checked_out", "checkouts", "releases", "exhausted", "discarded_writes",
         "discarded_connections", "finalized", "leak_warnings", "client_gone", "cancelled",
-        "reclaimed", "fallbacks", "wait_time", "hold_time", "holders", "pool",
+        "reclaimed", "fallbacks", "dead_discarded", "connection_lost", "wait_time", "hold_time",
+        "holders", "pool",
     }  # fmt: skip
     assert set(pool["releases"]) == {
         "teardown", "close", "abort", "exception", "client_gone", "finalizer"
