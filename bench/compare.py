@@ -8,9 +8,10 @@ directory, edit it there, and point ``--alt`` at that directory. Both copies run
 
 1. in process: ``micro.py``'s per-request loop (CPU µs, 10th percentile), the two
    copies alternating in separate processes;
-2. under gunicorn gthread: each variant served by each copy (and the bare pool and
-   plain Flask as references), loaded in turn over several rounds; req/s and the
-   CPU per request of the app workers plus their PostgreSQL backends.
+2. under gunicorn gthread and sync (``--worker-class``): each variant served by each
+   copy (and the bare pool and plain Flask as references), loaded in turn over several
+   rounds; req/s and the CPU per request of the app workers plus their PostgreSQL
+   backends.
 """
 
 from __future__ import annotations
@@ -74,15 +75,16 @@ def appname_of(name: str) -> str:
     return "bench_" + name.replace("-", "_").replace("@", "_")
 
 
-def start(name: str, dsn: str, alt: Path, base: Path | None, log_dir: Path) -> Any:
+def start(name: str, dsn: str, alt: Path, base: Path | None, log_dir: Path,
+          worker_class: str) -> Any:
     variant, _, which = name.partition("@")
     pkg = alt if which == "alt" else base
     pythonpath = f"{pkg},{BENCH}" if pkg else str(BENCH)
-    workers, threads, _ = SERVERS["gthread"]
+    workers, threads, _ = SERVERS[worker_class]
     from flask_reqconn.testing import gunicorn
 
     return gunicorn(
-        "benchapp:create_app()", worker_class="gthread", workers=workers, threads=threads,
+        "benchapp:create_app()", worker_class=worker_class, workers=workers, threads=threads,
         extra_args=["--pythonpath", pythonpath, "--log-level", "warning"],
         env={"BENCH_VARIANT": variant, "BENCH_DSN": dsn, "BENCH_POOL_SIZE": "4",
              "BENCH_APPNAME": appname_of(name)},
@@ -91,9 +93,9 @@ def start(name: str, dsn: str, alt: Path, base: Path | None, log_dir: Path) -> A
 
 
 def http_ab(dsn: str, admin_dsn: str, alt: Path, base: Path | None, rounds: int,
-            duration: int) -> dict[str, Any]:
+            duration: int, worker_class: str = "gthread") -> dict[str, Any]:
     names = sorted({n for ns in HTTP_ENDPOINTS.values() for n in ns})
-    connections = SERVERS["gthread"][2]
+    connections = SERVERS[worker_class][2]
     rps: dict[str, dict[str, list[float]]] = {ep: {n: [] for n in ns} for ep, ns in
                                               HTTP_ENDPOINTS.items()}
     cpu: dict[str, dict[str, list[float]]] = {ep: {n: [] for n in ns} for ep, ns in
@@ -102,7 +104,7 @@ def http_ab(dsn: str, admin_dsn: str, alt: Path, base: Path | None, rounds: int,
             contextlib.ExitStack() as stack:
         srv = {}
         for name in names:
-            srv[name] = start(name, dsn, alt, base, Path(tmp))
+            srv[name] = start(name, dsn, alt, base, Path(tmp), worker_class)
             stack.callback(srv[name].stop)
             warm(srv[name], ["/nodb"] if name == "plain" else ["/select1", "/read", "/nodb"])
         pids = {
@@ -121,7 +123,7 @@ def http_ab(dsn: str, admin_dsn: str, alt: Path, base: Path | None, rounds: int,
                                         force_python=False)
                     rps[ep][name].append(res["rps"])
                     cpu[ep][name].append(res["app_cpu_us"] + (res["db_cpu_us"] or 0.0))
-                say(f"compare round {r + 1}/{rounds} /{ep}: "
+                say(f"compare {worker_class} round {r + 1}/{rounds} /{ep}: "
                     + ", ".join(f"{n} {rps[ep][n][-1]:.0f}/s {cpu[ep][n][-1]:.0f}µs"
                                 for n in order))
     out: dict[str, Any] = {}
@@ -154,29 +156,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=3)
     parser.add_argument("--micro-repeats", type=int, default=4)
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--worker-class", choices=["gthread", "sync"], action="append",
+                        help="gunicorn worker class (repeatable; default: gthread, then sync)")
+    parser.add_argument("--skip-micro", action="store_true")
     args = parser.parse_args(argv)
     for pkg in (args.alt, args.base):
         if pkg is not None and not (pkg / "flask_reqconn" / "__init__.py").is_file():
             parser.error(f"{pkg} has no flask_reqconn/ package")
     with pgsetup.bench_database(100_000) as (dsn, admin_dsn):
-        say("in-process A/B")
-        micro = micro_ab(dsn, args.alt.resolve(), args.base, args.micro_repeats)
-        print(f"{'case':28} {'base CPU p10':>12} {'alt CPU p10':>12} {'Δ µs':>7}")
-        for label, row in micro.items():
-            delta = row["alt_cpu_p10"] - row["base_cpu_p10"]
-            print(f"{label:28} {row['base_cpu_p10']:12.1f} {row['alt_cpu_p10']:12.1f}"
-                  f" {delta:7.1f}")
-        result: dict[str, Any] = {"micro": micro}
-        if not args.skip_http:
-            say("gunicorn gthread A/B")
-            result["http"] = http_ab(dsn, admin_dsn, args.alt.resolve(), args.base,
-                                     args.rounds, args.duration)
-            for ep, rows in result["http"].items():
+        result: dict[str, Any] = {}
+        if not args.skip_micro:
+            say("in-process A/B")
+            micro = micro_ab(dsn, args.alt.resolve(), args.base, args.micro_repeats)
+            print(f"{'case':28} {'base CPU p10':>12} {'alt CPU p10':>12} {'Δ µs':>7}")
+            for label, row in micro.items():
+                delta = row["alt_cpu_p10"] - row["base_cpu_p10"]
+                print(f"{label:28} {row['base_cpu_p10']:12.1f} {row['alt_cpu_p10']:12.1f}"
+                      f" {delta:7.1f}")
+            result["micro"] = micro
+        for wc in [] if args.skip_http else args.worker_class or ["gthread", "sync"]:
+            say(f"gunicorn {wc} A/B")
+            result[f"http_{wc}"] = http_ab(dsn, admin_dsn, args.alt.resolve(), args.base,
+                                           args.rounds, args.duration, wc)
+            for ep, rows in result[f"http_{wc}"].items():
                 for name, row in rows.items():
-                    print(f"/{ep:8} {name:10} {row['rps_median']:8.0f} req/s"
+                    print(f"{wc:7} /{ep:8} {name:10} {row['rps_median']:8.0f} req/s"
                           f"  ÷ {row['ref']} {row['ratio_to_ref']:.3f}"
                           f"   CPU {row['cpu_us_median']:6.0f} µs/req"
-                          f"  ÷ {row['ref']} {row['cpu_ratio_to_ref']:.3f}")
+                          f"  ÷ {row['ref']} {row['cpu_ratio_to_ref']:.3f}", flush=True)
     print(json.dumps(result, indent=1))
     return 0
 

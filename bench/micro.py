@@ -56,8 +56,12 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("eager /select1", "eager", "/select1", {}),
     ("eager -reset /select1", "eager", "/select1", {"REQCONN_RESET_SESSION": False}),
     ("eager -check_client /select1", "eager", "/select1", {"REQCONN_CHECK_CLIENT": False}),
-    ("eager -cancel_on_disconnect /select1", "eager", "/select1",
-     {"REQCONN_CANCEL_ON_DISCONNECT": "off"}),
+    (
+        "eager -cancel_on_disconnect /select1",
+        "eager",
+        "/select1",
+        {"REQCONN_CANCEL_ON_DISCONNECT": "off"},
+    ),
     ("eager -prepared /select1", "eager", "/select1", NO_PREPARE),
     ("eager -all four /select1", "eager", "/select1", {**ALL_OFF, **NO_PREPARE}),
     ("lazy /select1", "lazy", "/select1", {}),
@@ -284,11 +288,26 @@ def _wrapper_overhead_ns() -> float:
     return best
 
 
+def _hook_of(funcs: dict[Any, list[Any]], name: str, state: Any) -> Any:
+    """The app-wide hook of flask-reqconn called *name* (``before_request``...), if any.
+
+    Today's hooks are ``functools.partial(checkout.<name>, state)``; older
+    versions registered bound methods ``state.<name>``.
+    """
+    for fn in funcs.get(None, []):
+        func = getattr(fn, "func", None)
+        if func is not None and getattr(func, "__name__", "") == name and state in fn.args:
+            return fn
+        if getattr(fn, "__name__", "") == name and getattr(fn, "__self__", None) is state:
+            return fn
+    return None
+
+
 def _replace_hook(funcs: dict[Any, list[Any]], original: Any, replacement: Any) -> None:
     """Swap a registered app-wide hook for its timed version (if it is registered)."""
     hooks = funcs.get(None, [])
     for i, fn in enumerate(hooks):
-        if fn == original:
+        if fn is original:
             hooks[i] = replacement
             return
 
@@ -300,7 +319,8 @@ def instrument_reqconn(app: Any, timers: Timers, endpoint: str) -> Callable[[], 
     from flask_reqconn.lease import Lease
 
     state = app.extensions["reqconn"]
-    holder = state.holders["default"]
+    pools = getattr(state, "pools", None) or state.holders
+    holder = pools["default"]
     pool = holder.pool
     guard = app.wsgi_app
     undo: list[Callable[[], None]] = []
@@ -311,21 +331,14 @@ def instrument_reqconn(app: Any, timers: Timers, endpoint: str) -> Callable[[], 
     app.wsgi_app = timers.wrap("request (LeaseGuard)", guard)
     undo.append(lambda: setattr(app, "wsgi_app", guard))
 
-    _replace_hook(
-        app.before_request_funcs,
-        state.before_request,
-        timers.wrap("before_request hook", state.before_request),
-    )
-    _replace_hook(
-        app.after_request_funcs,
-        state.after_request,
-        timers.wrap("after_request hook", state.after_request),
-    )
-    _replace_hook(
-        app.teardown_request_funcs,
-        state.teardown_request,
-        timers.wrap("teardown_request hook", state.teardown_request),
-    )
+    for funcs, name in (
+        (app.before_request_funcs, "before_request"),
+        (app.after_request_funcs, "after_request"),
+        (app.teardown_request_funcs, "teardown_request"),
+    ):
+        hook = _hook_of(funcs, name, state)
+        if hook is not None:
+            _replace_hook(funcs, hook, timers.wrap(f"{name} hook", hook))
     view = app.view_functions[endpoint]
     app.view_functions[endpoint] = timers.wrap("view", view)
     undo.append(lambda: app.view_functions.__setitem__(endpoint, view))
@@ -344,8 +357,15 @@ def instrument_reqconn(app: Any, timers: Timers, endpoint: str) -> Callable[[], 
 
     import flask_reqconn.clientgone as cg_mod
 
-    # the client-gone peek: ClientProbe.gone in newer versions, a function before
-    if hasattr(cg_mod, "ClientProbe"):
+    # the client-gone peek: the socket probe's gone() in flask_reqconn.probes today,
+    # ClientProbe.gone before, a function before that
+    try:
+        from flask_reqconn.probes.peek import SocketProbe
+    except ImportError:
+        SocketProbe = None  # noqa: N806 - older flask_reqconn
+    if SocketProbe is not None:
+        wrap_attr(SocketProbe, "gone", "client_gone peek")
+    elif hasattr(cg_mod, "ClientProbe"):
         wrap_attr(cg_mod.ClientProbe, "gone", "client_gone peek")
     else:
         wrap_attr(ext_mod, "client_gone", "client_gone peek")
@@ -417,9 +437,7 @@ def hook_costs(cases: list[tuple[str, str, str, dict[str, Any]]], n: int) -> dic
             if not calls:
                 continue
             # Every timed call nested inside this one added the wrapper overhead.
-            nested = sum(
-                timers.calls.get(child, 0) for child in _descendants(name)
-            )
+            nested = sum(timers.calls.get(child, 0) for child in _descendants(name))
             corrected = (timers.ns[name] - nested * overhead) / n / 1000
             rows[name] = {"us_per_request": corrected, "calls_per_request": calls / n}
         total = rows["request (LeaseGuard)"]["us_per_request"]
@@ -446,9 +464,15 @@ def _descendants(name: str) -> list[str]:
             if p == parent:
                 found.append(child)
                 todo.append(child)
-    if name in ("PoolHolder.checkout", "Lease.release", "before_request hook",
-                "teardown_request hook", "flask wsgi_app", "request (LeaseGuard)",
-                "PoolHolder.give_back"):
+    if name in (
+        "PoolHolder.checkout",
+        "Lease.release",
+        "before_request hook",
+        "teardown_request hook",
+        "flask wsgi_app",
+        "request (LeaseGuard)",
+        "PoolHolder.give_back",
+    ):
         found.append("counters")
     return found
 
@@ -599,9 +623,7 @@ def print_profile(result: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def run(
-    dsn: str, *, quick: bool, out_dir: Path | None, rows: int = 100_000
-) -> dict[str, Any]:
+def run(dsn: str, *, quick: bool, out_dir: Path | None, rows: int = 100_000) -> dict[str, Any]:
     os.environ["BENCH_DSN"] = dsn
     os.environ.setdefault("BENCH_POOL_SIZE", "4")
     os.environ["BENCH_ROWS"] = str(rows)
@@ -609,14 +631,30 @@ def run(
     results: dict[str, Any] = {}
     results["per_request"] = per_request(rounds, batch, db_batch)
     print_per_request(results["per_request"])
-    hook_cases = [c for c in CASES if c[0] in (
-        "lazy /nodb", "eager /nodb (checks out)", "eager /select1", "eager -all four /select1",
-    )]
+    hook_cases = [
+        c
+        for c in CASES
+        if c[0]
+        in (
+            "lazy /nodb",
+            "eager /nodb (checks out)",
+            "eager /select1",
+            "eager -all four /select1",
+        )
+    ]
     results["hooks"] = hook_costs(hook_cases, 500 if quick else 2000)
     print_hooks(results["hooks"])
-    profile_cases = [c for c in CASES if c[0] in (
-        "plain /nodb", "lazy /nodb", "bare /select1", "eager /select1",
-    )]
+    profile_cases = [
+        c
+        for c in CASES
+        if c[0]
+        in (
+            "plain /nodb",
+            "lazy /nodb",
+            "bare /select1",
+            "eager /select1",
+        )
+    ]
     results["profile"] = profile(profile_cases, 500 if quick else 2000, out_dir)
     print_profile(results["profile"])
     return results
@@ -630,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile-dir", type=Path, help="write .prof files here")
     parser.add_argument(
-        "--per-request-only", metavar="LABELS",
+        "--per-request-only",
+        metavar="LABELS",
         help="only part 1, for these comma-separated case labels (compare.py uses it)",
     )
     parser.add_argument("--rounds", type=int, default=10)

@@ -3,7 +3,8 @@
 What a request leaves behind must not reach the next one: an open transaction
 is rolled back, and session state (``SET``, ``SET ROLE``, ``set_config(...,
 false)``, ``LISTEN``, advisory locks, temporary tables, open cursors) is reset,
-in one round trip. Client-side attributes a view may have changed
+in one round trip. psycopg's prepared statements survive the rollback of a
+transaction that wrote nothing. Client-side attributes a view may have changed
 (``autocommit``, ``read_only``, ``isolation_level``, ``deferrable``,
 ``row_factory``) are put back. A connection that is mid-query or broken is
 left for the pool to discard.
@@ -30,7 +31,16 @@ RESET_SESSION_SQL = (
 )
 #: Seconds to wait for a cancel request when a connection comes back mid-query.
 HANDBACK_CANCEL_TIMEOUT = 5.0
+#: The hand-back of an open transaction: did it write (an xid was assigned)?
+#: then roll it back. With the session reset, the advisory locks are released
+#: in the same statement as the write check, before the rollback (session-level
+#: advisory locks are not transactional), and the rest of the reset follows.
 _ROLLBACK_CHECKING_WRITES = "SELECT txid_current_if_assigned() IS NOT NULL; ROLLBACK"
+_ROLLBACK_CHECKING_WRITES_AND_RESET = (
+    "SELECT txid_current_if_assigned() IS NOT NULL, pg_advisory_unlock_all(); ROLLBACK;"
+    " CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *;"
+    " DISCARD TEMP; DISCARD SEQUENCES"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +88,7 @@ def clean_connection(
         return result
     try:
         if status == TransactionStatus.INTRANS:
-            sql = _ROLLBACK_CHECKING_WRITES
-            if reset_session:
-                sql = f"{sql}; {RESET_SESSION_SQL}"
-            # read with tuple rows whatever row factory the app set (dict_row...)
-            with conn.cursor(row_factory=tuple_row) as cur:
-                cur.execute(sql)
-                row = cur.fetchone()
-                result.discarded_writes = bool(row and row[0])
+            result.discarded_writes = _rollback_checking_writes(conn, reset_session)
             result.rolled_back = True
         elif status == TransactionStatus.INERROR:
             conn.execute(f"ROLLBACK; {RESET_SESSION_SQL}" if reset_session else "ROLLBACK")
@@ -110,6 +113,45 @@ def clean_connection(
         except Exception:  # pragma: no cover - close() does not raise in practice
             pass
     return result
+
+
+def _rollback_checking_writes(conn: psycopg.Connection[t.Any], reset_session: bool) -> bool:
+    """Roll back the open transaction (and reset the session); return True if it wrote.
+
+    psycopg forgets its prepared statements whenever it sees a ``ROLLBACK``,
+    in case the rollback dropped an object they use. A transaction without an
+    xid changed no catalog, so for it the statement runs with psycopg's
+    prepared-statement bookkeeping off, and the statements stay prepared, as
+    after the bare pool's ``COMMIT``. When the transaction wrote, psycopg's
+    cache is cleared as its own ``rollback()`` would.
+    """
+    threshold = conn.prepare_threshold
+    conn.prepare_threshold = None
+    try:
+        # read with tuple rows whatever row factory the app set (dict_row...)
+        with conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute(
+                _ROLLBACK_CHECKING_WRITES_AND_RESET if reset_session else _ROLLBACK_CHECKING_WRITES
+            )
+            row = cur.fetchone()
+    finally:
+        conn.prepare_threshold = threshold
+    wrote = bool(row and row[0])
+    if wrote:
+        _forget_prepared(conn)
+    return wrote
+
+
+def _forget_prepared(conn: psycopg.Connection[t.Any]) -> None:
+    """Make psycopg drop its prepared statements (``DEALLOCATE ALL`` before its next query).
+
+    What psycopg's ``rollback()`` does; without that internal (another
+    psycopg), the connection is closed instead and the pool replaces it.
+    """
+    clear = getattr(getattr(conn, "_prepared", None), "clear", None)
+    if not callable(clear):  # pragma: no cover - psycopg without PrepareManager.clear
+        raise psycopg.InterfaceError("cannot clear psycopg's prepared statements")
+    clear()
 
 
 def make_read_only(conn: psycopg.Connection[t.Any] | None) -> None:

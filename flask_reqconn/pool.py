@@ -111,11 +111,6 @@ class PoolHolder:
                 self.counters = PoolCounters(self.name, self.listeners)
             s = self.settings
             kwargs = dict(s.connect_args)
-            if s.transaction == "rollback":
-                # psycopg forgets its prepared statements at every ROLLBACK (and
-                # then sends DEALLOCATE ALL): with a rollback per request they
-                # never pay off. REQCONN_CONNECT_ARGS["prepare_threshold"] wins.
-                kwargs.setdefault("prepare_threshold", None)
             pool: ConnectionPool[t.Any] = RequestPool(
                 s.conninfo,
                 kwargs=kwargs,
