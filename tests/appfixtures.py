@@ -20,6 +20,22 @@ from tests import pg
 
 AppFactory = Callable[..., Flask]
 
+#: The abort storm of the server matrices (``StormConfig`` keywords): small enough for a
+#: few minutes on two cores for a whole module; every abort style is used 8 times.
+MATRIX_STORM: dict[str, Any] = {
+    "normal_count": 30,
+    "normal_concurrency": 6,
+    "abort_count": 32,
+    "abort_concurrency": 8,
+    "stream_path": "/feed",
+    "drain_timeout": 15.0,
+    "health_path": "/health",
+    "final_count": 20,
+    "final_concurrency": 6,
+    "stats_url": "/stats",
+    "max_seconds": 120.0,
+}
+
 
 @pytest.fixture
 def make_app(pg_dsn: str) -> Iterator[AppFactory]:

@@ -21,28 +21,13 @@ import pytest
 
 from flask_reqconn.storm import StormConfig, StormResult, format_report, run_storm
 from tests import pg, servers
+from tests.appfixtures import MATRIX_STORM as STORM
 
 pytestmark = pytest.mark.slow
 
 POOL_SIZE = 2
 REQCONN_APP = "examples.reqconn_app"
 NAIVE_APP = "examples.naive_app"
-
-# Small enough for a few minutes on two cores for the whole module; every abort style is
-# used 8 times.
-STORM: dict[str, Any] = {
-    "normal_count": 30,
-    "normal_concurrency": 6,
-    "abort_count": 32,
-    "abort_concurrency": 8,
-    "stream_path": "/feed",
-    "drain_timeout": 15.0,
-    "health_path": "/health",
-    "final_count": 20,
-    "final_concurrency": 6,
-    "stats_url": "/stats",
-    "max_seconds": 120.0,
-}
 
 Spawn = Callable[..., servers.ServerProcess]
 

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from flask_reqconn.storm import StormConfig, StormResult, format_report, run_storm
 from tests import pg, servers
+from tests.appfixtures import MATRIX_STORM as STORM
 
 pytestmark = pytest.mark.slow
 
@@ -149,19 +150,6 @@ def test_burst_into_a_pool_of_two_gets_quick_503s_and_the_control_hangs(
     settled(native, pg_admin, native_name)
 
 
-STORM: dict[str, Any] = {
-    "normal_count": 30,
-    "normal_concurrency": 6,
-    "abort_count": 32,
-    "abort_concurrency": 8,
-    "stream_path": "/feed",
-    "drain_timeout": 15.0,
-    "health_path": "/health",
-    "final_count": 20,
-    "final_concurrency": 6,
-    "stats_url": "/stats",
-    "max_seconds": 120.0,
-}
 
 
 def storm(server: servers.ServerProcess, pg_dsn: str, appname: str) -> StormResult:
