@@ -8,8 +8,9 @@ psycopg_pool with ``check=ConnectionPool.check_connection``.
 Needs root for the silent drop (the server lives in a network namespace; see
 ``tests/fix_faults.py``); ``--no-drop`` runs the rest on a loopback server without root.
 
-For each fault, three gunicorn gthread servers (1 worker, 8 threads), one per variant of
-``tests/apps/faultapp.py`` (pool of 4, checkout timeout 2 s), serve the same PostgreSQL at
+For each fault, four gunicorn gthread servers (1 worker, 8 threads), one per variant of
+``tests/apps/faultapp.py`` (pool of 4, checkout timeout 2 s; ``hold`` is flask-reqconn with
+``REQCONN_MAX_HOLD = 3``), serve the same PostgreSQL at
 the same time; each has 6 client threads looping on ``/select1`` (``/sleep?s=0.5`` for the
 busy kill), one fresh connection per request, each request bounded by ``--client-timeout``.
 After a warm-up the fault is applied to all three at once:
@@ -56,9 +57,10 @@ from tests import pg, servers  # noqa: E402
 from tests.fix_faults import FaultServer, FaultSetupError, fault_server  # noqa: E402
 
 APP = "tests.apps.faultapp:create_app()"
-VARIANTS = ("reqconn", "bare", "check")
+VARIANTS = ("reqconn", "hold", "bare", "check")
 VARIANT_TITLES = {
     "reqconn": "flask-reqconn (defaults)",
+    "hold": "flask-reqconn MAX_HOLD=3",
     "bare": "psycopg_pool",
     "check": "psycopg_pool check=",
 }
@@ -250,7 +252,9 @@ def _apps(server: FaultServer, variants: list[str], log_dir: Path) -> Iterator[d
         for v in variants:
             proc = servers.gunicorn(
                 APP, worker_class="gthread", workers=1, threads=8, log_dir=log_dir,
-                env={"FAULT_VARIANT": v, "FAULT_DSN": server.dsn, "FAULT_APPNAME": f"fault_{v}"},
+                env={"FAULT_VARIANT": "reqconn" if v == "hold" else v, "FAULT_DSN": server.dsn,
+                     "FAULT_APPNAME": f"fault_{v}",
+                     **({"FAULT_MAX_HOLD": "3"} if v == "hold" else {})},
             )  # fmt: skip
             stack.callback(proc.stop)
             urls[v] = proc.url

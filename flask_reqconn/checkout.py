@@ -183,7 +183,8 @@ def on_operational_error(state: AppState, exc: psycopg.OperationalError) -> t.An
         (
             lease
             for lease in (req.leases.values() if req else ())
-            if lease.conn is not None and (lease.conn.broken or lease.conn.closed)
+            if lease.severed
+            or (lease.conn is not None and (lease.conn.broken or lease.conn.closed))
         ),
         None,
     )

@@ -54,6 +54,25 @@ DEFAULTS: dict[str, t.Any] = {
     "REQCONN_POOLS": {},
     "REQCONN_READ_POOL": None,
     "REQCONN_READ_FALLBACK": False,
+    "REQCONN_TCP_DEFAULTS": True,
+    "REQCONN_VALIDATE_IDLE": None,
+}
+
+#: libpq parameters added to the connection of a TCP host with
+#: ``REQCONN_TCP_DEFAULTS = True``, unless the conninfo or ``REQCONN_CONNECT_ARGS``
+#: sets them. A path that drops packets silently then surfaces within seconds:
+#: an idle connection after about ``keepalives_idle`` + ``tcp_user_timeout``
+#: (the kernel's user timeout overrides ``keepalives_count``), a busy one whose
+#: data is not acknowledged after ``tcp_user_timeout`` (ms), a new one after
+#: ``connect_timeout``. They cannot see a frozen server, whose kernel still
+#: acknowledges: ``REQCONN_MAX_HOLD`` is for that.
+TCP_DEFAULTS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 8000,
+    "connect_timeout": 5,
 }
 
 #: Keys a named pool in ``REQCONN_POOLS`` may set (without the ``REQCONN_``
@@ -74,6 +93,8 @@ POOL_KEYS = (
     "RETRY_AFTER",
     "READ_ONLY",
     "PGBOUNCER",
+    "TCP_DEFAULTS",
+    "VALIDATE_IDLE",
 )
 _POOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
@@ -108,6 +129,10 @@ class PoolSettings:
     read_only: bool
     pgbouncer: bool
     application_name: str
+    #: run a validation query on connections idle longer than this (None: never)
+    validate_idle: float | None = None
+    #: the libpq parameters of :data:`TCP_DEFAULTS` that were added to ``connect_args``
+    tcp_defaults: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def safe_conninfo(self) -> str:
@@ -214,6 +239,11 @@ def load_pool(config: Mapping[str, t.Any], app_name: str) -> PoolSettings:
         or app_name
     )[:63]
     connect_args["application_name"] = application_name
+    tcp_defaults: dict[str, int] = {}
+    if get.boolean("REQCONN_TCP_DEFAULTS") and uses_tcp(conninfo, connect_args):
+        given = _conninfo_keys(conninfo) | set(connect_args)
+        tcp_defaults = {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
+        connect_args.update(tcp_defaults)
     try:
         make_conninfo(
             conninfo,
@@ -243,7 +273,29 @@ def load_pool(config: Mapping[str, t.Any], app_name: str) -> PoolSettings:
         read_only=get.boolean("REQCONN_READ_ONLY"),
         pgbouncer=pgbouncer,
         application_name=application_name,
+        validate_idle=get.seconds_or_none("REQCONN_VALIDATE_IDLE"),
+        tcp_defaults=tcp_defaults,
     )
+
+
+def uses_tcp(conninfo: str, connect_args: Mapping[str, t.Any] | None = None) -> bool:
+    """True if any host of *conninfo* (or of ``connect_args``) is reached over TCP.
+
+    A host that is empty or starts with ``/`` or ``@`` is a unix socket (libpq's
+    rule); no host at all means libpq's default socket. A ``hostaddr`` is TCP.
+    """
+    params = dict(conninfo_to_dict(conninfo))
+    for key in ("host", "hostaddr"):
+        if connect_args and connect_args.get(key) is not None:
+            params[key] = connect_args[key]
+    if str(params.get("hostaddr") or "").strip(","):
+        return True
+    hosts = str(params.get("host") or "").split(",")
+    return any(h.strip() and not h.strip().startswith(("/", "@")) for h in hosts)
+
+
+def _conninfo_keys(conninfo: str) -> set[str]:
+    return set(conninfo_to_dict(conninfo))
 
 
 def load_app_settings(config: Mapping[str, t.Any], pools: Iterable[str]) -> AppSettings:
@@ -419,6 +471,15 @@ class _Getter:
         if value is None or value == 0:
             return None
         return self.number(key, positive=True)
+
+    def seconds_or_none(self, key: str) -> float | None:
+        """None, or a number of seconds >= 0 (0 is a valid threshold here)."""
+        value = self._get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(key, f"must be None or a number of seconds >= 0, got {value!r}")
+        return float(value)
 
     def boolean(self, key: str) -> bool:
         value = self._get(key)

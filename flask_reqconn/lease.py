@@ -9,8 +9,11 @@ to coordinate; the lease remembers who released it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import logging
+import os
+import socket
 import threading
 import time
 import typing as t
@@ -96,6 +99,9 @@ class Lease:
         "checkout_site",
         "leak_reported",
         "cancelled",
+        "cancel_uncertain",
+        "severed",
+        "_sock",
         "watch",
         "handed_out",
         "_state",
@@ -131,6 +137,14 @@ class Lease:
         self.leak_reported = False
         #: why the watcher cancelled this lease's query (None: never cancelled)
         self.cancelled: CancelReason | None = None
+        #: a cancel request failed or timed out: it may still reach the server
+        #: later and hit the next borrower, so the connection is discarded
+        self.cancel_uncertain = False
+        #: the watcher shut the connection's socket down (:meth:`sever`)
+        self.severed = False
+        #: (fd, inode) of the connection's socket, recorded by the request
+        #: thread at checkout when :meth:`sever` may be needed
+        self._sock: tuple[int, int] | None = None
         #: the watcher's registration of the request's client, if any
         self.watch: Unwatchable | None = None
         #: get_conn() gave the connection to the app; False: no statement can have run
@@ -181,6 +195,11 @@ class Lease:
         self.conn = conn
         self.handle = conn if handout_wrapper is None else handout_wrapper(self, conn)
         self.checked_out_at = time.monotonic()
+        if self._holder.max_hold is not None:
+            # for sever(), which runs in the watcher and must not call libpq
+            with contextlib.suppress(Exception):
+                fd = conn.pgconn.socket
+                self._sock = (fd, os.fstat(fd).st_ino)
         self._state = LeaseState.ACTIVE
 
     def release(self, reason: ReleaseReason) -> bool:
@@ -231,7 +250,45 @@ class Lease:
                 else:  # pragma: no cover - psycopg < 3.2
                     conn.cancel()
             except Exception:
+                # timed out or failed: the request may still be on its way (a
+                # frozen server accepts it and reads it later)
+                self.cancel_uncertain = True
                 return False
+        return True
+
+    def sever(self) -> bool:
+        """Shut the connection's socket down, from another thread, without libpq.
+
+        For a server that cannot be reached by a cancel (frozen, or a path
+        that drops packets): the request thread blocked on the socket wakes up
+        with an ``OperationalError`` and the connection is discarded at
+        release. Only a socket recorded at checkout, and only if it is still
+        the same socket (same inode), is touched; the descriptor is duplicated
+        so libpq's own stays open until the request thread closes it.
+
+        :returns: True if the socket was shut down by this call.
+        """
+        with self._lock:
+            if self._state is not LeaseState.ACTIVE or self._sock is None or self.severed:
+                return False
+            fd, inode = self._sock
+            try:
+                dup = os.dup(fd)
+            except OSError:
+                return False
+            try:
+                if os.fstat(dup).st_ino != inode:
+                    return False
+                sock = socket.socket(fileno=dup)
+                dup = -1
+                with sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                return False
+            finally:
+                if dup >= 0:
+                    os.close(dup)
+            self.severed = True
         return True
 
     def __del__(self) -> None:

@@ -29,12 +29,14 @@ from .lease import DeferredQueue, Lease, ReleaseReason
 from .liveness import RequestPool, server_gone
 from .names import CancelReason, Stat
 from .stats import Listener, PoolCounters
-from .watcher import WATCHER_CANCEL_TIMEOUT, get_watcher
+from .watcher import SEVER_AFTER_CANCEL, WATCHER_CANCEL_TIMEOUT, get_watcher
 
 logger = logging.getLogger("flask_reqconn.pool")
 
 #: Pools inherited across a fork: referenced forever, never closed, never used.
 _INHERITED_POOLS: list[ConnectionPool[t.Any]] = []
+#: The attribute of a pooled connection holding when it last went back to the pool.
+_IDLE_SINCE = "_reqconn_idle_since"
 
 
 class PoolHolder:
@@ -121,7 +123,7 @@ class PoolHolder:
                 max_lifetime=s.max_lifetime,
                 max_idle=s.max_idle,
                 name=self.label,
-                configure=self._configure if s.autocommit else None,
+                configure=self._configure,
                 open=False,
             )
             pool.open(wait=False)
@@ -136,9 +138,10 @@ class PoolHolder:
             )
             return pool
 
-    @staticmethod
-    def _configure(conn: psycopg.Connection[t.Any]) -> None:
-        conn.autocommit = True
+    def _configure(self, conn: psycopg.Connection[t.Any]) -> None:
+        setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
+        if self.settings.autocommit:
+            conn.autocommit = True
 
     def close(self) -> None:
         """Close this process's pool, if open. It reopens on next use."""
@@ -206,7 +209,7 @@ class PoolHolder:
         deadline = time.monotonic() + self.settings.timeout
         for _ in range(self.settings.max_size):
             conn: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
-            if not server_gone(conn):
+            if not server_gone(conn) and self._validated(conn):
                 return conn
             self.counters.add(Stat.DEAD_DISCARDED)
             logger.debug("discarded a connection of %s whose server side was gone", self.label)
@@ -215,12 +218,33 @@ class PoolHolder:
         last: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
         return last
 
+    def _validated(self, conn: psycopg.Connection[t.Any]) -> bool:
+        """``REQCONN_VALIDATE_IDLE``: a round trip on a connection idle that long."""
+        limit = self.settings.validate_idle
+        if limit is None:
+            return True
+        if time.monotonic() - getattr(conn, _IDLE_SINCE, 0.0) < limit:
+            return True
+        try:
+            ConnectionPool.check_connection(conn)  # an empty statement, autocommit
+        except Exception as exc:
+            logger.debug("validation query of a pooled connection failed: %s", exc)
+            return False
+        return True
+
     def give_back(self, lease: Lease, reason: ReleaseReason) -> None:
         """Clean the lease's connection and return it to the pool. Never raises."""
         conn = lease.conn
         try:
-            if conn is not None and lease.cancelled is CancelReason.MAX_HOLD:
-                # reclaimed: never reuse a connection a runaway request held
+            if conn is not None and (
+                lease.cancelled is CancelReason.MAX_HOLD
+                or lease.cancel_uncertain
+                or lease.severed
+                or conn.closed
+            ):
+                # reclaimed (never reuse a connection a runaway request held), or
+                # a cancel request that may still be on its way: it would hit the
+                # next borrower's statement
                 self.counters.add(Stat.DISCARDED_CONNECTIONS)
                 conn.close()
                 self._putconn(conn)
@@ -284,6 +308,7 @@ class PoolHolder:
                 )
 
     def _putconn(self, conn: psycopg.Connection[t.Any]) -> None:
+        setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
         pool = conn._pool
         if pool is None or not isinstance(pool, ConnectionPool):
             conn.close()
@@ -329,16 +354,39 @@ class PoolHolder:
         limit = self.max_hold
         if limit is None:
             return
+        unreachable = False
         for lease in self.counters.active_leases():
-            if lease.cancelled is not None or lease.held_for < limit:
-                continue
             held = lease.held_for
-            if lease.cancel(CancelReason.MAX_HOLD, WATCHER_CANCEL_TIMEOUT):
+            if held < limit or lease.severed:
+                continue
+            if lease.cancelled is None and not unreachable:
+                if lease.cancel(CancelReason.MAX_HOLD, WATCHER_CANCEL_TIMEOUT):
+                    self.counters.add(Stat.RECLAIMED)
+                    logger.warning(
+                        "REQCONN_MAX_HOLD (%.1f s) exceeded: %s %s (endpoint %r) held its"
+                        " connection %.1f s; cancelled its query, the connection will be"
+                        " closed and replaced when the request lets go of it",
+                        limit,
+                        lease.method,
+                        lease.path,
+                        lease.endpoint,
+                        held,
+                    )
+                    continue
+                # the cancel could not reach the server (frozen, or a path that
+                # drops packets): the others of this pass would wait in vain too
+                unreachable = lease.cancel_uncertain
+            if not (unreachable or lease.cancel_uncertain or held >= limit + SEVER_AFTER_CANCEL):
+                continue  # cancelled: give the statement time to end
+            if lease.cancelled is None:
+                lease.cancelled = CancelReason.MAX_HOLD
+            if lease.sever():
                 self.counters.add(Stat.RECLAIMED)
                 logger.warning(
                     "REQCONN_MAX_HOLD (%.1f s) exceeded: %s %s (endpoint %r) held its"
-                    " connection %.1f s; cancelled its query, the connection will be closed"
-                    " and replaced when the request lets go of it",
+                    " connection %.1f s and its query could not be cancelled (the server"
+                    " does not answer); shut the connection's socket down: the request gets"
+                    " an error and answers 503, the connection is replaced",
                     limit,
                     lease.method,
                     lease.path,

@@ -14,8 +14,13 @@ import or in ``init_app``), restarted in a forked child, and stopped at exit.
 - **Long holds** (``REQCONN_MAX_HOLD``) and **leaks**
   (``REQCONN_LEAK_THRESHOLD``) are checked every tick.
 
-The watcher only ever cancels statements and logs: it never returns or closes
-a connection; that stays with the request's own thread.
+The watcher only ever cancels statements, shuts sockets down and logs: it never
+calls libpq on a request's connection, never returns or closes one; that stays
+with the request's own thread. When a cancel cannot reach the server (a frozen
+server accepts the cancel request's connection and never answers; a dropped path
+never completes it), ``REQCONN_MAX_HOLD`` shuts the connection's socket down
+(:meth:`Lease.sever`): the request thread, blocked on that socket, gets an
+``OperationalError`` at once and its connection is discarded.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ POLL_INTERVAL = 0.05
 WATCH_DELAY = 0.05
 #: Seconds a cancel request sent by the watcher may take before it gives up on it.
 WATCHER_CANCEL_TIMEOUT = 2.0
+#: Seconds past ``REQCONN_MAX_HOLD`` after which a lease whose cancel was sent
+#: but whose statement did not end has its socket shut down (:meth:`Lease.sever`).
+SEVER_AFTER_CANCEL = 5.0
 
 _EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
 #: A peer's close (FIN) or reset, once; EPOLLHUP and EPOLLERR always report.

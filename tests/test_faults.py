@@ -2,20 +2,26 @@
 
 Real faults on real PostgreSQL: backends terminated on the server
 (``pg_terminate_backend``, what ``idle_session_timeout``, a proxy restart or a
-failover do) and a server restarted with ``-m immediate``.
+failover do), a server restarted with ``-m fast`` and ``-m immediate``, frozen
+(SIGSTOP) with ``REQCONN_MAX_HOLD``, and a network path that drops every packet
+silently (a network namespace; needs root), the last three under gunicorn.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
 from flask import Flask
 
+from bench.faults import Clients, summarize
 from flask_reqconn import DatabaseUnavailable, get_conn, state_of
 from flask_reqconn.liveness import (
     RECONNECT_JITTER,
@@ -24,9 +30,9 @@ from flask_reqconn.liveness import (
     _CappedBackoff,
     server_gone,
 )
-from tests import pg
+from tests import pg, servers
 from tests.appfixtures import AppFactory
-from tests.fix_faults import FaultServer
+from tests.fix_faults import FaultServer, RestartMode
 
 
 def _terminate(admin: psycopg.Connection[Any], appname: str, state: str) -> int:
@@ -228,3 +234,117 @@ def test_in_flight_requests_answer_503_through_an_immediate_restart_then_200(
         assert stats["dead_discarded"] >= 1
     finally:
         reqconn.close(app)
+
+
+# -- under gunicorn: restart, freeze, silent drop ---------------------------------------------
+#
+# One gunicorn gthread worker (8 threads) serving tests/apps/faultapp.py (pool of 4,
+# REQCONN_TIMEOUT = 2), 6 client threads looping on /select1 through the fault. The bounds
+# are generous hang guards; the figures are bench/faults.py's (docs/failure-modes.rst).
+
+_BOUND = 2.0 + 10.0  # REQCONN_TIMEOUT + the detection bound of the issue
+
+
+@contextlib.contextmanager
+def _served(
+    spawn: Callable[..., servers.ServerProcess], server: FaultServer, **env: str
+) -> Iterator[tuple[servers.ServerProcess, str]]:
+    appname = pg.unique_name("gfault")
+    proc = spawn(
+        "gunicorn", "tests.apps.faultapp:create_app()", worker_class="gthread", workers=1,
+        threads=8,
+        env={"FAULT_VARIANT": "reqconn", "FAULT_DSN": server.dsn, "FAULT_APPNAME": appname,
+             **env},
+    )  # fmt: skip
+
+    def full() -> bool:
+        if servers.http_get(proc.url + "/select1", timeout=10)[0] != 200:
+            return False
+        stats = json.loads(servers.http_get(proc.url + "/stats", timeout=10)[2])
+        return bool(stats["pools"]["default"]["pool"].get("pool_available", 0) >= 4)
+
+    pg.wait_until(full, timeout=60, interval=0.2, message="pool of 4 ready")
+    yield proc, appname
+
+
+def _through(
+    url: str, fault: Callable[[], None], *, warmup: float = 1.0, recovery: float = 4.0
+) -> dict[str, Any]:
+    clients = Clients(url, 6, "/select1", timeout=30.0, max_requests=100_000)
+    clients.start()
+    try:
+        time.sleep(warmup)
+        started = time.monotonic()
+        fault()
+        ended = time.monotonic()
+        time.sleep(recovery)
+    finally:
+        clients.stop()
+    return summarize(clients.records, started, ended, 30.0)
+
+
+def _stats(url: str) -> dict[str, Any]:
+    return dict(json.loads(servers.http_get(url + "/stats", timeout=10)[2]))
+
+
+def _assert_clear_answers(proc: servers.ServerProcess, figures: dict[str, Any]) -> None:
+    statuses = figures["statuses"]
+    assert set(statuses) <= {"200", "503"}, (figures, proc.log_tail())
+    assert figures["hangs"] == 0, figures
+    assert figures["first_200_after_s"] is not None, figures
+    assert "Traceback" not in proc.log_text(), proc.log_tail()
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_a_restart_under_gunicorn_answers_200_or_503_and_serves_again(
+    fault_pg: FaultServer, spawn: Callable[..., servers.ServerProcess], mode: RestartMode
+) -> None:
+    with _served(spawn, fault_pg) as (proc, _appname):
+        figures = _through(proc.url, lambda: fault_pg.restart(mode))
+        _assert_clear_answers(proc, figures)
+        assert figures["first_200_after_s"] < 5.0, figures
+        assert figures["errors_after_recovery"] == 0, figures
+        stats = _stats(proc.url)
+        assert stats["checked_out"] == 0
+        assert stats["pools"]["default"]["pool"]["connections_num"] > 4  # it reconnected
+
+
+def test_max_hold_ends_requests_on_a_frozen_server(
+    fault_pg: FaultServer, spawn: Callable[..., servers.ServerProcess]
+) -> None:
+    """The cancel cannot reach a frozen server: the watcher shuts the sockets down. The
+    freeze lasts longer than the bound, so requests waiting for the thaw would fail it."""
+    with _served(spawn, fault_pg, FAULT_MAX_HOLD="2") as (proc, _appname):
+
+        def freeze() -> None:
+            with fault_pg.frozen():
+                time.sleep(_BOUND + 2)
+
+        figures = _through(proc.url, freeze)
+        _assert_clear_answers(proc, figures)
+        assert figures["longest_s"] <= _BOUND, figures
+        assert figures["statuses"].get("503", 0) > 0, figures
+        assert figures["first_200_after_s"] < 5.0, figures
+        stats = _stats(proc.url)
+        assert stats["reclaimed"] >= 1 and stats["checked_out"] == 0, stats
+        assert "shut the connection's socket down" in proc.log_text()
+
+
+def test_a_silent_drop_is_bounded_by_the_tcp_defaults_and_recovers(
+    netns_pg: FaultServer, spawn: Callable[..., servers.ServerProcess]
+) -> None:
+    """Every packet dropped for longer than the bound: without keepalives and
+    tcp_user_timeout the requests holding connections would wait for the heal."""
+    path = netns_pg.path
+    assert path is not None
+    with _served(spawn, netns_pg) as (proc, _appname):
+
+        def drop() -> None:
+            with path.dropping():
+                time.sleep(_BOUND + 2)
+
+        figures = _through(proc.url, drop, recovery=5.0)
+        _assert_clear_answers(proc, figures)
+        assert figures["longest_s"] <= _BOUND, figures
+        assert figures["first_200_after_s"] < 5.0, figures
+        assert _stats(proc.url)["checked_out"] == 0

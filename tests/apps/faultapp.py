@@ -11,6 +11,8 @@
 ``FAULT_APPNAME``
     ``application_name`` of the pool's connections (default ``fault_<variant>``), by which
     the faults find the backends to terminate.
+``FAULT_MAX_HOLD``
+    (reqconn) ``REQCONN_MAX_HOLD`` in seconds (default: unset, the library's default).
 
 Every variant: a pool of 4 (min = max, so every variant has 4 idle connections to lose),
 a checkout timeout of 2 s (``REQCONN_TIMEOUT = 2`` / ``timeout=2``). Views:
@@ -64,6 +66,8 @@ def _reqconn(app: Flask, dsn: str, appname: str) -> None:
         REQCONN_CONNECT_ARGS={"application_name": appname},
         REQCONN_EXEMPT_ENDPOINTS=["stats"],
     )
+    if os.environ.get("FAULT_MAX_HOLD"):
+        app.config["REQCONN_MAX_HOLD"] = float(os.environ["FAULT_MAX_HOLD"])
     reqconn = ReqConn(app)
 
     @app.get("/select1")

@@ -1,0 +1,187 @@
+"""REQCONN_VALIDATE_IDLE, REQCONN_TCP_DEFAULTS, and a cancel that may still be in flight
+never reaching the next borrower (pool.py, config.py, lease.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_reqconn import ReqConn, get_conn, state_of
+from flask_reqconn.config import TCP_DEFAULTS, load_pool, uses_tcp
+from flask_reqconn.names import CancelReason
+from tests import pg
+from tests.appfixtures import AppFactory
+from tests.fix_faults import FaultServer
+
+# -- REQCONN_VALIDATE_IDLE ---------------------------------------------------------------------
+
+
+def test_validate_idle_runs_a_query_on_connections_idle_that_long(
+    make_app: AppFactory, pg_admin: Any
+) -> None:
+    app = make_app(min_size=1, max_size=1, validate_idle=0.3)
+
+    @app.get("/select")
+    def select() -> str:
+        get_conn().execute("SELECT 'view'")
+        return "ok"
+
+    @app.get("/noop")
+    def noop() -> str:  # eager checkout: the connection is checked out, never used
+        return "ok"
+
+    def last_query() -> str:
+        row = pg_admin.execute(
+            "SELECT query FROM pg_stat_activity WHERE application_name = %s",
+            (app.config["TEST_APPNAME"],),
+        ).fetchone()
+        return str(row[0]) if row else "<none>"
+
+    client = app.test_client()
+    assert client.get("/select").status_code == 200
+    assert client.get("/noop").status_code == 200  # idle < 0.3 s: no validation query
+    assert last_query().startswith("SELECT txid_current_if_assigned()")  # the hand-back's
+    time.sleep(0.5)
+    assert client.get("/noop").status_code == 200  # idle > 0.3 s: validated
+    assert last_query() == ""  # psycopg_pool's check: an empty statement
+    assert app.extensions["test_reqconn"].stats(app)["dead_discarded"] == 0
+
+
+def test_validate_idle_config_accepts_none_and_zero_and_rejects_negative() -> None:
+    base = {"REQCONN_CONNINFO": "dbname=x"}
+    assert load_pool(base, "a").validate_idle is None
+    assert load_pool({**base, "REQCONN_VALIDATE_IDLE": 0}, "a").validate_idle == 0.0
+    with pytest.raises(Exception, match="REQCONN_VALIDATE_IDLE"):
+        load_pool({**base, "REQCONN_VALIDATE_IDLE": -1}, "a")
+
+
+# -- cancel hygiene: a cancel that may still be in flight -------------------------------------
+
+
+def test_an_uncertain_cancel_never_reaches_the_next_borrower(fault_pg: FaultServer) -> None:
+    """The postmaster is stopped: the cancel request is accepted by the kernel and queued,
+    cancel_safe() times out, and the cancel is delivered once the postmaster resumes. The
+    connection it was meant for must not be reused by then."""
+    app = Flask("uncertain")
+    app.config.update(
+        REQCONN_CONNINFO=fault_pg.dsn, REQCONN_MIN_SIZE=2, REQCONN_MAX_SIZE=2,
+        REQCONN_TIMEOUT=20, REQCONN_CONNECT_ARGS={"application_name": "uncertain"},
+    )  # fmt: skip
+    ext = ReqConn(app)
+    holder = state_of(app).pool("default")
+    try:
+        pg.wait_until(
+            lambda: holder.pool.get_stats()["pool_available"] == 2, timeout=30,
+            message="pool of 2 ready",
+        )  # fmt: skip
+        postmaster = fault_pg.postmaster_pid
+        assert postmaster is not None
+        with app.test_request_context("/"):
+            conn = get_conn()
+            first_pid = conn.info.backend_pid
+            lease = holder.counters.active_leases()[0]
+            done: list[BaseException | None] = []
+
+            def query() -> None:
+                try:
+                    conn.execute("SELECT pg_sleep(1)")
+                    done.append(None)
+                except BaseException as exc:  # noqa: B036 - checked below
+                    done.append(exc)
+
+            runner = threading.Thread(target=query)
+            runner.start()
+            time.sleep(0.2)
+            os.kill(postmaster, signal.SIGSTOP)
+            try:
+                assert lease.cancel(CancelReason.CLIENT_GONE, 0.5) is False
+                assert lease.cancel_uncertain
+                runner.join(10)
+                assert done == [None]  # the backend ran on; the cancel did not arrive
+            except BaseException:
+                os.kill(postmaster, signal.SIGCONT)
+                raise
+        # released (teardown): the connection whose cancel is queued must be gone
+        results: list[Any] = []
+
+        def borrower() -> None:
+            with app.test_request_context("/"):
+                c = get_conn()
+                try:
+                    c.execute("SELECT pg_sleep(1.5)")
+                    results.append(c.info.backend_pid)
+                except BaseException as exc:  # noqa: B036 - checked below
+                    results.append(exc)
+
+        borrowers = [threading.Thread(target=borrower) for _ in range(2)]
+        for b in borrowers:
+            b.start()
+        time.sleep(0.3)  # one borrower runs its query, the other waits for a new connection
+        os.kill(postmaster, signal.SIGCONT)  # the queued cancel is delivered now
+        for b in borrowers:
+            b.join(30)
+        assert len(results) == 2 and all(isinstance(r, int) for r in results), results
+        assert first_pid not in results
+        assert ext.stats(app)["discarded_connections"] >= 1
+    finally:
+        ext.close(app)
+
+
+# -- TCP defaults --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("conninfo", "tcp"),
+    [
+        ("host=db.example", True),
+        ("postgresql://u@10.0.0.1/x", True),
+        ("hostaddr=10.0.0.1", True),
+        ("host=/run/postgresql,db2 target_session_attrs=read-write", True),
+        ("host=/run/postgresql", False),
+        ("host=@abstract", False),
+        ("dbname=x", False),
+        ("postgresql:///x", False),
+    ],
+)
+def test_tcp_hosts_are_told_from_unix_sockets(conninfo: str, tcp: bool) -> None:
+    assert uses_tcp(conninfo) is tcp
+    settings = load_pool({"REQCONN_CONNINFO": conninfo}, "a")
+    assert dict(settings.tcp_defaults) == (TCP_DEFAULTS if tcp else {})
+    for key, value in settings.tcp_defaults.items():
+        assert settings.connect_args[key] == value
+
+
+def test_tcp_defaults_give_way_to_the_users_settings() -> None:
+    s = load_pool(
+        {"REQCONN_CONNINFO": "host=db keepalives_idle=30",
+         "REQCONN_CONNECT_ARGS": {"tcp_user_timeout": 30000}}, "a",
+    )  # fmt: skip
+    assert "keepalives_idle" not in s.connect_args
+    assert s.connect_args["tcp_user_timeout"] == 30000
+    assert s.connect_args["connect_timeout"] == TCP_DEFAULTS["connect_timeout"]
+    off = load_pool({"REQCONN_CONNINFO": "host=db", "REQCONN_TCP_DEFAULTS": False}, "a")
+    assert not set(TCP_DEFAULTS) & set(off.connect_args)
+    named = load_pool(
+        {"REQCONN_CONNINFO": "host=/tmp", "REQCONN_CONNECT_ARGS": {"host": "db"}}, "a"
+    )
+    assert named.tcp_defaults
+
+
+def test_tcp_defaults_reach_the_connection(fault_pg: FaultServer) -> None:
+    app = Flask("tcpdefaults")
+    app.config.update(REQCONN_CONNINFO=fault_pg.dsn, REQCONN_MIN_SIZE=0)
+    ext = ReqConn(app)
+    try:
+        with state_of(app).pool("default").connection() as conn:
+            params = conn.info.get_parameters()
+            dsn = conn.info.dsn
+        assert "keepalives_idle=5" in dsn and "tcp_user_timeout=8000" in dsn, dsn
+        assert params["application_name"] == "tcpdefaults"
+    finally:
+        ext.close(app)
