@@ -19,6 +19,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import ConfigError
 from .names import DEFAULT_POOL
+from .netdefaults import TCP_DEFAULTS, conninfo_keys, uses_tcp
+from .redact import conninfo_passwords, redact_conninfo, scrub_secrets
 
 CHECKOUT_MODES = ("eager", "lazy")
 TRANSACTION_MODES = ("rollback", "autocommit", "atomic")
@@ -58,23 +60,6 @@ DEFAULTS: dict[str, t.Any] = {
     "REQCONN_VALIDATE_IDLE": None,
 }
 
-#: libpq parameters added to the connection of a TCP host with
-#: ``REQCONN_TCP_DEFAULTS = True``, unless the conninfo or ``REQCONN_CONNECT_ARGS``
-#: sets them. A path that drops packets silently then surfaces within seconds:
-#: an idle connection after about ``keepalives_idle`` + ``tcp_user_timeout``
-#: (the kernel's user timeout overrides ``keepalives_count``), a busy one whose
-#: data is not acknowledged after ``tcp_user_timeout`` (ms), a new one after
-#: ``connect_timeout``. They cannot see a frozen server, whose kernel still
-#: acknowledges: ``REQCONN_MAX_HOLD`` is for that.
-TCP_DEFAULTS: dict[str, int] = {
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 8000,
-    "connect_timeout": 5,
-}
-
 #: Keys a named pool in ``REQCONN_POOLS`` may set (without the ``REQCONN_``
 #: prefix). Unset ones are inherited from the default pool, except
 #: ``CONNINFO``, which each pool must give.
@@ -103,8 +88,7 @@ _POOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 PSYCOPG_CONNECT_ARGS = frozenset({"prepare_threshold", "row_factory", "cursor_factory", "context"})
 
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
-_URL_USERINFO = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,30 +153,6 @@ class AppSettings:
         return min(1.0, *ticks) if ticks else None
 
 
-def redact_conninfo(conninfo: str) -> str:
-    """Return *conninfo* with its password hidden. Never raises."""
-    try:
-        params = conninfo_to_dict(conninfo)
-    except Exception:
-        return scrub_secrets(conninfo)
-    if "password" in params:
-        params["password"] = "***"
-    try:
-        return make_conninfo("", **params)
-    except Exception:
-        return "<conninfo>"
-
-
-def scrub_secrets(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove passwords from free text (error messages, conninfo strings)."""
-    text = text.strip()
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    text = _URL_USERINFO.sub(r"\1***@", text)
-    return _PASSWORD_KV.sub(r"\1***", text)
-
-
 def load_pool(config: Mapping[str, t.Any], app_name: str) -> PoolSettings:
     """Validate the pool keys (:data:`POOL_KEYS`) of *config*; return :class:`PoolSettings`.
 
@@ -241,7 +201,7 @@ def load_pool(config: Mapping[str, t.Any], app_name: str) -> PoolSettings:
     connect_args["application_name"] = application_name
     tcp_defaults: dict[str, int] = {}
     if get.boolean("REQCONN_TCP_DEFAULTS") and uses_tcp(conninfo, connect_args):
-        given = _conninfo_keys(conninfo) | set(connect_args)
+        given = conninfo_keys(conninfo) | set(connect_args)
         tcp_defaults = {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
         connect_args.update(tcp_defaults)
     try:
@@ -255,7 +215,8 @@ def load_pool(config: Mapping[str, t.Any], app_name: str) -> PoolSettings:
         )
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
-            "REQCONN_CONNECT_ARGS", scrub_secrets(str(exc), _passwords(conninfo, connect_args))
+            "REQCONN_CONNECT_ARGS",
+            scrub_secrets(str(exc), conninfo_passwords(conninfo, connect_args)),
         ) from None
 
     return PoolSettings(
@@ -276,26 +237,6 @@ def load_pool(config: Mapping[str, t.Any], app_name: str) -> PoolSettings:
         validate_idle=get.seconds_or_none("REQCONN_VALIDATE_IDLE"),
         tcp_defaults=tcp_defaults,
     )
-
-
-def uses_tcp(conninfo: str, connect_args: Mapping[str, t.Any] | None = None) -> bool:
-    """True if any host of *conninfo* (or of ``connect_args``) is reached over TCP.
-
-    A host that is empty or starts with ``/`` or ``@`` is a unix socket (libpq's
-    rule); no host at all means libpq's default socket. A ``hostaddr`` is TCP.
-    """
-    params = dict(conninfo_to_dict(conninfo))
-    for key in ("host", "hostaddr"):
-        if connect_args and connect_args.get(key) is not None:
-            params[key] = connect_args[key]
-    if str(params.get("hostaddr") or "").strip(","):
-        return True
-    hosts = str(params.get("host") or "").split(",")
-    return any(h.strip() and not h.strip().startswith(("/", "@")) for h in hosts)
-
-
-def _conninfo_keys(conninfo: str) -> set[str]:
-    return set(conninfo_to_dict(conninfo))
 
 
 def load_app_settings(config: Mapping[str, t.Any], pools: Iterable[str]) -> AppSettings:
@@ -415,15 +356,6 @@ def _is_conn_param(value: t.Any) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
-def _passwords(conninfo: str, connect_args: Mapping[str, t.Any]) -> list[str]:
-    found = [str(connect_args.get("password") or "")]
-    try:
-        found.append(str(conninfo_to_dict(conninfo).get("password") or ""))
-    except Exception:
-        pass
-    return found
-
-
 class _Getter:
     """Typed access to config keys with defaults, raising :class:`ConfigError`."""
 
@@ -446,7 +378,7 @@ class _Getter:
         try:
             conninfo_to_dict(value)
         except psycopg.ProgrammingError as exc:
-            reason = scrub_secrets(str(exc), _passwords(value, {}))
+            reason = scrub_secrets(str(exc), conninfo_passwords(value, {}))
             raise ConfigError(key, f"is not a valid connection string: {reason}") from None
         return value
 

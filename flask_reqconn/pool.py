@@ -22,6 +22,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
+from . import holds
 from .config import AppSettings, PoolSettings
 from .errors import PoolExhausted
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
@@ -29,7 +30,7 @@ from .lease import DeferredQueue, Lease, ReleaseReason
 from .liveness import RequestPool, server_gone
 from .names import CancelReason, Stat
 from .stats import Listener, PoolCounters
-from .watcher import SEVER_AFTER_CANCEL, WATCHER_CANCEL_TIMEOUT, get_watcher
+from .watcher import get_watcher
 
 logger = logging.getLogger("flask_reqconn.pool")
 
@@ -342,86 +343,9 @@ class PoolHolder:
     # -- periodic checks (run by the watcher thread) ----------------------------
 
     def periodic_checks(self) -> None:
-        self.check_max_hold()
-        self.check_leaks()
-
-    def check_max_hold(self) -> None:
-        """Cancel the query of leases held longer than ``REQCONN_MAX_HOLD``.
-
-        The request's own thread then closes the connection at release and
-        the pool replaces it.
-        """
-        limit = self.max_hold
-        if limit is None:
-            return
-        unreachable = False
-        for lease in self.counters.active_leases():
-            held = lease.held_for
-            if held < limit or lease.severed:
-                continue
-            if lease.cancelled is None and not unreachable:
-                if lease.cancel(CancelReason.MAX_HOLD, WATCHER_CANCEL_TIMEOUT):
-                    self.counters.add(Stat.RECLAIMED)
-                    logger.warning(
-                        "REQCONN_MAX_HOLD (%.1f s) exceeded: %s %s (endpoint %r) held its"
-                        " connection %.1f s; cancelled its query, the connection will be"
-                        " closed and replaced when the request lets go of it",
-                        limit,
-                        lease.method,
-                        lease.path,
-                        lease.endpoint,
-                        held,
-                    )
-                    continue
-                # the cancel could not reach the server (frozen, or a path that
-                # drops packets): the others of this pass would wait in vain too
-                unreachable = lease.cancel_uncertain
-            if not (unreachable or lease.cancel_uncertain or held >= limit + SEVER_AFTER_CANCEL):
-                continue  # cancelled: give the statement time to end
-            if lease.cancelled is None:
-                lease.cancelled = CancelReason.MAX_HOLD
-            if lease.sever():
-                self.counters.add(Stat.RECLAIMED)
-                logger.warning(
-                    "REQCONN_MAX_HOLD (%.1f s) exceeded: %s %s (endpoint %r) held its"
-                    " connection %.1f s and its query could not be cancelled (the server"
-                    " does not answer); shut the connection's socket down: the request gets"
-                    " an error and answers 503, the connection is replaced",
-                    limit,
-                    lease.method,
-                    lease.path,
-                    lease.endpoint,
-                    held,
-                )
-
-    def check_leaks(self) -> None:
-        """Warn once about each lease held longer than ``REQCONN_LEAK_THRESHOLD``."""
-        threshold = self.leak_threshold
-        if threshold is None:
-            return
-        stats: dict[str, int] | None = None
-        for lease in self.counters.active_leases():
-            if lease.leak_reported or lease.held_for < threshold:
-                continue
-            lease.leak_reported = True
-            self.counters.add(Stat.LEAK_WARNINGS)
-            if stats is None:
-                stats = self.pool.get_stats() if self.is_open else {}
-            logger.warning(
-                "connection held for %.1f s (threshold %.1f s) by %s %s (endpoint %r,"
-                " thread %d), checked out at %s; pool %r: size=%s available=%s waiting=%s",
-                lease.held_for,
-                threshold,
-                lease.method,
-                lease.path,
-                lease.endpoint,
-                lease.thread_id,
-                lease.checkout_site or "<unknown>",
-                self.label,
-                stats.get("pool_size"),
-                stats.get("pool_available"),
-                stats.get("requests_waiting"),
-            )
+        """``REQCONN_MAX_HOLD`` and ``REQCONN_LEAK_THRESHOLD`` (:mod:`flask_reqconn.holds`)."""
+        holds.check_max_hold(self)
+        holds.check_leaks(self)
 
     # -- deferred finalization -------------------------------------------
 

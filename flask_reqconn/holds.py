@@ -1,0 +1,98 @@
+"""The watcher's periodic checks of one pool: ``REQCONN_MAX_HOLD`` and leak reports.
+
+Run by the watcher thread (:mod:`flask_reqconn.watcher`); they only cancel,
+shut a socket down, or log: returning a connection stays with the request's
+own thread. They log on the documented ``flask_reqconn.pool`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+
+from .names import CancelReason, Stat
+from .watcher import SEVER_AFTER_CANCEL, WATCHER_CANCEL_TIMEOUT
+
+if t.TYPE_CHECKING:
+    from .pool import PoolHolder
+
+logger = logging.getLogger("flask_reqconn.pool")
+
+
+def check_max_hold(holder: PoolHolder) -> None:
+    """Cancel the query of leases held longer than ``REQCONN_MAX_HOLD``.
+
+    The request's own thread then closes the connection at release and
+    the pool replaces it.
+    """
+    limit = holder.max_hold
+    if limit is None:
+        return
+    unreachable = False
+    for lease in holder.counters.active_leases():
+        held = lease.held_for
+        if held < limit or lease.severed:
+            continue
+        if lease.cancelled is None and not unreachable:
+            if lease.cancel(CancelReason.MAX_HOLD, WATCHER_CANCEL_TIMEOUT):
+                holder.counters.add(Stat.RECLAIMED)
+                logger.warning(
+                    "REQCONN_MAX_HOLD (%.1f s) exceeded: %s %s (endpoint %r) held its"
+                    " connection %.1f s; cancelled its query, the connection will be"
+                    " closed and replaced when the request lets go of it",
+                    limit,
+                    lease.method,
+                    lease.path,
+                    lease.endpoint,
+                    held,
+                )
+                continue
+            # the cancel could not reach the server (frozen, or a path that
+            # drops packets): the others of this pass would wait in vain too
+            unreachable = lease.cancel_uncertain
+        if not (unreachable or lease.cancel_uncertain or held >= limit + SEVER_AFTER_CANCEL):
+            continue  # cancelled: give the statement time to end
+        if lease.cancelled is None:
+            lease.cancelled = CancelReason.MAX_HOLD
+        if lease.sever():
+            holder.counters.add(Stat.RECLAIMED)
+            logger.warning(
+                "REQCONN_MAX_HOLD (%.1f s) exceeded: %s %s (endpoint %r) held its"
+                " connection %.1f s and its query could not be cancelled (the server"
+                " does not answer); shut the connection's socket down: the request gets"
+                " an error and answers 503, the connection is replaced",
+                limit,
+                lease.method,
+                lease.path,
+                lease.endpoint,
+                held,
+            )
+
+def check_leaks(holder: PoolHolder) -> None:
+    """Warn once about each lease held longer than ``REQCONN_LEAK_THRESHOLD``."""
+    threshold = holder.leak_threshold
+    if threshold is None:
+        return
+    stats: dict[str, int] | None = None
+    for lease in holder.counters.active_leases():
+        if lease.leak_reported or lease.held_for < threshold:
+            continue
+        lease.leak_reported = True
+        holder.counters.add(Stat.LEAK_WARNINGS)
+        if stats is None:
+            stats = holder.pool.get_stats() if holder.is_open else {}
+        logger.warning(
+            "connection held for %.1f s (threshold %.1f s) by %s %s (endpoint %r,"
+            " thread %d), checked out at %s; pool %r: size=%s available=%s waiting=%s",
+            lease.held_for,
+            threshold,
+            lease.method,
+            lease.path,
+            lease.endpoint,
+            lease.thread_id,
+            lease.checkout_site or "<unknown>",
+            holder.label,
+            stats.get("pool_size"),
+            stats.get("pool_available"),
+            stats.get("requests_waiting"),
+        )
