@@ -108,7 +108,7 @@ def _check_server(state: AppState, names: list[str], workers: int, others: int) 
             row = conn.execute("select count(*) from pg_stat_activity").fetchone()
             in_use = row[0] if row else 0
     except Exception as exc:
-        from .config import scrub_secrets
+        from .redact import scrub_secrets
 
         raise click.ClickException(
             f"cannot connect or query: {type(exc).__name__}: {scrub_secrets(str(exc))}"

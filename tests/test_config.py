@@ -8,7 +8,8 @@ import pytest
 from flask import Flask
 
 from flask_reqconn import ConfigError, ReqConn, state_of
-from flask_reqconn.config import DEFAULTS, load_config, redact_conninfo, scrub_secrets
+from flask_reqconn.config import DEFAULTS, load_config
+from flask_reqconn.redact import redact_conninfo, scrub_secrets
 from tests import pg
 
 GOOD = "postgresql://app@db.example/app"

@@ -13,8 +13,9 @@ import pytest
 from flask import Flask
 
 from flask_reqconn import ReqConn, get_conn, state_of
-from flask_reqconn.config import TCP_DEFAULTS, load_pool, uses_tcp
+from flask_reqconn.config import load_pool
 from flask_reqconn.names import CancelReason
+from flask_reqconn.netdefaults import TCP_DEFAULTS, uses_tcp
 from tests import pg
 from tests.appfixtures import AppFactory
 from tests.fix_faults import FaultServer
