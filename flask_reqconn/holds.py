@@ -8,12 +8,15 @@ own thread. They log on the documented ``flask_reqconn.pool`` logger.
 from __future__ import annotations
 
 import logging
+import time
 import typing as t
 
+from .lease import LeaseState
 from .names import CancelReason, Stat
 from .watcher import SEVER_AFTER_CANCEL, WATCHER_CANCEL_TIMEOUT
 
 if t.TYPE_CHECKING:
+    from .lease import Lease
     from .pool import PoolHolder
 
 logger = logging.getLogger("flask_reqconn.pool")
@@ -29,7 +32,10 @@ def check_max_hold(holder: PoolHolder) -> None:
     if limit is None:
         return
     unreachable = False
-    for lease in holder.counters.active_leases():
+    for lease in holder.counters.active_leases(releasing=True):
+        if lease.state is LeaseState.RELEASING:
+            _check_handback(holder, lease, limit)
+            continue
         held = lease.held_for
         if held < limit or lease.severed:
             continue
@@ -67,6 +73,33 @@ def check_max_hold(holder: PoolHolder) -> None:
                 lease.endpoint,
                 held,
             )
+
+def _check_handback(holder: PoolHolder, lease: Lease, limit: float) -> None:
+    """Sever a hand-back stuck on an unresponsive server past the hold limit.
+
+    A hand-back's ``ROLLBACK`` takes milliseconds; one still running
+    :data:`~flask_reqconn.watcher.WATCHER_CANCEL_TIMEOUT` seconds after it
+    began, with the connection held past the limit, waits for a server that
+    does not answer (frozen). No cancel: it could not reach that server.
+    """
+    now = time.monotonic()
+    held = now - lease.checked_out_at
+    if held < limit or now - lease.released_at < WATCHER_CANCEL_TIMEOUT:
+        return
+    if lease.sever():
+        holder.counters.add(Stat.RECLAIMED)
+        logger.warning(
+            "REQCONN_MAX_HOLD (%.1f s) exceeded: the hand-back of %s %s (endpoint %r) has"
+            " waited %.1f s for the server (held %.1f s); shut the connection's socket"
+            " down: the connection is replaced",
+            limit,
+            lease.method,
+            lease.path,
+            lease.endpoint,
+            now - lease.released_at,
+            held,
+        )
+
 
 def check_leaks(holder: PoolHolder) -> None:
     """Warn once about each lease held longer than ``REQCONN_LEAK_THRESHOLD``."""

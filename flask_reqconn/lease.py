@@ -70,6 +70,9 @@ class LeaseState(str, enum.Enum):
     RELEASED = "released"
 
 
+#: The states in which :meth:`Lease.sever` may shut the connection's socket down.
+_SEVERABLE = frozenset((LeaseState.ACTIVE, LeaseState.RELEASING))
+
 #: Set by :func:`flask_reqconn.testing.enable_strict`: wraps the connection get_conn()
 #: hands to the app. None (the default) costs one global read per checkout.
 handout_wrapper: (
@@ -213,13 +216,13 @@ class Lease:
         with self._lock:
             if self._state is not LeaseState.ACTIVE:
                 return False
+            self.released_by = reason
+            self.released_at = time.monotonic()
             self._state = LeaseState.RELEASING
         watch = self.watch
         if watch is not None:
             self.watch = None
             watch.discard()
-        self.released_by = reason
-        self.released_at = time.monotonic()
         try:
             self._holder.give_back(self, reason)
         finally:
@@ -266,10 +269,14 @@ class Lease:
         the same socket (same inode), is touched; the descriptor is duplicated
         so libpq's own stays open until the request thread closes it.
 
+        Also while the lease is being handed back (a ``ROLLBACK`` blocked on a
+        frozen server), until :meth:`seal` is called before the connection
+        goes back to the pool.
+
         :returns: True if the socket was shut down by this call.
         """
         with self._lock:
-            if self._state is not LeaseState.ACTIVE or self._sock is None or self.severed:
+            if self._sock is None or self.severed or self._state not in _SEVERABLE:
                 return False
             fd, inode = self._sock
             try:
@@ -290,6 +297,18 @@ class Lease:
                     os.close(dup)
             self.severed = True
         return True
+
+    def seal(self) -> bool:
+        """Forbid :meth:`sever` from now on: the connection is about to be returned.
+
+        Called by the hand-back, on the request's thread, before the connection
+        goes back to the pool, where another request may take it.
+
+        :returns: True if the socket was already shut down (discard the connection).
+        """
+        with self._lock:
+            self._sock = None
+            return self.severed
 
     def __del__(self) -> None:
         # Last resort: the lease became unreachable while still active. This can

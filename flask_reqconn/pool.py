@@ -248,7 +248,7 @@ class PoolHolder:
                 # next borrower's statement
                 self.counters.add(Stat.DISCARDED_CONNECTIONS)
                 conn.close()
-                self._putconn(conn)
+                self._putconn(conn, lease)
             elif (
                 conn is not None
                 and not lease.handed_out
@@ -258,7 +258,7 @@ class PoolHolder:
                 # use): no statement ran, so no round trip; only the client-side
                 # attributes (read-only routing) are restored
                 restore_attributes(conn, self.baseline)
-                self._putconn(conn)
+                self._putconn(conn, lease)
             elif conn is not None:
                 outcome = clean_connection(
                     conn, self.baseline, reset_session=self.settings.reset_session
@@ -285,7 +285,7 @@ class PoolHolder:
                             lease.path,
                             outcome.error,
                         )
-                self._putconn(conn)
+                self._putconn(conn, lease)
         finally:
             self.counters.released(lease, reason)
             if lease.leak_reported:
@@ -308,7 +308,12 @@ class PoolHolder:
                     lease.held_for,
                 )
 
-    def _putconn(self, conn: psycopg.Connection[t.Any]) -> None:
+    def _putconn(self, conn: psycopg.Connection[t.Any], lease: Lease | None = None) -> None:
+        if lease is not None and lease.seal() and not conn.closed:
+            # the watcher shut the socket down while the hand-back ran (a server
+            # frozen mid-ROLLBACK, REQCONN_MAX_HOLD): never reuse that connection
+            self.counters.add(Stat.DISCARDED_CONNECTIONS)
+            conn.close()
         setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
         pool = conn._pool
         if pool is None or not isinstance(pool, ConnectionPool):

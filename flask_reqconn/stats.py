@@ -16,7 +16,7 @@ import typing as t
 import weakref
 from collections.abc import Iterable, Mapping
 
-from .lease import Lease, ReleaseReason
+from .lease import Lease, LeaseState, ReleaseReason
 from .names import Stat
 
 #: Upper bounds (seconds) of the wait and hold time histograms; the last
@@ -131,11 +131,19 @@ class PoolCounters:
     def __getitem__(self, stat: Stat) -> int:
         return self.counts[stat]
 
-    def active_leases(self) -> list[Lease]:
-        """The leases of this pool held right now."""
+    def active_leases(self, *, releasing: bool = False) -> list[Lease]:
+        """The leases of this pool held right now.
+
+        :param releasing: also those whose connection is being handed back.
+        """
         with self._lock:
             refs = list(self._held.values())
-        return [lease for ref in refs if (lease := ref()) is not None and lease.active]
+        return [
+            lease
+            for ref in refs
+            if (lease := ref()) is not None
+            and (lease.active or (releasing and lease.state is LeaseState.RELEASING))
+        ]
 
     def snapshot(self) -> dict[str, t.Any]:
         held = sorted(self.active_leases(), key=lambda lease: lease.checked_out_at)

@@ -309,13 +309,6 @@ def test_a_restart_under_gunicorn_answers_200_or_503_and_serves_again(
         assert stats["pools"]["default"]["pool"]["connections_num"] > 4  # it reconnected
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known gap (issue 11): under gunicorn some request can still wait the whole freeze"
-    " (longest 14.0 s of a 14 s freeze, on a clean clone and again locally); suspected: a"
-    " hand-back (teardown's ROLLBACK) that starts while the server is frozen is no longer a"
-    " held lease, so REQCONN_MAX_HOLD does not bound it",
-)
 def test_max_hold_ends_requests_on_a_frozen_server(
     fault_pg: FaultServer, spawn: Callable[..., servers.ServerProcess]
 ) -> None:

@@ -134,6 +134,62 @@ def test_an_uncertain_cancel_never_reaches_the_next_borrower(fault_pg: FaultServ
         ext.close(app)
 
 
+def test_max_hold_severs_a_hand_back_blocked_on_a_frozen_server(fault_pg: FaultServer) -> None:
+    """The view ended, then the server froze: teardown's ROLLBACK waits for an answer that
+    will not come before the thaw. REQCONN_MAX_HOLD bounds that wait too: the watcher shuts
+    the socket down, the connection is discarded, never returned with a dead socket."""
+    app = Flask("frozen_handback")
+    app.config.update(
+        REQCONN_CONNINFO=fault_pg.dsn, REQCONN_MIN_SIZE=1, REQCONN_MAX_SIZE=1,
+        REQCONN_TIMEOUT=20, REQCONN_MAX_HOLD=1,
+        REQCONN_CONNECT_ARGS={"application_name": "frozen_handback"},
+    )  # fmt: skip
+    ext = ReqConn(app)
+    holder = state_of(app).pool("default")
+    freeze_for = 15.0
+    try:
+        pg.wait_until(
+            lambda: holder.pool.get_stats()["pool_available"] == 1, timeout=30,
+            message="pool of 1 ready",
+        )  # fmt: skip
+        in_view = threading.Event()
+        frozen = threading.Event()
+        ended: list[float] = []
+        pids: list[int] = []
+
+        def request() -> None:
+            with app.test_request_context("/"):
+                conn = get_conn()
+                pids.append(conn.info.backend_pid)
+                conn.execute("SELECT 1")  # a transaction is open: the hand-back rolls back
+                in_view.set()
+                frozen.wait(30)
+            ended.append(time.monotonic())  # teardown (the hand-back) has returned
+
+        runner = threading.Thread(target=request)
+        runner.start()
+        assert in_view.wait(30)
+        with fault_pg.frozen():
+            started = time.monotonic()
+            frozen.set()
+            runner.join(freeze_for)
+            waited = time.monotonic() - started
+        runner.join(30)
+        assert ended, "the request never ended"
+        # limit 1 s + the watcher's tick + the 2 s a hand-back is given; a freeze of 15 s
+        assert ended[0] - started < 10.0, f"hand-back waited {ended[0] - started:.1f} s"
+        assert waited < freeze_for
+        stats = ext.stats(app)
+        assert stats["reclaimed"] >= 1 and stats["discarded_connections"] >= 1, stats
+        assert stats["checked_out"] == 0
+        with app.test_request_context("/"):
+            conn = get_conn()
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.info.backend_pid != pids[0]  # a new connection, not the severed one
+    finally:
+        ext.close(app)
+
+
 # -- TCP defaults --------------------------------------------------------------------------------
 
 
