@@ -5,13 +5,15 @@ binaries, ``initdb`` + ``pg_ctl``, separate from the session's server) listening
 on a unix socket in its data directory, and yields a :class:`FaultServer` that can
 
 * terminate the backends of an application (:meth:`FaultServer.terminate`, idle or busy);
-* restart the server, ``pg_ctl -m fast`` or ``-m immediate`` (:meth:`FaultServer.restart`);
+* restart the server, ``pg_ctl -m fast`` or ``-m immediate`` (:meth:`FaultServer.restart`),
+  or stop it for good (:meth:`FaultServer.stop`);
 * freeze every process of the server with SIGSTOP and thaw it with SIGCONT
   (:meth:`FaultServer.freeze`, :meth:`FaultServer.thaw`, :meth:`FaultServer.frozen`);
 * with ``netns=True`` (root only), drop every packet of the path silently: the server
   listens inside a network namespace of its own, reached over a veth pair with addresses
   of a private /30 in ``10.213.0.0/16``; :meth:`NetPath.drop` adds a blackhole route on both
-  sides, :meth:`NetPath.heal` removes them.
+  sides (a new ``connect()`` then fails at once), :meth:`NetPath.drop_replies` only inside
+  the namespace (a new connection waits for its timeout), :meth:`NetPath.heal` removes them.
 
 Applications connect with :attr:`FaultServer.dsn` (TCP, so libpq's TCP options apply);
 assertions and faults go through :attr:`FaultServer.admin_dsn` (the unix socket, which no
@@ -95,7 +97,6 @@ class CleanupPlan:
         return cls(**json.loads(text))
 
 
-
 def _child_env(cwd: Path) -> dict[str, str]:
     """The environment of a helper process run with ``-m tests...`` from *cwd*."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -116,6 +117,7 @@ def release_watchdog(watchdog: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         watchdog.kill()
         watchdog.wait()
+
 
 def _ip(*args: str, netns: str | None = None, check: bool = True) -> str:
     cmd = ["ip", *args] if netns is None else ["ip", "netns", "exec", netns, "ip", *args]
@@ -254,6 +256,16 @@ class NetPath:
             return
         self.dropped = True
         _ip("route", "add", "blackhole", f"{self.ns_addr}/32")
+        _ip("route", "add", "blackhole", f"{self.root_addr}/32", netns=self.netns)
+
+    def drop_replies(self) -> None:
+        """Drop what the server sends, silently: a blackhole route inside the namespace
+        only. The client's packets still leave (a blackhole route on the client's side
+        fails a new ``connect()`` at once with EINVAL), so a new connection waits for
+        ``connect_timeout``, as for a host that was powered off."""
+        if self.dropped:
+            return
+        self.dropped = True
         _ip("route", "add", "blackhole", f"{self.root_addr}/32", netns=self.netns)
 
     def heal(self) -> None:
@@ -395,6 +407,14 @@ class FaultServer:
         if self._frozen:
             raise RuntimeError("thaw the server before restarting it")
         self._pg_ctl("restart", "-m", mode, "-w", "-t", "60", "-l", str(self.pgdata / "log"))
+
+    def stop(self, mode: RestartMode) -> None:
+        """``pg_ctl stop -m fast|immediate`` (a primary that goes away for good; cleanup
+        at exit then finds nothing to stop)."""
+        if mode not in ("fast", "immediate"):
+            raise ValueError(f"mode must be 'fast' or 'immediate', not {mode!r}")
+        self.thaw()
+        self._pg_ctl("stop", "-m", mode, "-w", "-t", "60")
 
     def freeze(self) -> None:
         """SIGSTOP the postmaster and every child (until no new child appears)."""

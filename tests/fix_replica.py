@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from flask_reqconn.testing import PgSetupError, embedded_server, wait_until
 from flask_reqconn.testing.postgres import pid_from_pidfile
@@ -180,15 +180,19 @@ def _run(cmd: list[str], user: pwd.struct_passwd | None, timeout: float) -> None
 
 
 @contextlib.contextmanager
-def streaming_replica(primary_dsn: str) -> Iterator[str]:
+def streaming_replica(primary_dsn: str, *, tcp_port: int | None = None) -> Iterator[str]:
     """A hot standby of ``primary_dsn`` (a local unix-socket server of the wheel's version).
 
     pg_basebackup -R (WAL streamed during the backup, fast checkpoint) into a fresh
-    directory, then pg_ctl start with a unix socket in that directory and no TCP. On exit:
+    directory, then pg_ctl start with a unix socket in that directory and no TCP (with
+    *tcp_port*: also on 127.0.0.1:*tcp_port*, the socket then using that port number too;
+    the yielded conninfo is the socket's). :func:`promote` and :func:`stop` act on it. On exit:
     pg_ctl stop -m fast, the postmaster PID checked gone (SIGKILL if not), directory removed;
     a watchdog does the same if pytest dies first.
     """
     host, port, major = _primary_info(primary_dsn)
+    listen = "" if tcp_port is None else "127.0.0.1"
+    port = port if tcp_port is None else tcp_port
     if not host.startswith("/"):
         raise ReplicaError(f"streaming replica: primary host {host!r} is not a unix socket dir")
     if major != _wheel_major():
@@ -240,7 +244,7 @@ def streaming_replica(primary_dsn: str) -> Iterator[str]:
                     "-D", str(pgdata),
                     "-w", "-t", "60",
                     "-l", str(log),
-                    "-o", f'-h "" -k {pgdata} -p {port}',
+                    "-o", f'-h "{listen}" -k {pgdata} -p {port}',
                 ],
                 user,
                 timeout=90,
@@ -286,6 +290,36 @@ def streaming_replica(primary_dsn: str) -> Iterator[str]:
             problems.append(f"{root} could not be removed")
         if problems:
             raise ReplicaError("; ".join(problems))
+
+
+def _standby_dir(standby_dsn: str) -> tuple[Path, pwd.struct_passwd | None]:
+    """The data directory of a :func:`streaming_replica` (its socket directory) and the
+    user to run its programs as (None unless root)."""
+    pgdata = Path(str(conninfo_to_dict(standby_dsn).get("host") or ""))
+    if not (pgdata / "PG_VERSION").exists():
+        raise ReplicaError(f"{pgdata}: not the data directory of a streaming replica")
+    user = pwd.getpwuid(pgdata.stat().st_uid) if os.geteuid() == 0 else None
+    return pgdata, user
+
+
+def promote(standby_dsn: str, timeout: float = 60) -> None:
+    """``pg_ctl promote`` the :func:`streaming_replica` of *standby_dsn*; returns once it
+    accepts writes (``pg_is_in_recovery()`` false)."""
+    pgdata, user = _standby_dir(standby_dsn)
+    _run(
+        [str(_bin_dir() / "pg_ctl"), "promote", "-D", str(pgdata), "-w", "-t", f"{timeout:g}"],
+        user,
+        timeout=timeout + 30,
+    )
+    if is_standby(standby_dsn):
+        raise ReplicaError("pg_ctl promote returned but the server is still in recovery")
+
+
+def stop(standby_dsn: str, mode: str = "fast") -> None:
+    """``pg_ctl stop -m mode`` the :func:`streaming_replica` of *standby_dsn* (its exit
+    then finds nothing to stop)."""
+    pgdata, user = _standby_dir(standby_dsn)
+    _run([str(_bin_dir() / "pg_ctl"), "stop", "-D", str(pgdata), "-w", "-m", mode], user, 60)
 
 
 @pytest.fixture(scope="session")
