@@ -10,28 +10,36 @@ release connections on the normal path; this wrapper covers the rest:
   next safe point and logs a WARNING;
 - a stream whose client left ends quietly: the error that the departure
   caused in the generator (the watcher's cancel, ``ClientGone``, a broken
-  pipe) ends the iteration instead of reaching the server, with one INFO line.
+  pipe) ends the iteration instead of reaching the server, with one INFO line;
+- a stream whose database connection was lost (:mod:`flask_reqconn.lost`)
+  answers 503 with ``Retry-After`` if nothing was sent yet (the status line is
+  still open: ``start_response`` is called again with ``exc_info``), through
+  the app's own handler for ``DatabaseUnavailable``; once a chunk was sent it
+  can only be cut off, quietly (:class:`StreamCut`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
 import types
 import typing as t
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from psycopg.errors import InFailedSqlTransaction, QueryCanceled
 from werkzeug.wsgi import ClosingIterator
 
-from .errors import ClientGone
-from .lease import ReleaseReason, RequestLeases
+from .errors import ClientGone, DatabaseUnavailable
+from .lease import Lease, ReleaseReason, RequestLeases
+from .lost import database_unavailable, lost_lease
 from .names import CancelReason
 from .probes import is_client_abort, is_file_wrapper
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from flask import Flask
 
     from .state import AppState
 
@@ -110,18 +118,43 @@ def _log_departure(req: RequestLeases, detail: str) -> None:
     )
 
 
+class StreamCut(BrokenPipeError):
+    """A streamed response cut off: its database connection was lost after its first chunk.
+
+    Raised to the WSGI server in place of the psycopg error, once flask-reqconn
+    has released the connection and logged the cause. It is a broken pipe
+    (``errno.EPIPE``) on purpose: gunicorn (sync, gthread, gevent) and the
+    werkzeug development server then close the client's connection and log it
+    at DEBUG, instead of an error with a traceback per request. The client sees
+    an incomplete body (no last chunk, or fewer bytes than ``Content-Length``).
+    """
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(
+            errno.EPIPE,
+            f"flask-reqconn: the database connection of {lease.method} {lease.path} was"
+            " lost while its response was streamed; the stream was cut off",
+        )
+
+
 class LeaseGuard:
     """WSGI middleware: release every lease of a request exactly once.
 
     :param app: the WSGI application to wrap (``app.wsgi_app``).
     :param state: the extension's per-app state.
+    :param flask_app: the Flask app, to answer a stream whose connection was lost
+        before its first chunk with its error handlers (without it, such a
+        stream's error reaches the server, as any other).
     """
 
-    def __init__(self, app: WSGIApplication, state: AppState) -> None:
+    def __init__(
+        self, app: WSGIApplication, state: AppState, flask_app: Flask | None = None
+    ) -> None:
         self.app = app
         self._state = state
         self._key = state.environ_key
         self._deferred = state.deferred
+        self._flask_app = flask_app
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -141,7 +174,43 @@ class LeaseGuard:
             return app_iter
         if not req.streamed and not req.has_active():
             return app_iter
-        return GuardedIterable(app_iter, req, state)
+        if self._flask_app is None:
+            return GuardedIterable(app_iter, req, state)
+        return GuardedIterable(
+            app_iter, req, state, _Answer(self._flask_app, environ, start_response)
+        )
+
+
+class _Answer:
+    """Answers a stream whose connection was lost before anything was sent.
+
+    The app's error handling as Flask runs it for a view (the handler for
+    ``DatabaseUnavailable``, or the exception's own 503 page; then the
+    ``after_request`` functions), in a request context pushed again from the
+    environ, then ``start_response`` again with ``exc_info`` (PEP 3333: allowed
+    while the headers are not sent; a server that sent them re-raises).
+    """
+
+    __slots__ = ("_app", "_environ", "_start_response")
+
+    def __init__(self, app: Flask, environ: WSGIEnvironment, start_response: StartResponse) -> None:
+        self._app = app
+        self._environ = environ
+        self._start_response = start_response
+
+    def __call__(self, error: DatabaseUnavailable) -> Iterable[bytes]:
+        app, environ, start_response = self._app, self._environ, self._start_response
+        with app.request_context(environ):
+            rv = app.handle_http_exception(error)
+            response = app.finalize_request(rv, from_error_handler=True)
+        cause = error.__cause__ or error
+        exc_info = (type(cause), cause, cause.__traceback__)
+
+        def restart(status: str, headers: list[tuple[str, str]], _: t.Any = None) -> t.Any:
+            return start_response(status, headers, exc_info)  # type: ignore[arg-type]
+
+        body: Iterable[bytes] = response(environ, restart)
+        return body
 
 
 class GuardedIterable:
@@ -152,13 +221,22 @@ class GuardedIterable:
     it is garbage collected without being closed. An exception that says the
     client left (see :func:`_departure`) ends the iteration instead: the
     server would log it as an error, for a client that reads nothing anyway.
+    A lost database connection answers 503 before the first chunk (with
+    *answer*) and cuts the stream off quietly after it (:class:`StreamCut`).
     """
 
     __slots__ = (
         "_app_iter", "_iterator", "_req", "_state", "_exhausted", "_closed", "_reported",
+        "_answer", "_sent",
     )  # fmt: skip
 
-    def __init__(self, app_iter: Iterable[bytes], req: RequestLeases, state: AppState) -> None:
+    def __init__(
+        self,
+        app_iter: Iterable[bytes],
+        req: RequestLeases,
+        state: AppState,
+        answer: Callable[[DatabaseUnavailable], Iterable[bytes]] | None = None,
+    ) -> None:
         self._app_iter = app_iter
         self._req = req
         self._state = state
@@ -166,6 +244,10 @@ class GuardedIterable:
         self._closed = False
         #: the client's departure was logged
         self._reported = False
+        #: what answers a lost connection before the first chunk (once: None after)
+        self._answer = answer
+        #: a chunk went to the server: the status line may be sent
+        self._sent = False
         self._iterator: Iterator[bytes] = iter(app_iter)
 
     def __iter__(self) -> GuardedIterable:
@@ -173,7 +255,7 @@ class GuardedIterable:
 
     def __next__(self) -> bytes:
         try:
-            return next(self._iterator)
+            chunk = next(self._iterator)
         except StopIteration:
             self._exhausted = True
             raise
@@ -181,6 +263,9 @@ class GuardedIterable:
             req = self._req
             detail = _departure(req, exc, self._state.settings.eof_means_gone)
             if detail is None:
+                lost = self._lost(exc)
+                if lost is not None:
+                    return self._answer_lost(*lost)
                 req.release_all(_reason_for(exc))
                 if isinstance(exc, Exception):
                     _note_max_hold(req, exc)
@@ -190,6 +275,53 @@ class GuardedIterable:
                 _log_departure(req, detail)
             self._reported = True
             raise StopIteration from None
+        self._sent = True
+        return chunk
+
+    def _lost(self, exc: BaseException) -> tuple[Lease, BaseException] | None:
+        """The lease and the psycopg error if *exc* is a lost connection, else None.
+
+        A ``DatabaseUnavailable`` is the SQLAlchemy integration's conversion of
+        one (not yet counted: it leaves that to this wrapper in a stream). After
+        the first chunk, a lease reclaimed by ``REQCONN_MAX_HOLD`` is left to
+        :func:`_note_max_hold`.
+        """
+        if isinstance(exc, DatabaseUnavailable):
+            cause = exc.__cause__
+            lease = self._req.leases.get(exc.pool_name)
+            if cause is None or lease is None:
+                return None
+        else:
+            cause = exc
+            lease = lost_lease(self._req, exc)
+            if lease is None:
+                return None
+        if self._sent and lease.cancelled is CancelReason.MAX_HOLD:
+            return None
+        return lease, cause
+
+    def _answer_lost(self, lease: Lease, cause: BaseException) -> bytes:
+        """503 before the first chunk, a quiet cut after it; the leases released."""
+        req, answer = self._req, self._answer
+        self._answer = None
+        if self._sent or answer is None:
+            req.release_all(ReleaseReason.EXCEPTION)
+            database_unavailable(
+                self._state, lease, cause, outcome="its streamed response was cut off"
+            )
+            raise StreamCut(lease) from cause
+        try:
+            error = database_unavailable(self._state, lease, cause)
+            body = answer(error)
+        finally:
+            req.release_all(ReleaseReason.EXCEPTION)
+        # the original body ended with the error: close it (stream teardown), serve the 503
+        close = getattr(self._app_iter, "close", None)
+        self._app_iter = body
+        self._iterator = iter(body)
+        if close is not None:
+            close()
+        return next(self)
 
     def close(self) -> None:
         """Close the wrapped iterable (running stream teardown), then release."""
