@@ -12,21 +12,20 @@ release connections on the normal path; this wrapper covers the rest:
   caused in the generator (the watcher's cancel, ``ClientGone``, a broken
   pipe) ends the iteration instead of reaching the server, with one INFO line;
 - a stream whose database connection was lost (:mod:`flask_reqconn.lost`)
-  answers 503 with ``Retry-After`` if nothing was sent yet (the status line is
-  still open: ``start_response`` is called again with ``exc_info``), through
-  the app's own handler for ``DatabaseUnavailable``; once a chunk was sent it
-  can only be cut off, quietly (:class:`StreamCut`).
+  answers 503 with ``Retry-After`` if nothing was sent yet (a streamed
+  response's status line waits for its first chunk), through the app's own
+  handler for ``DatabaseUnavailable``; once a chunk was sent it can only be
+  cut off, quietly (:mod:`flask_reqconn.streamanswer`).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
 import time
 import types
 import typing as t
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from psycopg.errors import InFailedSqlTransaction, QueryCanceled
 from werkzeug.wsgi import ClosingIterator
@@ -36,6 +35,7 @@ from .lease import Lease, ReleaseReason, RequestLeases
 from .lost import database_unavailable, lost_lease
 from .names import CancelReason
 from .probes import is_client_abort, is_file_wrapper
+from .streamanswer import HeldStart, StreamCut
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -118,25 +118,6 @@ def _log_departure(req: RequestLeases, detail: str) -> None:
     )
 
 
-class StreamCut(BrokenPipeError):
-    """A streamed response cut off: its database connection was lost after its first chunk.
-
-    Raised to the WSGI server in place of the psycopg error, once flask-reqconn
-    has released the connection and logged the cause. It is a broken pipe
-    (``errno.EPIPE``) on purpose: gunicorn (sync, gthread, gevent) and the
-    werkzeug development server then close the client's connection and log it
-    at DEBUG, instead of an error with a traceback per request. The client sees
-    an incomplete body (no last chunk, or fewer bytes than ``Content-Length``).
-    """
-
-    def __init__(self, lease: Lease) -> None:
-        super().__init__(
-            errno.EPIPE,
-            f"flask-reqconn: the database connection of {lease.method} {lease.path} was"
-            " lost while its response was streamed; the stream was cut off",
-        )
-
-
 class LeaseGuard:
     """WSGI middleware: release every lease of a request exactly once.
 
@@ -162,8 +143,12 @@ class LeaseGuard:
         state = self._state
         if self._deferred:
             self._deferred.run()
+        flask_app = self._flask_app
+        start = (
+            None if flask_app is None else HeldStart(start_response, environ, self._key, flask_app)
+        )
         try:
-            app_iter = self.app(environ, start_response)
+            app_iter = self.app(environ, start_response if start is None else start)
         except BaseException as exc:
             req = environ.get(self._key)
             if req is not None:
@@ -174,43 +159,7 @@ class LeaseGuard:
             return app_iter
         if not req.streamed and not req.has_active():
             return app_iter
-        if self._flask_app is None:
-            return GuardedIterable(app_iter, req, state)
-        return GuardedIterable(
-            app_iter, req, state, _Answer(self._flask_app, environ, start_response)
-        )
-
-
-class _Answer:
-    """Answers a stream whose connection was lost before anything was sent.
-
-    The app's error handling as Flask runs it for a view (the handler for
-    ``DatabaseUnavailable``, or the exception's own 503 page; then the
-    ``after_request`` functions), in a request context pushed again from the
-    environ, then ``start_response`` again with ``exc_info`` (PEP 3333: allowed
-    while the headers are not sent; a server that sent them re-raises).
-    """
-
-    __slots__ = ("_app", "_environ", "_start_response")
-
-    def __init__(self, app: Flask, environ: WSGIEnvironment, start_response: StartResponse) -> None:
-        self._app = app
-        self._environ = environ
-        self._start_response = start_response
-
-    def __call__(self, error: DatabaseUnavailable) -> Iterable[bytes]:
-        app, environ, start_response = self._app, self._environ, self._start_response
-        with app.request_context(environ):
-            rv = app.handle_http_exception(error)
-            response = app.finalize_request(rv, from_error_handler=True)
-        cause = error.__cause__ or error
-        exc_info = (type(cause), cause, cause.__traceback__)
-
-        def restart(status: str, headers: list[tuple[str, str]], _: t.Any = None) -> t.Any:
-            return start_response(status, headers, exc_info)  # type: ignore[arg-type]
-
-        body: Iterable[bytes] = response(environ, restart)
-        return body
+        return GuardedIterable(app_iter, req, state, start)
 
 
 class GuardedIterable:
@@ -221,13 +170,13 @@ class GuardedIterable:
     it is garbage collected without being closed. An exception that says the
     client left (see :func:`_departure`) ends the iteration instead: the
     server would log it as an error, for a client that reads nothing anyway.
-    A lost database connection answers 503 before the first chunk (with
-    *answer*) and cuts the stream off quietly after it (:class:`StreamCut`).
+    A lost database connection answers 503 before the first chunk (through
+    *start*) and cuts the stream off quietly after it (:class:`StreamCut`).
     """
 
     __slots__ = (
         "_app_iter", "_iterator", "_req", "_state", "_exhausted", "_closed", "_reported",
-        "_answer", "_sent",
+        "_start", "_sent",
     )  # fmt: skip
 
     def __init__(
@@ -235,7 +184,7 @@ class GuardedIterable:
         app_iter: Iterable[bytes],
         req: RequestLeases,
         state: AppState,
-        answer: Callable[[DatabaseUnavailable], Iterable[bytes]] | None = None,
+        start: HeldStart | None = None,
     ) -> None:
         self._app_iter = app_iter
         self._req = req
@@ -244,8 +193,8 @@ class GuardedIterable:
         self._closed = False
         #: the client's departure was logged
         self._reported = False
-        #: what answers a lost connection before the first chunk (once: None after)
-        self._answer = answer
+        #: the app's start_response (None: the server's, passed to the app as it is)
+        self._start = start
         #: a chunk went to the server: the status line may be sent
         self._sent = False
         self._iterator: Iterator[bytes] = iter(app_iter)
@@ -258,13 +207,14 @@ class GuardedIterable:
             chunk = next(self._iterator)
         except StopIteration:
             self._exhausted = True
+            self._release_start()
             raise
         except BaseException as exc:
             req = self._req
             detail = _departure(req, exc, self._state.settings.eof_means_gone)
             if detail is None:
                 lost = self._lost(exc)
-                if lost is not None:
+                if lost is not None and (self._sent or self._start is not None):
                     return self._answer_lost(*lost)
                 req.release_all(_reason_for(exc))
                 if isinstance(exc, Exception):
@@ -274,9 +224,17 @@ class GuardedIterable:
             if detail and not self._reported:
                 _log_departure(req, detail)
             self._reported = True
+            self._release_start()
             raise StopIteration from None
-        self._sent = True
+        if not self._sent:
+            self._sent = True
+            self._release_start()
         return chunk
+
+    def _release_start(self) -> None:
+        start = self._start
+        if start is not None:
+            start.release()
 
     def _lost(self, exc: BaseException) -> tuple[Lease, BaseException] | None:
         """The lease and the psycopg error if *exc* is a lost connection, else None.
@@ -302,17 +260,16 @@ class GuardedIterable:
 
     def _answer_lost(self, lease: Lease, cause: BaseException) -> bytes:
         """503 before the first chunk, a quiet cut after it; the leases released."""
-        req, answer = self._req, self._answer
-        self._answer = None
-        if self._sent or answer is None:
+        req, start = self._req, self._start
+        if self._sent or start is None:
             req.release_all(ReleaseReason.EXCEPTION)
             database_unavailable(
                 self._state, lease, cause, outcome="its streamed response was cut off"
             )
             raise StreamCut(lease) from cause
+        self._start = None  # answered once: the answer's own chunks pass as they are
         try:
-            error = database_unavailable(self._state, lease, cause)
-            body = answer(error)
+            body = start.answer(database_unavailable(self._state, lease, cause))
         finally:
             req.release_all(ReleaseReason.EXCEPTION)
         # the original body ended with the error: close it (stream teardown), serve the 503

@@ -14,12 +14,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
 import pytest
+from flask import Response, stream_with_context
 from psycopg_pool import ConnectionPool
 
 from flask_reqconn import get_conn, state_of
@@ -73,9 +74,10 @@ def _raw_get(url: str, path: str, timeout: float = 60) -> tuple[int, dict[str, s
             raw += data
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    headers = {}
+    headers: dict[str, str] = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
+        assert name.strip().lower() not in headers, f"header sent twice: {head!r}"
         headers[name.strip().lower()] = value.strip()
     return int(lines[0].split()[1]), headers, body
 
@@ -108,15 +110,16 @@ def test_a_stream_lost_before_its_first_chunk_answers_503_under_gunicorn(
     killer.join()
     assert status == 503, (body, proc.log_tail())
     assert headers["retry-after"] == "7"
+    assert headers["content-type"].startswith("text/html")  # the 503's, not the stream's
     assert b"lost its database connection" in body
     assert "x-handled" not in headers
     # the blueprint's own handler for DatabaseUnavailable answers its stream
     time.sleep(1.1)  # past the WARNING's rate limit: this one is logged too
     killer = _killing(pg_admin, appname)
-    status, headers, body = servers.http_get(proc.url + "/bp/first", timeout=60)
+    status, headers, body = _raw_get(proc.url, "/bp/first")
     killer.join()
     assert status == 503, (body, proc.log_tail())
-    assert headers["x-handled"] == "1"
+    assert headers["x-handled"] == "1" and headers["content-type"] == "application/json"
     assert json.loads(body) == {"error": "database", "pool": "default"}
     # the connection is back: the next request is served
     assert servers.http_get(proc.url + "/select1", timeout=30)[0] == 200
@@ -250,3 +253,40 @@ def test_what_counts_as_a_lost_connection(pg_dsn: str, pg_admin: psycopg.Connect
         assert is_lost(lost.value, conn) and is_lost(lost.value)
     assert not is_lost(psycopg.OperationalError("no sqlstate, connection unknown"))
     assert not is_lost(TimeoutError())
+
+
+def test_a_stream_lost_before_its_first_chunk_answers_503_in_the_test_client(
+    make_app: AppFactory, pg_admin: psycopg.Connection[Any]
+) -> None:
+    """The status line of a streamed body waits for its first chunk, so even Flask's test
+    client (whose start_response refuses a second call) gets the 503."""
+    app = make_app(retry_after=4)
+
+    @app.get("/first")
+    def first() -> Response:
+        def body() -> Iterator[str]:
+            get_conn().execute("SELECT pg_sleep(30)")
+            yield "never\n"
+
+        return Response(stream_with_context(body()), mimetype="text/plain")
+
+    @app.get("/empty")
+    def empty() -> Response:
+        get_conn()
+
+        def body() -> Iterator[str]:
+            yield from ()
+
+        return Response(stream_with_context(body()), headers={"X-Empty": "1"})
+
+    client = app.test_client()
+    killer = _killing(pg_admin, app.config["TEST_APPNAME"])
+    with client.get("/first") as response:
+        killer.join()
+        assert response.status_code == 503 and response.headers["Retry-After"] == "4"
+        assert response.mimetype == "text/html"
+    with client.get("/empty") as nothing:  # an empty stream still sends its status line
+        assert nothing.status_code == 200 and nothing.headers["X-Empty"] == "1"
+        assert nothing.data == b""
+    stats = state_of(app).stats()
+    assert stats["connection_lost"] == 1 and stats["checked_out"] == 0, stats
