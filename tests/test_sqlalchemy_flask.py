@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from flask import Flask
+from flask import Flask, Response, stream_with_context
 from flask_sqlalchemy_lite import SQLAlchemy as LiteSQLAlchemy
 from psycopg import sql
 from sqlalchemy import select, text
@@ -221,3 +221,25 @@ def test_flask_sqlalchemy_other_operational_errors_stay_sqlalchemys(fsqla: Flask
     assert client.get("/timeout").text == "OperationalError QueryCanceled"
     assert client.get("/select1").status_code == 200
     assert fsqla_app.reqconn.stats(fsqla)["connection_lost"] == 0
+
+
+def test_flask_sqlalchemy_stream_lost_before_its_first_chunk_answers_503(
+    fsqla: Flask, pg_admin: psycopg.Connection[Any]
+) -> None:
+    """In a streamed body the integration leaves the counting and the answer to the WSGI
+    wrapper: 503 once, counted once."""
+
+    @fsqla.get("/firstfeed")
+    def firstfeed() -> Response:
+        def body() -> Iterator[str]:
+            fsqla_app.db.session.execute(text("SELECT pg_sleep(30)"))
+            yield "never\n"
+
+        return Response(stream_with_context(body()), mimetype="text/plain")
+
+    killer = _kill_when_running(pg_admin, fsqla.name)
+    with fsqla.test_client().get("/firstfeed") as response:
+        killer.join()
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    stats = fsqla_app.reqconn.stats(fsqla)
+    assert stats["connection_lost"] == 1 and stats["checked_out"] == 0, stats
