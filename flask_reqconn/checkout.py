@@ -23,9 +23,10 @@ from flask import current_app, request
 from psycopg.pq import TransactionStatus
 from werkzeug.exceptions import ServiceUnavailable
 
-from .errors import ClientGone, DatabaseUnavailable, PoolExhausted, ReqConnError
+from .errors import ClientGone, PoolExhausted, ReqConnError
 from .handback import make_read_only
 from .lease import Lease, ReleaseReason, RequestLeases
+from .lost import database_unavailable, lost_lease
 from .middleware import body_may_use_connection
 from .names import DEFAULT_POOL, CancelReason, Stat
 from .probes import probe_for
@@ -175,28 +176,15 @@ def on_query_canceled(state: AppState, exc: psycopg.errors.QueryCanceled) -> t.A
 def on_operational_error(state: AppState, exc: psycopg.OperationalError) -> t.Any:
     """Error handler: a connection lost mid-request becomes a 503 (:class:`DatabaseUnavailable`).
 
-    Any other ``OperationalError`` is re-raised untouched. One WARNING per pool
-    and second names the cause; the rest of a burst is counted in it.
+    Any other ``OperationalError`` is re-raised untouched (:mod:`flask_reqconn.lost`
+    says what is lost). One WARNING per pool and second names the cause; the rest
+    of a burst is counted in it.
     """
-    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
-    lease = next(
-        (
-            lease
-            for lease in (req.leases.values() if req else ())
-            if lease.severed
-            or (lease.conn is not None and (lease.conn.broken or lease.conn.closed))
-        ),
-        None,
-    )
+    lease = lost_lease(getattr(request, REQUEST_ATTR, None), exc)
     if lease is None:
         raise exc
-    holder = state.pools[lease.pool_name]
-    holder.counters.add(Stat.CONNECTION_LOST)
-    holder.log_connection_lost(lease, exc)
-    error = DatabaseUnavailable(lease.pool_name, holder.settings.retry_after)
-    error.__cause__ = exc
     # through the app's own handler for DatabaseUnavailable, if it has one
-    return current_app.handle_http_exception(error)
+    return current_app.handle_http_exception(database_unavailable(state, lease, exc))
 
 
 # -- request hooks ------------------------------------------------------------------

@@ -68,7 +68,7 @@ class ReqConn:
             app.before_request(functools.partial(_checkout.before_request, state))
         app.after_request(functools.partial(_checkout.after_request, state))
         app.teardown_request(functools.partial(_checkout.teardown_request, state))
-        app.wsgi_app = LeaseGuard(app.wsgi_app, state)  # type: ignore[method-assign]
+        app.wsgi_app = LeaseGuard(app.wsgi_app, state, app)  # type: ignore[method-assign]
         app.cli.add_command(make_cli())
         app.register_error_handler(
             psycopg.OperationalError, functools.partial(_checkout.on_operational_error, state)

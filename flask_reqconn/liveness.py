@@ -12,6 +12,12 @@ psycopg_pool reconnects with an exponential back-off (1 s, doubling, up to
 ``reconnect_timeout``): after an outage of 40 s its next attempt can be tens of
 seconds away. :class:`RequestPool` caps the delay between attempts, with
 jitter, so a pool serves again within about a second of the server coming back.
+
+psycopg_pool logs a WARNING for every closed connection given back to it
+(``discarding closed connection``, ``_return_connection``): during an outage,
+one line per request. flask-reqconn closes the connections it discards itself
+and reports them in its own counters and rate-limited WARNINGs, so
+:meth:`RequestPool.putconn` replaces a closed connection without that line.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ import socket
 import typing as t
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff, BasePool
+from psycopg_pool.pool import AddConnection
 
 #: Seconds between reconnection attempts at most (jittered by :data:`RECONNECT_JITTER`).
 RECONNECT_MAX_DELAY = 0.5
@@ -110,11 +118,29 @@ class _CappedBackoff(AttemptWithBackoff):
 
 
 class RequestPool(ConnectionPool[t.Any]):
-    """psycopg_pool's ``ConnectionPool`` reconnecting at most every ~0.5 s (jittered).
+    """psycopg_pool's ``ConnectionPool`` reconnecting at most every ~0.5 s (jittered),
+    quiet about the closed connections flask-reqconn gives back.
 
     Each missing connection has one attempt in flight at a time, so a worker
     makes at most ``max_size`` / 0.4 attempts per second during an outage.
     """
+
+    def putconn(self, conn: psycopg.Connection[t.Any]) -> None:
+        """``putconn()``; a closed connection is replaced without psycopg_pool's WARNING.
+
+        What psycopg_pool does for it (``returns_bad`` counted, a new connection
+        added), minus the log line, plus one thing: the connection forgets its
+        pool, so a second ``putconn()`` of it raises instead of growing the pool.
+        """
+        if conn.pgconn.transaction_status != TransactionStatus.UNKNOWN:
+            super().putconn(conn)
+            return
+        self._check_pool_putconn(conn)
+        conn._pool = None
+        if self._closed:
+            return
+        self._stats[self._RETURNS_BAD] += 1
+        self.run_task(AddConnection(self))
 
     def _add_connection(
         self, attempt: AttemptWithBackoff | None, growing: bool = False

@@ -10,7 +10,12 @@ release connections on the normal path; this wrapper covers the rest:
   next safe point and logs a WARNING;
 - a stream whose client left ends quietly: the error that the departure
   caused in the generator (the watcher's cancel, ``ClientGone``, a broken
-  pipe) ends the iteration instead of reaching the server, with one INFO line.
+  pipe) ends the iteration instead of reaching the server, with one INFO line;
+- a stream whose database connection was lost (:mod:`flask_reqconn.lost`)
+  answers 503 with ``Retry-After`` if nothing was sent yet (a streamed
+  response's status line waits for its first chunk), through the app's own
+  handler for ``DatabaseUnavailable``; once a chunk was sent it can only be
+  cut off, quietly (:mod:`flask_reqconn.streamanswer`).
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ from collections.abc import Iterable, Iterator
 from psycopg.errors import InFailedSqlTransaction, QueryCanceled
 from werkzeug.wsgi import ClosingIterator
 
-from .errors import ClientGone
-from .lease import ReleaseReason, RequestLeases
+from .errors import ClientGone, DatabaseUnavailable
+from .lease import Lease, ReleaseReason, RequestLeases
+from .lost import database_unavailable, lost_lease
 from .names import CancelReason
 from .probes import is_client_abort, is_file_wrapper
+from .streamanswer import HeldStart, StreamCut
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from flask import Flask
 
     from .state import AppState
 
@@ -115,13 +123,19 @@ class LeaseGuard:
 
     :param app: the WSGI application to wrap (``app.wsgi_app``).
     :param state: the extension's per-app state.
+    :param flask_app: the Flask app, to answer a stream whose connection was lost
+        before its first chunk with its error handlers (without it, such a
+        stream's error reaches the server, as any other).
     """
 
-    def __init__(self, app: WSGIApplication, state: AppState) -> None:
+    def __init__(
+        self, app: WSGIApplication, state: AppState, flask_app: Flask | None = None
+    ) -> None:
         self.app = app
         self._state = state
         self._key = state.environ_key
         self._deferred = state.deferred
+        self._flask_app = flask_app
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -129,8 +143,12 @@ class LeaseGuard:
         state = self._state
         if self._deferred:
             self._deferred.run()
+        flask_app = self._flask_app
+        start = (
+            None if flask_app is None else HeldStart(start_response, environ, self._key, flask_app)
+        )
         try:
-            app_iter = self.app(environ, start_response)
+            app_iter = self.app(environ, start_response if start is None else start)
         except BaseException as exc:
             req = environ.get(self._key)
             if req is not None:
@@ -141,7 +159,7 @@ class LeaseGuard:
             return app_iter
         if not req.streamed and not req.has_active():
             return app_iter
-        return GuardedIterable(app_iter, req, state)
+        return GuardedIterable(app_iter, req, state, start)
 
 
 class GuardedIterable:
@@ -152,13 +170,22 @@ class GuardedIterable:
     it is garbage collected without being closed. An exception that says the
     client left (see :func:`_departure`) ends the iteration instead: the
     server would log it as an error, for a client that reads nothing anyway.
+    A lost database connection answers 503 before the first chunk (through
+    *start*) and cuts the stream off quietly after it (:class:`StreamCut`).
     """
 
     __slots__ = (
         "_app_iter", "_iterator", "_req", "_state", "_exhausted", "_closed", "_reported",
+        "_start", "_sent",
     )  # fmt: skip
 
-    def __init__(self, app_iter: Iterable[bytes], req: RequestLeases, state: AppState) -> None:
+    def __init__(
+        self,
+        app_iter: Iterable[bytes],
+        req: RequestLeases,
+        state: AppState,
+        start: HeldStart | None = None,
+    ) -> None:
         self._app_iter = app_iter
         self._req = req
         self._state = state
@@ -166,6 +193,10 @@ class GuardedIterable:
         self._closed = False
         #: the client's departure was logged
         self._reported = False
+        #: the app's start_response (None: the server's, passed to the app as it is)
+        self._start = start
+        #: a chunk went to the server: the status line may be sent
+        self._sent = False
         self._iterator: Iterator[bytes] = iter(app_iter)
 
     def __iter__(self) -> GuardedIterable:
@@ -173,14 +204,18 @@ class GuardedIterable:
 
     def __next__(self) -> bytes:
         try:
-            return next(self._iterator)
+            chunk = next(self._iterator)
         except StopIteration:
             self._exhausted = True
+            self._release_start()
             raise
         except BaseException as exc:
             req = self._req
             detail = _departure(req, exc, self._state.settings.eof_means_gone)
             if detail is None:
+                lost = self._lost(exc)
+                if lost is not None and (self._sent or self._start is not None):
+                    return self._answer_lost(*lost)
                 req.release_all(_reason_for(exc))
                 if isinstance(exc, Exception):
                     _note_max_hold(req, exc)
@@ -189,7 +224,61 @@ class GuardedIterable:
             if detail and not self._reported:
                 _log_departure(req, detail)
             self._reported = True
+            self._release_start()
             raise StopIteration from None
+        if not self._sent:
+            self._sent = True
+            self._release_start()
+        return chunk
+
+    def _release_start(self) -> None:
+        start = self._start
+        if start is not None:
+            start.release()
+
+    def _lost(self, exc: BaseException) -> tuple[Lease, BaseException] | None:
+        """The lease and the psycopg error if *exc* is a lost connection, else None.
+
+        A ``DatabaseUnavailable`` is the SQLAlchemy integration's conversion of
+        one (not yet counted: it leaves that to this wrapper in a stream). After
+        the first chunk, a lease reclaimed by ``REQCONN_MAX_HOLD`` is left to
+        :func:`_note_max_hold`.
+        """
+        if isinstance(exc, DatabaseUnavailable):
+            cause = exc.__cause__
+            lease = self._req.leases.get(exc.pool_name)
+            if cause is None or lease is None:
+                return None
+        else:
+            cause = exc
+            lease = lost_lease(self._req, exc)
+            if lease is None:
+                return None
+        if self._sent and lease.cancelled is CancelReason.MAX_HOLD:
+            return None
+        return lease, cause
+
+    def _answer_lost(self, lease: Lease, cause: BaseException) -> bytes:
+        """503 before the first chunk, a quiet cut after it; the leases released."""
+        req, start = self._req, self._start
+        if self._sent or start is None:
+            req.release_all(ReleaseReason.EXCEPTION)
+            database_unavailable(
+                self._state, lease, cause, outcome="its streamed response was cut off"
+            )
+            raise StreamCut(lease) from cause
+        self._start = None  # answered once: the answer's own chunks pass as they are
+        try:
+            body = start.answer(database_unavailable(self._state, lease, cause))
+        finally:
+            req.release_all(ReleaseReason.EXCEPTION)
+        # the original body ended with the error: close it (stream teardown), serve the 503
+        close = getattr(self._app_iter, "close", None)
+        self._app_iter = body
+        self._iterator = iter(body)
+        if close is not None:
+            close()
+        return next(self)
 
     def close(self) -> None:
         """Close the wrapped iterable (running stream teardown), then release."""

@@ -41,7 +41,8 @@ class Stat(str, enum.Enum):
     FALLBACKS = "fallbacks"
     #: pooled connections found dead at checkout (server side gone), never handed out
     DEAD_DISCARDED = "dead_discarded"
-    #: requests answered 503 because their connection was lost while they ran
+    #: requests answered 503 because their connection was lost while they ran, and
+    #: streamed responses cut off for it after their first chunk
     CONNECTION_LOST = "connection_lost"
 
     def __str__(self) -> str:

@@ -372,8 +372,13 @@ class PoolHolder:
 
     # -- reporting ------------------------------------------------------------
 
-    def log_connection_lost(self, lease: Lease, exc: Exception) -> None:
-        """One WARNING per second for connections lost mid-request; the rest counted."""
+    def log_connection_lost(
+        self, lease: Lease, exc: BaseException, *, outcome: str = "answered 503"
+    ) -> None:
+        """One WARNING per second for connections lost mid-request; the rest counted.
+
+        :param outcome: what the request got (a stream already started is cut off).
+        """
         now = time.monotonic()
         if now - self._last_lost_log < 1.0:
             self._lost_unlogged += 1
@@ -381,10 +386,11 @@ class PoolHolder:
         suppressed, self._lost_unlogged = self._lost_unlogged, 0
         self._last_lost_log = now
         logger.warning(
-            "database connection of pool %r lost during %s %s: answered 503 (%s: %s)%s",
+            "database connection of pool %r lost during %s %s: %s (%s: %s)%s",
             self.label,
             lease.method,
             lease.path,
+            outcome,
             type(exc).__name__,
             str(exc).strip().splitlines()[0] if str(exc).strip() else "",
             f"; {suppressed} more since the last report" if suppressed else "",

@@ -8,18 +8,19 @@ tests/sqla_models.py.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from flask import Flask
+from flask import Flask, Response, stream_with_context
 from flask_sqlalchemy_lite import SQLAlchemy as LiteSQLAlchemy
 from psycopg import sql
 from sqlalchemy import select, text
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 
-from flask_reqconn import ReqConn
+from flask_reqconn import DatabaseUnavailable, ReqConn
 from flask_reqconn.integrations.sqlalchemy import RequestPool, engine_options
 from tests import pg
 from tests.apps import fsqla_app
@@ -149,3 +150,96 @@ def test_flask_sqlalchemy_lite_session_and_teardown(
         assert reqconn.stats(app)["checked_out"] == 0
     finally:
         reqconn.close(app)
+
+
+def _kill_when_running(admin: psycopg.Connection[Any], appname: str) -> threading.Thread:
+    def kill() -> None:
+        pg.wait_until(
+            lambda: admin.execute(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+                " WHERE application_name = %s AND state = 'active'",
+                (appname,),
+            ).fetchall(),
+            timeout=30,
+        )
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    return killer
+
+
+def test_flask_sqlalchemy_lost_connection_answers_503_then_the_next_request_200(
+    fsqla: Flask, pg_admin: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The backend killed under ``db.session.execute``: SQLAlchemy's OperationalError
+    (wrapping psycopg's AdminShutdown) becomes DatabaseUnavailable, as with get_conn()."""
+    client = fsqla.test_client()
+    assert client.get("/select1").status_code == 200
+    killer = _kill_when_running(pg_admin, fsqla.name)
+    with caplog.at_level(logging.WARNING):
+        response = client.get("/slow?s=30")
+    killer.join()
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "1"
+    assert "lost its database connection" in response.text
+    lost = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lost) == 1 and lost[0].name == "flask_reqconn.pool", caplog.text
+    assert "lost during GET /slow: answered 503 (AdminShutdown" in lost[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
+    assert client.get("/select1").status_code == 200  # the connection is back
+    stats = fsqla_app.reqconn.stats(fsqla)
+    assert stats["connection_lost"] == 1 and stats["checked_out"] == 0, stats
+    assert stats["discarded_connections"] == 1, stats
+    assert stats["pools"]["default"]["pool"]["returns_bad"] == 1, stats  # given back once
+
+
+def test_flask_sqlalchemy_lost_connection_through_the_apps_handler(
+    fsqla: Flask, pg_admin: psycopg.Connection[Any]
+) -> None:
+    @fsqla.errorhandler(DatabaseUnavailable)
+    def unavailable(exc: DatabaseUnavailable) -> tuple[dict[str, Any], int]:
+        return {"error": "database", "cause": type(exc.__cause__).__name__}, 503
+
+    killer = _kill_when_running(pg_admin, fsqla.name)
+    response = fsqla.test_client().get("/slow?s=30")
+    killer.join()
+    assert response.status_code == 503
+    assert response.json == {"error": "database", "cause": "AdminShutdown"}
+
+
+def test_flask_sqlalchemy_other_operational_errors_stay_sqlalchemys(fsqla: Flask) -> None:
+    @fsqla.get("/timeout")
+    def timeout() -> str:
+        try:
+            fsqla_app.db.session.execute(text("SET LOCAL statement_timeout = 50"))
+            fsqla_app.db.session.execute(text("SELECT pg_sleep(5)"))
+        except OperationalError as exc:  # QueryCanceled (57014): not a lost connection
+            return f"{type(exc).__name__} {type(exc.orig).__name__}"
+        return "no error"
+
+    client = fsqla.test_client()
+    assert client.get("/timeout").text == "OperationalError QueryCanceled"
+    assert client.get("/select1").status_code == 200
+    assert fsqla_app.reqconn.stats(fsqla)["connection_lost"] == 0
+
+
+def test_flask_sqlalchemy_stream_lost_before_its_first_chunk_answers_503(
+    fsqla: Flask, pg_admin: psycopg.Connection[Any]
+) -> None:
+    """In a streamed body the integration leaves the counting and the answer to the WSGI
+    wrapper: 503 once, counted once."""
+
+    @fsqla.get("/firstfeed")
+    def firstfeed() -> Response:
+        def body() -> Iterator[str]:
+            fsqla_app.db.session.execute(text("SELECT pg_sleep(30)"))
+            yield "never\n"
+
+        return Response(stream_with_context(body()), mimetype="text/plain")
+
+    killer = _kill_when_running(pg_admin, fsqla.name)
+    with fsqla.test_client().get("/firstfeed") as response:
+        killer.join()
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    stats = fsqla_app.reqconn.stats(fsqla)
+    assert stats["connection_lost"] == 1 and stats["checked_out"] == 0, stats

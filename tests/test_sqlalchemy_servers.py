@@ -196,3 +196,33 @@ def test_abort_storm_on_flask_sqlalchemy_side_by_side_with_its_own_pool(
     # request still ran its view.
     assert control_final["checked_out"] == 0
     assert native_views > ours_views, (native_views, ours_views)
+
+
+@pytest.mark.parametrize("kind", WORKERS)
+def test_orm_stream_whose_connection_is_lost_is_cut_off_quietly(
+    spawn: Spawn, pg_dsn: str, pg_admin: psycopg.Connection[Any], table: str,
+    kind: dict[str, Any],
+) -> None:  # fmt: skip
+    """The backend killed under ``db.session.execute`` after the stream's first line: the
+    integration's DatabaseUnavailable is counted by the WSGI wrapper, which cuts the
+    stream off (the status line is sent) without a traceback."""
+    server, appname = serve(spawn, pg_dsn, table, "reqconn", **kind)
+    assert servers.http_get(server.url + "/")[0] == 200
+
+    def kill() -> None:
+        pg.wait_until(lambda: sleeping(pg_admin, appname), timeout=30, message="pg_sleep")
+        pg_admin.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+                         " WHERE application_name = %s AND state = 'active'", (appname,))
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    with pytest.raises(ValueError, match="truncated chunked body"):  # no last chunk
+        servers.http_get(server.url + "/sleepfeed", timeout=60)
+    killer.join()
+    final = settled(server, pg_admin, appname)
+    assert final["connection_lost"] == 1 and final["discarded_connections"] == 1, final
+    log = server.log_text()
+    assert "Traceback" not in log and "Error handling request" not in log, server.log_tail()
+    assert log.count("lost during GET /sleepfeed: its streamed response was cut off") == 1, (
+        server.log_tail()
+    )

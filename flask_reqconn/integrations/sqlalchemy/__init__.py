@@ -39,15 +39,16 @@ from sqlalchemy import event, exc
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from ...checkout import REQUEST_ATTR, on_query_canceled
-from ...errors import ReqConnError
+from ...errors import DatabaseUnavailable, ReqConnError
 from ...extension import get_conn, state_of
+from ...lost import database_unavailable, lost_lease
 from .connection import INIT_SAVEPOINT, RequestConnection
 
 if t.TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
     from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
 
-    from ...lease import Lease
+    from ...lease import Lease, RequestLeases
     from ...state import AppState
 
 __all__ = ["RequestConnection", "RequestPool", "create_engine", "engine_options"]
@@ -295,19 +296,40 @@ def _check_dialect(dialect: t.Any) -> None:
 
 
 def _on_error(context: ExceptionContext) -> None:
-    """A query flask-reqconn cancelled becomes its 499 (or 503), as with ``get_conn()``."""
+    """flask-reqconn's answers to psycopg's errors, which SQLAlchemy wraps in its own.
+
+    A query flask-reqconn cancelled becomes its 499 (or 503), as with ``get_conn()``.
+    A lost request connection (:mod:`flask_reqconn.lost`: SQLSTATE class ``08`` or
+    ``57P``, or a connection psycopg marked closed) becomes
+    :class:`~flask_reqconn.DatabaseUnavailable` (503 with ``Retry-After``), counted and
+    logged as with ``get_conn()``; in a streamed body, the WSGI wrapper counts it and
+    answers it (503 before the first chunk, a cut after it). SQLAlchemy still
+    invalidates the connection; the lease is given back at the end of the request.
+    """
     orig = context.original_exception
-    if not isinstance(orig, psycopg.errors.QueryCanceled) or not has_request_context():
+    if not isinstance(orig, psycopg.OperationalError) or not has_request_context():
         return
     try:
         state = state_of(current_app)
     except ReqConnError:
         return
-    try:
-        replacement = on_query_canceled(state, orig)
-    except psycopg.errors.QueryCanceled:
-        return  # not a cancellation of flask-reqconn's (statement_timeout...)
-    raise replacement from orig
+    if isinstance(orig, psycopg.errors.QueryCanceled):
+        try:
+            replacement = on_query_canceled(state, orig)
+        except psycopg.errors.QueryCanceled:
+            return  # not a cancellation of flask-reqconn's (statement_timeout...)
+        raise replacement from orig
+    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+    lease = lost_lease(req, orig)
+    if req is None or lease is None:
+        return  # not a lost connection: SQLAlchemy's OperationalError, untouched
+    if req.streamed:
+        error = DatabaseUnavailable(
+            lease.pool_name, state.pools[lease.pool_name].settings.retry_after
+        )
+    else:
+        error = database_unavailable(state, lease, orig)
+    raise error from orig
 
 
 def _lease_of(conn: psycopg.Connection[t.Any], name: str | None) -> Lease:
