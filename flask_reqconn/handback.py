@@ -20,6 +20,8 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
+from .lost import is_lost
+
 logger = logging.getLogger("flask_reqconn.handback")
 
 #: Statements that undo session state; run after any rollback, in the same
@@ -60,6 +62,10 @@ class CleanOutcome:
     #: the connection is unusable and was closed; the pool will replace it.
     discarded: bool = False
     error: str = ""
+    #: what made cleaning fail, if anything
+    exception: BaseException | None = None
+    #: that failure says the connection's server side is gone (:func:`~flask_reqconn.lost.is_lost`)
+    lost: bool = False
 
 
 def clean_connection(
@@ -107,6 +113,8 @@ def clean_connection(
         restore_attributes(conn, baseline)
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
+        result.exception = exc
+        result.lost = is_lost(exc, conn)
         result.discarded = True
         try:
             conn.close()

@@ -278,7 +278,13 @@ class PoolHolder:
                     )
                 if outcome.discarded:
                     self.counters.add(Stat.DISCARDED_CONNECTIONS)
-                    if outcome.error:
+                    if outcome.lost and outcome.exception is not None:
+                        # an outage: one rate-limited WARNING per burst, not one per
+                        # connection
+                        self.log_connection_lost(
+                            lease, outcome.exception, outcome="found at its hand-back, replaced"
+                        )
+                    elif outcome.error:
                         logger.warning(
                             "could not clean the connection of %s %s; discarding it: %s",
                             lease.method,

@@ -290,3 +290,39 @@ def test_a_stream_lost_before_its_first_chunk_answers_503_in_the_test_client(
         assert nothing.data == b""
     stats = state_of(app).stats()
     assert stats["connection_lost"] == 1 and stats["checked_out"] == 0, stats
+
+
+def test_connections_lost_before_their_hand_back_log_one_warning(
+    make_app: AppFactory, pg_admin: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The view answered, then its backend died (the hand-back's ROLLBACK finds it gone):
+    the response stands, the connection is replaced, and a burst of those is one WARNING,
+    not one "could not clean" WARNING per connection."""
+    app = make_app(min_size=2, max_size=2)
+
+    @app.get("/dies")
+    def dies() -> str:
+        conn = get_conn()
+        pid = conn.info.backend_pid
+        conn.execute("SELECT 1")  # a transaction is open: the hand-back has to roll it back
+        pg_admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+        pg.wait_until(
+            lambda: not pg_admin.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone(),
+            timeout=10, message=f"backend {pid} gone",
+        )  # fmt: skip
+        return str(pid)
+
+    @app.get("/select1")
+    def select1() -> str:
+        return str(get_conn().execute("SELECT 1").fetchone())
+
+    with caplog.at_level(logging.WARNING, logger="flask_reqconn"):
+        assert [app.test_client().get("/dies").status_code for _ in range(3)] == [200] * 3
+        assert app.test_client().get("/select1").status_code == 200
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("flask_reqconn")]
+    assert len(ours) == 1, ours
+    assert "lost during GET /dies: found at its hand-back, replaced" in ours[0], ours
+    stats = state_of(app).stats()
+    assert stats["discarded_connections"] == 3 and stats["checked_out"] == 0, stats
