@@ -17,6 +17,7 @@ import logging
 import typing as t
 
 import psycopg
+from psycopg import generators, pq
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
@@ -43,6 +44,8 @@ _ROLLBACK_CHECKING_WRITES_AND_RESET = (
     " CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *;"
     " DISCARD TEMP; DISCARD SEQUENCES"
 )
+_ROLLBACK_CHECKING_WRITES_BYTES = _ROLLBACK_CHECKING_WRITES.encode()
+_ROLLBACK_CHECKING_WRITES_AND_RESET_BYTES = _ROLLBACK_CHECKING_WRITES_AND_RESET.encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +131,39 @@ def _rollback_checking_writes(conn: psycopg.Connection[t.Any], reset_session: bo
 
     psycopg forgets its prepared statements whenever it sees a ``ROLLBACK``,
     in case the rollback dropped an object they use. A transaction without an
-    xid changed no catalog, so for it the statement runs with psycopg's
-    prepared-statement bookkeeping off, and the statements stay prepared, as
-    after the bare pool's ``COMMIT``. When the transaction wrote, psycopg's
-    cache is cleared as its own ``rollback()`` would.
+    xid changed no catalog, so for it the statements stay prepared, as after the
+    bare pool's ``COMMIT``: the statement goes to libpq directly, under the
+    connection's lock and through psycopg's own wait (as ``commit()`` does), so
+    psycopg's prepared-statement bookkeeping never sees it, and no cursor is
+    made. When the transaction wrote, psycopg's cache is cleared as its own
+    ``rollback()`` would.
     """
+    pgconn = conn.pgconn
+    if pgconn.pipeline_status != pq.PipelineStatus.OFF:  # pragma: no cover - left open
+        return _rollback_checking_writes_by_cursor(conn, reset_session)
+    with conn.lock:
+        pgconn.send_query(
+            _ROLLBACK_CHECKING_WRITES_AND_RESET_BYTES
+            if reset_session
+            else _ROLLBACK_CHECKING_WRITES_BYTES
+        )
+        results = conn.wait(generators.execute(pgconn))
+    for result in results:
+        if result.status == pq.ExecStatus.FATAL_ERROR:
+            raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    first = results[0] if results else None
+    if first is None or first.status != pq.ExecStatus.TUPLES_OK or first.ntuples != 1:
+        raise psycopg.InterfaceError("unexpected result of the write check")
+    wrote = bool(first.get_value(0, 0) == b"t")
+    if wrote:
+        _forget_prepared(conn)
+    return wrote
+
+
+def _rollback_checking_writes_by_cursor(
+    conn: psycopg.Connection[t.Any], reset_session: bool
+) -> bool:
+    """:func:`_rollback_checking_writes` through a cursor (a connection in pipeline mode)."""
     threshold = conn.prepare_threshold
     conn.prepare_threshold = None
     try:

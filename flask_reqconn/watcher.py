@@ -49,6 +49,8 @@ POLL_INTERVAL = 0.05
 #: Seconds a request holds its connection before its client is registered: most
 #: requests end sooner and never cost the watcher a system call.
 WATCH_DELAY = 0.05
+#: The shortest sleep of the watcher thread, in seconds.
+_MIN_WAIT = 0.001
 #: Seconds a cancel request sent by the watcher may take before it gives up on it.
 WATCHER_CANCEL_TIMEOUT = 2.0
 #: Seconds past ``REQCONN_MAX_HOLD`` after which a lease whose cancel was sent
@@ -82,6 +84,46 @@ class ClientWatch:
         return self.probe.gone(self.eof_means_gone)
 
 
+class PendingWatch:
+    """A request's client waiting :data:`WATCH_DELAY` to be registered (``watch_client_later``).
+
+    It is the lease's ``watch`` until then, so the lease's release calls
+    :meth:`discard`, in the request's thread: the entry leaves the watcher's queue
+    there and then when it is the newest one (always, in a one-thread worker such as
+    gunicorn sync), and a request that ended in time leaves the watcher nothing to
+    look at or free.
+    """
+
+    __slots__ = ("due", "lease", "probe", "eof_means_gone", "queue")
+
+    def __init__(
+        self,
+        queue: collections.deque[PendingWatch],
+        lease: Lease,
+        probe: ClientProbe,
+        eof_means_gone: bool,
+    ) -> None:
+        self.due = time.monotonic() + WATCH_DELAY
+        self.lease = lease
+        self.probe = probe
+        self.eof_means_gone = eof_means_gone
+        self.queue = queue
+
+    def discard(self) -> None:
+        """Leave the queue if this is its newest entry (else the watcher drops it later).
+
+        Never removes another request's entry: one popped by mistake (appended
+        after this one, by another thread) is put back at once.
+        """
+        queue = self.queue
+        try:
+            last = queue.pop()
+        except IndexError:
+            return
+        if last is not self:
+            queue.append(last)
+
+
 class Watcher:
     """The per-process watcher thread (see the module docstring)."""
 
@@ -96,10 +138,8 @@ class Watcher:
         self._stop = threading.Event()
         self._tick = 1.0
         self._said_unwatchable = False
-        #: (due, lease, probe, eof_means_gone) of requests to watch once due
-        self._pending: collections.deque[
-            tuple[float, Lease, ClientProbe, bool]
-        ] = collections.deque()
+        #: requests whose client is registered once due, oldest first
+        self._pending: collections.deque[PendingWatch] = collections.deque()
 
     @property
     def running(self) -> bool:
@@ -148,30 +188,47 @@ class Watcher:
         lease.watch = entry
         return entry
 
-    def watch_client_later(
-        self, lease: Lease, probe: ClientProbe, *, eof_means_gone: bool
-    ) -> None:
+    def watch_client_later(self, lease: Lease, probe: ClientProbe, *, eof_means_gone: bool) -> None:
         """Watch the request's client if *lease* is still held after :data:`WATCH_DELAY`.
 
-        The request thread only appends to a deque; the watcher thread registers
-        the client when it is due, under the lease's lock, so a lease released
-        meanwhile is never registered.
+        The request thread only appends to a deque (and its release takes the entry
+        off again, see :class:`PendingWatch`); the watcher thread registers the
+        client when it is due, under the lease's lock, so a lease released meanwhile
+        is never registered.
         """
         if not self.running:
             with self._lock:
                 self._ensure_running()
-        self._pending.append((time.monotonic() + WATCH_DELAY, lease, probe, eof_means_gone))
+        entry = PendingWatch(self._pending, lease, probe, eof_means_gone)
+        if lease.watch is None:
+            lease.watch = entry
+        self._pending.append(entry)
 
-    def _register_due(self) -> None:
+    def _register_due(self) -> float | None:
+        """Register the clients of due entries whose lease is still held; drop the rest.
+
+        Entries of released leases are dropped whether due or not.
+
+        :returns: when the oldest entry left is due; None when the queue is empty.
+        """
         pending = self._pending
         now = time.monotonic()
-        while pending and pending[0][0] <= now:
-            _due, lease, probe, eof_means_gone = pending.popleft()
+        while True:
+            try:
+                entry = pending.popleft()
+            except IndexError:
+                return None
+            lease = entry.lease
             if not lease.active:
                 continue
+            if entry.due > now:
+                pending.appendleft(entry)  # still the oldest: wait for it
+                return entry.due
             with lease._lock:
+                if lease.watch is entry:
+                    lease.watch = None
                 if lease.active and lease.cancelled is None:
-                    self.watch_client(lease, probe, eof_means_gone=eof_means_gone)
+                    self.watch_client(lease, entry.probe, eof_means_gone=entry.eof_means_gone)
 
     def unwatch(self, entry: ClientWatch) -> None:
         with self._lock:
@@ -214,20 +271,21 @@ class Watcher:
     def _run(self) -> None:
         stop = self._stop
         next_tick = time.monotonic() + self._tick
+        next_due: float | None = None
         while not stop.is_set():
             timeout = max(0.0, min(next_tick - time.monotonic(), self._tick))
             if self._polled or self._epoll is None:
                 timeout = min(timeout, POLL_INTERVAL)
-            # wake at most every WATCH_DELAY / 2 for registrations: one wake-up
-            # per request would fight the request threads for the GIL
-            if self._pending:
-                due = self._pending[0][0] - time.monotonic()
-                timeout = min(timeout, max(due, WATCH_DELAY / 2))
+            # Wake when the oldest request still held is due, not per request (a
+            # wake-up per request would fight the request threads for the GIL);
+            # with nothing queued, every WATCH_DELAY, to see what came meanwhile.
+            if next_due is not None:
+                timeout = min(timeout, max(next_due - time.monotonic(), _MIN_WAIT))
             else:
                 timeout = min(timeout, WATCH_DELAY)
             try:
                 self._wait(timeout)
-                self._register_due()
+                next_due = self._register_due()
                 for entry in list(self._polled):
                     if entry.gone():
                         self._client_gone(entry)
@@ -238,6 +296,7 @@ class Watcher:
                         holder.periodic_checks()
             except Exception:  # never let the watcher die
                 logger.exception("flask-reqconn watcher error")
+                next_due = None
                 stop.wait(0.1)
 
     def _wait(self, timeout: float) -> None:

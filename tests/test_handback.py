@@ -401,3 +401,58 @@ def test_the_write_check_still_sees_writes_with_a_dict_row_factory(
         assert app.test_client().post("/write").status_code == 200
     assert stats(app)["discarded_writes"] == 1
     assert any("rolled back uncommitted writes" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("reset_session", [True, False])
+def test_a_hand_back_statement_that_fails_discards_the_connection(
+    make_app: AppFactory,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    reset_session: bool,
+) -> None:
+    """The hand-back goes to libpq directly: an error in any of its statements (here one
+    added to it) still discards the connection, and the next request gets a clean one."""
+    from flask_reqconn import handback
+
+    for name in ("_ROLLBACK_CHECKING_WRITES_BYTES", "_ROLLBACK_CHECKING_WRITES_AND_RESET_BYTES"):
+        monkeypatch.setattr(handback, name, getattr(handback, name) + b"; SELECT 1/0")
+    app = make_app(max_size=1, reset_session=reset_session)
+
+    @app.get("/pid")
+    def pid() -> str:
+        return str(get_conn().execute("select pg_backend_pid()").fetchone()[0])
+
+    client = app.test_client()
+    with caplog.at_level("WARNING", logger="flask_reqconn"):
+        first = client.get("/pid")
+    assert first.status_code == 200
+    assert stats(app)["discarded_connections"] == 1
+    assert any("division by zero" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    second = client.get("/pid")
+    assert second.status_code == 200 and second.data != first.data
+    assert stats(app)["discarded_connections"] == 1
+
+
+def test_the_write_check_reads_its_own_result_not_the_views(
+    make_app: AppFactory, table: str
+) -> None:
+    """A view whose last statement returned rows (true or false) does not decide the check."""
+    app = make_app(max_size=1)
+
+    @app.get("/true")
+    def true_() -> str:
+        get_conn().execute("select true")
+        return "ok"
+
+    @app.post("/write")
+    def write() -> str:
+        get_conn().execute(f"insert into {table} (v) values ('lost')")
+        get_conn().execute("select false")
+        return "ok"
+
+    client = app.test_client()
+    assert client.get("/true").status_code == 200
+    assert stats(app)["discarded_writes"] == 0
+    assert client.post("/write").status_code == 200
+    assert stats(app)["discarded_writes"] == 1

@@ -21,7 +21,7 @@ from flask_reqconn.lease import Lease
 from flask_reqconn.names import CancelReason, Stat
 from flask_reqconn.probes import SocketProbe
 from flask_reqconn.probes.waitress import WaitressProbe
-from flask_reqconn.watcher import WATCH_DELAY, get_watcher
+from flask_reqconn.watcher import WATCH_DELAY, ClientWatch, PendingWatch, get_watcher
 from tests import pg
 from tests.appfixtures import AppFactory
 
@@ -143,6 +143,96 @@ def test_a_lease_still_held_after_its_delay_is_registered(
     pg.wait_until(lambda: lease.watch, timeout=20, message="registered once due")
     client.close()
     pg.wait_until(lambda: lease.cancelled, timeout=20, message="the watcher saw the close")
+
+
+def test_a_request_released_in_time_takes_its_entry_off_the_queue_itself(
+    make_app: AppFactory, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """One request at a time (gunicorn sync): nothing is left for the watcher to drop."""
+    _client, server = pair
+    app = make_app()
+    holder = state_of(app).pools["default"]
+    watcher = get_watcher()
+    for _ in range(20):
+        taken = holder.checkout(method="GET", path="/w", endpoint="w")
+        watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+        assert isinstance(taken.watch, PendingWatch)
+        queued = [entry for entry in watcher._pending if entry.lease is taken]
+        assert len(queued) == 1
+        taken.release(ReleaseReason.TEARDOWN)
+        assert taken.watch is None
+        assert all(entry.lease is not taken for entry in watcher._pending)
+
+
+def test_a_release_never_takes_another_requests_entry_off_the_queue(
+    make_app: AppFactory, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """Requests interleaved (gthread): a long request queued before and among short ones
+    that end first is still registered once due, and cancelled when its client goes."""
+    client, server = pair
+    app = make_app(max_size=3)
+    holder = state_of(app).pools["default"]
+    watcher = get_watcher()
+    short_client, short_server = socket.socketpair()
+    try:
+        early = holder.checkout(method="GET", path="/short", endpoint="short")
+        watcher.watch_client_later(early, SocketProbe(short_server), eof_means_gone=True)
+        long = holder.checkout(method="GET", path="/long", endpoint="long")
+        watcher.watch_client_later(long, SocketProbe(server), eof_means_gone=True)
+        early.release(ReleaseReason.TEARDOWN)  # older than the long one: not the newest
+        for _ in range(30):
+            short = holder.checkout(method="GET", path="/short", endpoint="short")
+            watcher.watch_client_later(short, SocketProbe(short_server), eof_means_gone=True)
+            short.release(ReleaseReason.TEARDOWN)
+        assert any(entry.lease is long for entry in watcher._pending)
+        pg.wait_until(
+            lambda: isinstance(long.watch, ClientWatch), timeout=20, message="registered once due"
+        )
+        client.close()
+        pg.wait_until(lambda: long.cancelled, timeout=20, message="the watcher saw the close")
+        long.release(ReleaseReason.TEARDOWN)
+        pg.wait_until(
+            lambda: all(entry.lease is not early for entry in watcher._pending),
+            timeout=20,
+            message="the watcher dropped the released request's entry",
+        )
+    finally:
+        short_client.close()
+        short_server.close()
+
+
+def test_the_watcher_does_not_wake_per_request(
+    make_app: AppFactory, pair: tuple[socket.socket, socket.socket], monkeypatch: Any
+) -> None:
+    """Short requests queue and unqueue without waking the watcher thread each time."""
+    _client, server = pair
+    app = make_app()
+    holder = state_of(app).pools["default"]
+    watcher = get_watcher()
+    taken = holder.checkout(method="GET", path="/w", endpoint="w")
+    watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+    taken.release(ReleaseReason.TEARDOWN)  # the thread is running
+    wakes = [0]
+    register_due = watcher._register_due
+
+    def counting() -> float | None:
+        wakes[0] += 1
+        return register_due()
+
+    monkeypatch.setattr(watcher, "_register_due", counting)
+    time.sleep(WATCH_DELAY * 2)  # the next wake-up uses the patched method
+    wakes[0] = 0
+    started = time.monotonic()
+    requests = 0
+    while time.monotonic() - started < 0.5 or requests < 100:
+        taken = holder.checkout(method="GET", path="/w", endpoint="w")
+        watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+        taken.release(ReleaseReason.TEARDOWN)
+        requests += 1
+    elapsed = time.monotonic() - started
+    # at most one wake-up per WATCH_DELAY / 2 (the old bound), with room for a late start
+    assert wakes[0] <= elapsed / (WATCH_DELAY / 2) + 3, (wakes[0], requests, elapsed)
+    assert requests > 5 * wakes[0]
 
 
 def test_max_hold_cancels_a_runaway_request_and_the_connection_is_replaced(
