@@ -193,7 +193,9 @@ def test_read_stat_parses_a_name_with_spaces_and_parentheses(tmp_path: Path) -> 
         st = read_stat(proc.pid)
         assert st is not None
         assert (st.ppid, st.alive) == (os.getpid(), True)
-        assert st.state in "RS"
+        # running, sleeping, or (seen on a clean clone in CI) in disk sleep while the
+        # freshly started interpreter pages itself in: any live state parses the same way
+        assert st.state in "RSD"
         assert servers.pid_alive(proc.pid, st.starttime)
         assert not servers.pid_alive(proc.pid, st.starttime + 1)  # a reused PID is not it
     finally:
