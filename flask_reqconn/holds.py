@@ -74,6 +74,7 @@ def check_max_hold(holder: PoolHolder) -> None:
                 held,
             )
 
+
 def _check_handback(holder: PoolHolder, lease: Lease, limit: float) -> None:
     """Sever a hand-back stuck on an unresponsive server past the hold limit.
 

@@ -306,6 +306,10 @@ class Lease:
 
         :returns: True if the socket was already shut down (discard the connection).
         """
+        if self._sock is None:
+            # never recorded (no REQCONN_MAX_HOLD) or sealed: sever() cannot run, so
+            # ``severed`` cannot change any more; no lock needed
+            return self.severed
         with self._lock:
             self._sock = None
             return self.severed

@@ -64,15 +64,23 @@ def lost_lease(req: RequestLeases | None, exc: BaseException) -> Lease | None:
 
 
 def database_unavailable(
-    state: AppState, lease: Lease, exc: BaseException, *, outcome: str = "answered 503"
+    state: AppState,
+    lease: Lease,
+    exc: BaseException,
+    *,
+    outcome: str = "answered 503",
+    report: bool = True,
 ) -> DatabaseUnavailable:
     """Count and report *lease*'s lost connection; the 503 to answer it with.
 
     :param outcome: what the request got, for the WARNING.
+    :param report: False: neither counted nor logged here (the caller leaves that to
+        the WSGI wrapper, which sees the error again in a streamed body).
     """
     holder = state.pools[lease.pool_name]
-    holder.counters.add(Stat.CONNECTION_LOST)
-    holder.log_connection_lost(lease, exc, outcome=outcome)
+    if report:
+        holder.counters.add(Stat.CONNECTION_LOST)
+        holder.log_connection_lost(lease, exc, outcome=outcome)
     error = DatabaseUnavailable(lease.pool_name, holder.settings.retry_after)
     error.__cause__ = exc
     return error

@@ -140,7 +140,8 @@ class PoolHolder:
             return pool
 
     def _configure(self, conn: psycopg.Connection[t.Any]) -> None:
-        setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
+        if self.settings.validate_idle is not None:
+            setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
         if self.settings.autocommit:
             conn.autocommit = True
 
@@ -320,7 +321,8 @@ class PoolHolder:
             # frozen mid-ROLLBACK, REQCONN_MAX_HOLD): never reuse that connection
             self.counters.add(Stat.DISCARDED_CONNECTIONS)
             conn.close()
-        setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
+        if self.settings.validate_idle is not None:
+            setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
         pool = conn._pool
         if pool is None or not isinstance(pool, ConnectionPool):
             conn.close()

@@ -93,6 +93,25 @@ def _serve(spawn: Callable[..., servers.ServerProcess], pg_dsn: str, worker: str
     return proc, appname
 
 
+def _get_while_killing(
+    proc: servers.ServerProcess, admin: psycopg.Connection[Any], appname: str, path: str
+) -> tuple[int, dict[str, str], bytes]:
+    """GET *path* while its backend is terminated as soon as it runs a query."""
+    killer = _killing(admin, appname)
+    try:
+        return _raw_get(proc.url, path)
+    finally:
+        killer.join()
+
+
+def _assert_quiet_log(proc: servers.ServerProcess) -> str:
+    """No traceback, no server error, no psycopg_pool WARNING per connection; the log."""
+    log = proc.log_text()
+    assert "Traceback" not in log and "Error handling request" not in log, proc.log_tail()
+    assert "discarding closed connection" not in log, proc.log_tail()
+    return log
+
+
 def _stats(proc: servers.ServerProcess) -> dict[str, Any]:
     return dict(json.loads(servers.http_get(proc.url + "/stats", timeout=30)[2]))
 
@@ -105,9 +124,7 @@ def test_a_stream_lost_before_its_first_chunk_answers_503_under_gunicorn(
     worker: str,
 ) -> None:
     proc, appname = _serve(spawn, pg_dsn, worker)
-    killer = _killing(pg_admin, appname)
-    status, headers, body = _raw_get(proc.url, "/first")
-    killer.join()
+    status, headers, body = _get_while_killing(proc, pg_admin, appname, "/first")
     assert status == 503, (body, proc.log_tail())
     assert headers["retry-after"] == "7"
     assert headers["content-type"].startswith("text/html")  # the 503's, not the stream's
@@ -115,9 +132,7 @@ def test_a_stream_lost_before_its_first_chunk_answers_503_under_gunicorn(
     assert "x-handled" not in headers
     # the blueprint's own handler for DatabaseUnavailable answers its stream
     time.sleep(1.1)  # past the WARNING's rate limit: this one is logged too
-    killer = _killing(pg_admin, appname)
-    status, headers, body = _raw_get(proc.url, "/bp/first")
-    killer.join()
+    status, headers, body = _get_while_killing(proc, pg_admin, appname, "/bp/first")
     assert status == 503, (body, proc.log_tail())
     assert headers["x-handled"] == "1" and headers["content-type"] == "application/json"
     assert json.loads(body) == {"error": "database", "pool": "default"}
@@ -127,11 +142,9 @@ def test_a_stream_lost_before_its_first_chunk_answers_503_under_gunicorn(
     assert stats["connection_lost"] == 2 and stats["checked_out"] == 0, stats
     assert stats["releases"]["exception"] == 2, stats
     assert stats["pools"]["default"]["pool"]["returns_bad"] == 2, stats  # returned once each
-    log = proc.log_text()
-    assert "Traceback" not in log and "Error handling request" not in log, proc.log_tail()
+    log = _assert_quiet_log(proc)
     assert log.count("lost during GET /first: answered 503") == 1, proc.log_tail()
     assert log.count("lost during GET /bp/first: answered 503") == 1, proc.log_tail()
-    assert "discarding closed connection" not in log, proc.log_tail()
 
 
 @pytest.mark.parametrize("worker", sorted(_WORKERS))
@@ -142,9 +155,7 @@ def test_a_stream_lost_after_its_first_chunk_is_cut_off_quietly_under_gunicorn(
     worker: str,
 ) -> None:
     proc, appname = _serve(spawn, pg_dsn, worker)
-    killer = _killing(pg_admin, appname)
-    status, headers, body = _raw_get(proc.url, "/late")
-    killer.join()
+    status, headers, body = _get_while_killing(proc, pg_admin, appname, "/late")
     assert status == 200 and headers["transfer-encoding"] == "chunked", (headers, body)
     assert b"first chunk" in body
     assert not body.endswith(b"0\r\n\r\n"), body  # no last chunk: the client sees a cut
@@ -155,10 +166,8 @@ def test_a_stream_lost_after_its_first_chunk_is_cut_off_quietly_under_gunicorn(
     assert stats["releases"]["exception"] == 1, stats
     assert stats["discarded_connections"] == 1, stats
     assert stats["pools"]["default"]["pool"]["returns_bad"] == 1, stats  # returned once
-    log = proc.log_text()
-    assert "Traceback" not in log and "Error handling request" not in log, proc.log_tail()
+    log = _assert_quiet_log(proc)
     assert log.count("lost during GET /late: its streamed response was cut off") == 1, log
-    assert "discarding closed connection" not in log, proc.log_tail()
 
 
 def test_an_outage_burst_logs_one_warning_and_none_of_psycopg_pools(

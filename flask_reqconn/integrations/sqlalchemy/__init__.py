@@ -39,7 +39,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from ...checkout import REQUEST_ATTR, on_query_canceled
-from ...errors import DatabaseUnavailable, ReqConnError
+from ...errors import ReqConnError
 from ...extension import get_conn, state_of
 from ...lost import database_unavailable, lost_lease
 from .connection import INIT_SAVEPOINT, RequestConnection
@@ -323,13 +323,7 @@ def _on_error(context: ExceptionContext) -> None:
     lease = lost_lease(req, orig)
     if req is None or lease is None:
         return  # not a lost connection: SQLAlchemy's OperationalError, untouched
-    if req.streamed:
-        error = DatabaseUnavailable(
-            lease.pool_name, state.pools[lease.pool_name].settings.retry_after
-        )
-    else:
-        error = database_unavailable(state, lease, orig)
-    raise error from orig
+    raise database_unavailable(state, lease, orig, report=not req.streamed) from orig
 
 
 def _lease_of(conn: psycopg.Connection[t.Any], name: str | None) -> Lease:
