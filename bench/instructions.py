@@ -17,6 +17,7 @@ or system calls' kernel time. ``--pkg`` (repeatable) runs each variant with the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import re
@@ -29,9 +30,9 @@ import pgsetup
 
 BENCH = Path(__file__).resolve().parent
 LOOP = """
-import os, sys
+import json, os, sys
 import micro
-app = micro.build(os.environ["VARIANT"], {})
+app = micro.build(os.environ["VARIANT"], json.loads(os.environ.get("BENCH_CONFIG", "{}")))
 client = micro.Client(app, os.environ.get("BENCH_PATH", "/select1"))
 client.loop(int(sys.argv[1]))
 micro.close_app(app)
@@ -51,12 +52,16 @@ def thread_totals(prefix: str) -> list[int]:
     return totals
 
 
-def count(dsn: str, variant: str, pkg: Path | None, tmp: Path) -> tuple[float, float]:
+def count(
+    dsn: str, variant: str, pkg: Path | None, tmp: Path, config: str = "{}"
+) -> tuple[float, float]:
     """(request thread, all threads) instructions per request of *variant*."""
     runs = {}
     for n in (SMALL, LARGE):
         prefix = str(tmp / f"{variant}-{n}-{pkg.name if pkg else 'repo'}")
-        env = dict(os.environ, BENCH_DSN=dsn, BENCH_ROWS="1000", VARIANT=variant)
+        env = dict(
+            os.environ, BENCH_DSN=dsn, BENCH_ROWS="1000", VARIANT=variant, BENCH_CONFIG=config
+        )
         env["PYTHONPATH"] = os.pathsep.join([*([str(pkg)] if pkg else []), str(BENCH)])
         subprocess.run(
             ["valgrind", "--tool=callgrind", "--separate-threads=yes",
@@ -74,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="bare,eager,lazy")
     parser.add_argument("--pkg", type=Path, action="append", default=[],
                         help="a directory holding a flask_reqconn/ to count instead")
+    parser.add_argument("--config", default="{}",
+                        help='extra app settings, as JSON: \'{"REQCONN_RESET_SESSION": false}\'')
+    parser.add_argument("--dsn", help="a seeded bench database (default: a throwaway one)")
     args = parser.parse_args(argv)
     pkgs: list[Path | None] = [p.resolve() for p in args.pkg] or [None]
-    with pgsetup.bench_database(1000) as (dsn, _admin), tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        dsn = args.dsn or stack.enter_context(pgsetup.bench_database(1000))[0]
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
         for variant in args.variants.split(","):
             for pkg in pkgs:
-                main_thread, total = count(dsn, variant, pkg, Path(tmp))
+                main_thread, total = count(dsn, variant, pkg, Path(tmp), args.config)
                 print(f"{variant:24} {str(pkg or 'repository'):24} request thread"
                       f" {main_thread:10,.0f}  all threads {total:10,.0f} instructions/request",
                       flush=True)

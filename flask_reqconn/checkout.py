@@ -35,6 +35,7 @@ from .sizing import check_once as check_pool_size
 from .watcher import get_watcher
 
 if t.TYPE_CHECKING:
+    from flask import Request
     from werkzeug.wrappers import Response
 
     from .state import AppState
@@ -52,29 +53,52 @@ REQUEST_ATTR = "_flask_reqconn"
 _RECHECK_AFTER_WAIT = 0.001
 
 
-def request_leases(state: AppState) -> RequestLeases:
-    """The current request's leases, created on first use."""
-    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+def current_leases() -> RequestLeases | None:
+    """The current request's leases, None if it has none yet.
+
+    Reads the request object once (an attribute missing behind Flask's
+    ``request`` proxy costs ten times more). Raises ``RuntimeError`` outside a
+    request, as the proxy does.
+    """
+    rq = request._get_current_object()  # type: ignore[attr-defined]
+    return t.cast("RequestLeases | None", getattr(rq, REQUEST_ATTR, None))
+
+
+def request_leases(state: AppState, rq: Request | None = None) -> RequestLeases:
+    """The current request's leases, created on first use.
+
+    :param rq: the current request object, if the caller has it already.
+    """
+    if rq is None:
+        rq = request._get_current_object()  # type: ignore[attr-defined]
+    req: RequestLeases | None = getattr(rq, REQUEST_ATTR, None)
     if req is None:
         req = RequestLeases()
-        setattr(request._get_current_object(), REQUEST_ATTR, req)  # type: ignore[attr-defined]
-        request.environ[state.environ_key] = req
+        setattr(rq, REQUEST_ATTR, req)
+        rq.environ[state.environ_key] = req
     return req
 
 
 def checkout(
-    state: AppState, req: RequestLeases, name: str, *, quiet_exhaustion: bool = False
+    state: AppState,
+    req: RequestLeases,
+    name: str,
+    *,
+    quiet_exhaustion: bool = False,
+    rq: Request | None = None,
 ) -> Lease:
     """Check out *name*'s connection for this request, skipping dead clients.
 
     :param quiet_exhaustion: a fallback follows an exhaustion: do not count or log it.
+    :param rq: the current request object, if the caller has it already.
     :raises ClientGone: the client left (499).
     :raises PoolExhausted: no connection in time (503).
     """
     if req.client_gone:
         raise ClientGone()
     holder = state.pool(name)
-    rq = request._get_current_object()  # type: ignore[attr-defined]
+    if rq is None:
+        rq = request._get_current_object()  # type: ignore[attr-defined]
     environ = rq.environ
     check_pool_size(holder, environ)
     settings = state.settings
@@ -82,8 +106,13 @@ def checkout(
     if probe is None:
         probe = req.probe = probe_for(environ)
     eof = settings.eof_means_gone
-    if settings.check_client and probe.gone(eof):
-        _client_gone(state, req, None)
+    check = settings.check_client
+    client_fd = -1
+    if check:
+        if probe.gone(eof):  # a departed client never waits for, or takes, a connection
+            _client_gone(state, req, name)
+        # polled again with the connection's socket, in the same system call
+        client_fd = probe.fileno()
     method = environ.get("REQUEST_METHOD", "")
     endpoint = rq.endpoint
     lease = holder.checkout(
@@ -92,11 +121,19 @@ def checkout(
         endpoint=endpoint,
         site=checkout_site,
         quiet_exhaustion=quiet_exhaustion,
+        client_fd=client_fd,
     )
     req.leases[name] = lease
-    if settings.check_client and lease.wait_time > _RECHECK_AFTER_WAIT and probe.gone(eof):
+    if (
+        check
+        and lease.wait_time > _RECHECK_AFTER_WAIT
+        # no event on its socket (no data, no FIN, no reset): the peek would say
+        # "still there"; a socket the watcher cannot poll is peeked anyway
+        and (lease.client_event or client_fd < 0)
+        and probe.gone(eof)
+    ):
         lease.release(ReleaseReason.CLIENT_GONE)
-        _client_gone(state, req, lease)
+        _client_gone(state, req, name, lease)
     if holder.settings.read_only:
         make_read_only(lease.conn)
     if settings.cancel_on_disconnect != "off":
@@ -132,11 +169,18 @@ def read_only_checkout(state: AppState, req: RequestLeases) -> Lease:
     return lease
 
 
-def _client_gone(state: AppState, req: RequestLeases, lease: Lease | None) -> t.NoReturn:
+def _client_gone(
+    state: AppState, req: RequestLeases, name: str, waited_for: Lease | None = None
+) -> t.NoReturn:
+    """Count and log a client found gone at the checkout of pool *name*; raise 499.
+
+    :param waited_for: the lease, when the client left during a wait for the pool.
+    """
     req.client_gone = True
-    holder = state.pools[lease.pool_name if lease else DEFAULT_POOL]
-    holder.counters.add(Stat.CLIENT_GONE)
-    waited = f" after waiting {lease.wait_time:.3f} s for a connection" if lease else ""
+    state.pools[name].counters.add(Stat.CLIENT_GONE)
+    waited = (
+        f" after waiting {waited_for.wait_time:.3f} s for a connection" if waited_for else ""
+    )
     logger.info(
         "client gone before its connection was used: %s %s%s; answered 499",
         request.method,
@@ -151,7 +195,7 @@ def on_query_canceled(state: AppState, exc: psycopg.errors.QueryCanceled) -> t.A
 
     Other cancellations (``statement_timeout``...) are re-raised untouched.
     """
-    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+    req = current_leases()
     lease = next(
         (lease for lease in (req.leases.values() if req else ()) if lease.cancelled), None
     )
@@ -180,7 +224,7 @@ def on_operational_error(state: AppState, exc: psycopg.OperationalError) -> t.An
     says what is lost). One WARNING per pool and second names the cause; the rest
     of a burst is counted in it.
     """
-    lease = lost_lease(getattr(request, REQUEST_ATTR, None), exc)
+    lease = lost_lease(current_leases(), exc)
     if lease is None:
         raise exc
     # through the app's own handler for DatabaseUnavailable, if it has one
@@ -192,20 +236,21 @@ def on_operational_error(state: AppState, exc: psycopg.OperationalError) -> t.An
 
 def before_request(state: AppState) -> None:
     """Eager mode: check out the default pool's connection before the view."""
-    endpoint = request.endpoint
+    rq = request._get_current_object()  # type: ignore[attr-defined]
+    endpoint = rq.endpoint
     policy = state.policy
     eager = policy.eager_by_endpoint.get(endpoint)
     if eager is None:
         eager = policy.eager(endpoint)
-    if eager and request.routing_exception is None:
-        req = request_leases(state)
+    if eager and rq.routing_exception is None:
+        req = request_leases(state, rq)
         req.routed = True  # eager views are never read-only: get_conn() is the default pool
-        checkout(state, req, DEFAULT_POOL)
+        checkout(state, req, DEFAULT_POOL, rq=rq)
 
 
 def after_request(state: AppState, response: Response) -> Response:
     """Keep a streamed body's connection for the WSGI wrapper; commit in atomic mode."""
-    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+    req = current_leases()
     if req is None:
         if not (response.is_streamed and body_may_use_connection(response.response)):
             return response
@@ -219,7 +264,7 @@ def after_request(state: AppState, response: Response) -> Response:
 
 def teardown_request(state: AppState, exc: BaseException | None = None) -> None:
     """Release the request's connections (not a streamed body's). Never raises."""
-    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+    req = current_leases()
     if req is None:
         return
     if req.streamed:

@@ -12,7 +12,6 @@ from flask import Blueprint, Flask, current_app, has_request_context, request
 from werkzeug.exceptions import ServiceUnavailable
 
 from . import checkout as _checkout
-from .checkout import REQUEST_ATTR as _REQUEST_ATTR
 from .cli import make_cli
 from .config import DEFAULTS, load_config
 from .errors import ClientGone, ConnectionReleased, ReqConnError
@@ -205,7 +204,7 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
     :raises ClientGone: the client already disconnected (499).
     """
     try:
-        req: RequestLeases | None = getattr(request, _REQUEST_ATTR, None)
+        req = _checkout.current_leases()
     except RuntimeError:
         req = None
     if req is not None and (name is not None or req.routed):

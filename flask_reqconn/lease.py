@@ -107,6 +107,7 @@ class Lease:
         "_sock",
         "watch",
         "handed_out",
+        "client_event",
         "_state",
         "_lock",
         "_holder",
@@ -152,6 +153,9 @@ class Lease:
         self.watch: Unwatchable | None = None
         #: get_conn() gave the connection to the app; False: no statement can have run
         self.handed_out = False
+        #: the client socket, polled with the connection's at checkout, showed an
+        #: event (data, a half-close, a reset): the request peeks at it
+        self.client_event = False
         self._state = LeaseState.WAITING
         self._lock = threading.Lock()
 

@@ -38,7 +38,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy import event, exc
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
-from ...checkout import REQUEST_ATTR, on_query_canceled
+from ...checkout import current_leases, on_query_canceled
 from ...errors import ReqConnError
 from ...extension import get_conn, state_of
 from ...lost import database_unavailable, lost_lease
@@ -48,7 +48,7 @@ if t.TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
     from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
 
-    from ...lease import Lease, RequestLeases
+    from ...lease import Lease
     from ...state import AppState
 
 __all__ = ["RequestConnection", "RequestPool", "create_engine", "engine_options"]
@@ -180,7 +180,7 @@ class RequestPool(Pool):
     def _request_record(self) -> ConnectionPoolEntry:
         conn = get_conn(self._reqconn_pool)
         lease = _lease_of(conn, self._reqconn_pool)
-        environ = request.environ
+        environ = request._get_current_object().environ  # type: ignore[attr-defined]
         proxy = environ.get(self._environ_key)
         if not isinstance(proxy, RequestConnection) or proxy._target() is not conn:
             proxy = RequestConnection(conn, lease)
@@ -319,7 +319,7 @@ def _on_error(context: ExceptionContext) -> None:
         except psycopg.errors.QueryCanceled:
             return  # not a cancellation of flask-reqconn's (statement_timeout...)
         raise replacement from orig
-    req: RequestLeases | None = getattr(request, REQUEST_ATTR, None)
+    req = current_leases()
     lease = lost_lease(req, orig)
     if req is None or lease is None:
         return  # not a lost connection: SQLAlchemy's OperationalError, untouched
@@ -327,7 +327,8 @@ def _on_error(context: ExceptionContext) -> None:
 
 
 def _lease_of(conn: psycopg.Connection[t.Any], name: str | None) -> Lease:
-    req = getattr(request, REQUEST_ATTR)
+    req = current_leases()
+    assert req is not None  # get_conn() made them
     lease: Lease = req.leases[name or req.route]
     assert lease.conn is conn
     return lease
