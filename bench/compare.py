@@ -159,7 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-class", choices=["gthread", "sync"], action="append",
                         help="gunicorn worker class (repeatable; default: gthread, then sync)")
     parser.add_argument("--skip-micro", action="store_true")
+    parser.add_argument("--endpoints", help="comma-separated subset of "
+                        + ",".join(HTTP_ENDPOINTS) + " (default: all)")
     args = parser.parse_args(argv)
+    if args.endpoints:
+        wanted = args.endpoints.split(",")
+        unknown = set(wanted) - set(HTTP_ENDPOINTS)
+        if unknown:
+            parser.error(f"unknown endpoints: {', '.join(sorted(unknown))}")
+        for ep in list(HTTP_ENDPOINTS):
+            if ep not in wanted:
+                del HTTP_ENDPOINTS[ep]
     for pkg in (args.alt, args.base):
         if pkg is not None and not (pkg / "flask_reqconn" / "__init__.py").is_file():
             parser.error(f"{pkg} has no flask_reqconn/ package")
