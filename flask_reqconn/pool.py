@@ -236,7 +236,8 @@ class PoolHolder:
         if time.monotonic() - getattr(conn, _IDLE_SINCE, 0.0) < limit:
             return True
         try:
-            ConnectionPool.check_connection(conn)  # an empty statement, autocommit
+            # an empty statement (SELECT 1 before psycopg-pool 3.2.3), in autocommit
+            ConnectionPool.check_connection(conn)
         except Exception as exc:
             logger.debug("validation query of a pooled connection failed: %s", exc)
             return False
