@@ -106,13 +106,8 @@ def checkout(
     if probe is None:
         probe = req.probe = probe_for(environ)
     eof = settings.eof_means_gone
-    check = settings.check_client
-    client_fd = -1
-    if check:
-        if probe.gone(eof):  # a departed client never waits for, or takes, a connection
-            _client_gone(state, req, name)
-        # polled again with the connection's socket, in the same system call
-        client_fd = probe.fileno()
+    if settings.check_client and probe.gone(eof):
+        _client_gone(state, req, name)
     method = environ.get("REQUEST_METHOD", "")
     endpoint = rq.endpoint
     lease = holder.checkout(
@@ -121,17 +116,9 @@ def checkout(
         endpoint=endpoint,
         site=checkout_site,
         quiet_exhaustion=quiet_exhaustion,
-        client_fd=client_fd,
     )
     req.leases[name] = lease
-    if (
-        check
-        and lease.wait_time > _RECHECK_AFTER_WAIT
-        # no event on its socket (no data, no FIN, no reset): the peek would say
-        # "still there"; a socket the watcher cannot poll is peeked anyway
-        and (lease.client_event or client_fd < 0)
-        and probe.gone(eof)
-    ):
+    if settings.check_client and lease.wait_time > _RECHECK_AFTER_WAIT and probe.gone(eof):
         lease.release(ReleaseReason.CLIENT_GONE)
         _client_gone(state, req, name, lease)
     if holder.settings.read_only:

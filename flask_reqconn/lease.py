@@ -107,7 +107,6 @@ class Lease:
         "_sock",
         "watch",
         "handed_out",
-        "client_event",
         "_state",
         "_lock",
         "_holder",
@@ -153,9 +152,6 @@ class Lease:
         self.watch: Unwatchable | None = None
         #: get_conn() gave the connection to the app; False: no statement can have run
         self.handed_out = False
-        #: the client socket, polled with the connection's at checkout, showed an
-        #: event (data, a half-close, a reset): the request peeks at it
-        self.client_event = False
         self._state = LeaseState.WAITING
         self._lock = threading.Lock()
 

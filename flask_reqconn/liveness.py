@@ -44,30 +44,14 @@ _PEEK = 65536
 _GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT})
 
 
-_POLL_SERVER = (
-    getattr(select, "POLLIN", 1) | getattr(select, "POLLERR", 8) | getattr(select, "POLLHUP", 16)
-)
-#: A client socket with something to read, a half-close or a reset: worth a peek.
-_POLL_CLIENT = _POLL_SERVER | getattr(select, "POLLRDHUP", 0x2000)
-
-
-def _ready(fd: int, client_fd: int) -> tuple[bool, bool]:
-    """Which of *fd* and *client_fd* (-1: none) have an event now: one system call."""
+def _readable(fd: int) -> bool:
     poll = getattr(select, "poll", None)
-    if poll is None:  # gevent's patched select
-        fds = [fd] if client_fd < 0 else [fd, client_fd]
-        ready, _, broken = select.select(fds, [], fds, 0)
-        return (fd in ready or fd in broken), (client_fd in ready or client_fd in broken)
-    p = poll()
-    p.register(fd, _POLL_SERVER)
-    if client_fd < 0:
-        return bool(p.poll(0)), False
-    p.register(client_fd, _POLL_CLIENT)
-    events = p.poll(0)
-    if not events:
-        return False, False
-    fds = [ready for ready, _ in events]
-    return fd in fds, client_fd in fds
+    if poll is not None:  # not under gevent's patched select
+        p = poll()
+        p.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(p.poll(0))
+    ready, _, _ = select.select([fd], [], [], 0)
+    return bool(ready)
 
 
 def server_gone(conn: psycopg.Connection[t.Any]) -> bool:
@@ -76,39 +60,24 @@ def server_gone(conn: psycopg.Connection[t.Any]) -> bool:
     One ``poll()`` when the socket has nothing to read (the common case); a
     non-consuming peek at what arrived otherwise.
     """
-    return check_idle(conn)[0]
-
-
-def check_idle(conn: psycopg.Connection[t.Any], client_fd: int = -1) -> tuple[bool, bool]:
-    """(:func:`server_gone`, an event on *client_fd*) for a connection just taken.
-
-    The request's client socket (*client_fd*, -1: none) is polled in the same
-    system call as the connection's, so the checkout's two checks cost one:
-    an event there (data, a half-close, a reset) says only that the client
-    is worth a peek. Never raises.
-    """
     if conn.closed or conn.broken:
-        return True, False
+        return True
     try:
         fd = conn.pgconn.socket
     except psycopg.OperationalError:
-        return True, False
+        return True
     try:
-        readable, client_event = _ready(fd, client_fd)
-    except (OSError, ValueError):  # a client descriptor closed meanwhile
-        readable, client_event = _ready(fd, -1)[0], True
-    if not readable:
-        return False, client_event
-    try:
+        if not _readable(fd):
+            return False
         with socket.socket(fileno=os.dup(fd)) as sock:
             data = sock.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
-        return False, client_event
+        return False
     except OSError as exc:
-        return exc.errno in _GONE_ERRNOS, client_event
+        return exc.errno in _GONE_ERRNOS
     if not data:
-        return True, client_event  # EOF: the server closed the connection
-    return _has_error(data), client_event
+        return True  # EOF: the server closed the connection
+    return _has_error(data)
 
 
 def _has_error(data: bytes) -> bool:

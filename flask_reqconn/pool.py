@@ -27,7 +27,7 @@ from .config import AppSettings, PoolSettings
 from .errors import PoolExhausted
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
 from .lease import DeferredQueue, Lease, ReleaseReason
-from .liveness import RequestPool, check_idle
+from .liveness import RequestPool, server_gone
 from .names import CancelReason, Stat
 from .stats import Listener, PoolCounters
 from .watcher import get_watcher
@@ -167,14 +167,11 @@ class PoolHolder:
         endpoint: str | None,
         site: Callable[[], str | None] | None = None,
         quiet_exhaustion: bool = False,
-        client_fd: int = -1,
     ) -> Lease:
         """Wait for a connection and return it as an active :class:`Lease`.
 
         :param site: called only with leak detection on, to record where the
             connection was taken.
-        :param client_fd: the request's client socket, polled with the
-            connection's (:attr:`Lease.client_event` says what it showed).
         :raises PoolExhausted: when no connection came within the timeout or
             the wait queue is full.
         """
@@ -188,8 +185,7 @@ class PoolHolder:
         if tick is not None:
             get_watcher().watch(self, tick)
         try:
-            conn, lease.client_event = self._getconn_alive(pool, client_fd)
-            lease._activate(conn)
+            lease._activate(self._getconn_alive(pool))
         except (PoolTimeout, TooManyRequests) as exc:
             if not quiet_exhaustion:  # a fallback follows: not an answered 503
                 self.counters.add(Stat.EXHAUSTED)
@@ -206,27 +202,23 @@ class PoolHolder:
             )
         return lease
 
-    def _getconn_alive(
-        self, pool: ConnectionPool[t.Any], client_fd: int = -1
-    ) -> tuple[psycopg.Connection[t.Any], bool]:
+    def _getconn_alive(self, pool: ConnectionPool[t.Any]) -> psycopg.Connection[t.Any]:
         """``getconn()``, discarding connections whose server side is gone (no round trip).
 
         Bounded: at most ``max_size`` dead connections are skipped, all within
-        the pool's timeout. Returns the connection, and whether *client_fd*
-        (-1: none) showed an event in the same poll.
+        the pool's timeout.
         """
         deadline = time.monotonic() + self.settings.timeout
         for _ in range(self.settings.max_size):
             conn: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
-            gone, client_event = check_idle(conn, client_fd)
-            if not gone and self._validated(conn):
-                return conn, client_event
+            if not server_gone(conn) and self._validated(conn):
+                return conn
             self.counters.add(Stat.DEAD_DISCARDED)
             logger.debug("discarded a connection of %s whose server side was gone", self.label)
             conn.close()
             pool.putconn(conn)  # closed: the pool replaces it
         last: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
-        return last, client_fd >= 0
+        return last
 
     def _validated(self, conn: psycopg.Connection[t.Any]) -> bool:
         """``REQCONN_VALIDATE_IDLE``: a round trip on a connection idle that long."""

@@ -28,7 +28,6 @@ from flask_reqconn.liveness import (
     RECONNECT_MAX_DELAY,
     RequestPool,
     _CappedBackoff,
-    check_idle,
     server_gone,
 )
 from tests import pg, servers
@@ -160,37 +159,6 @@ def test_a_pending_notify_is_alive_a_terminated_backend_is_gone(
         assert _terminate(pg_admin, appname, "idle") == 1
         pg.wait_until(lambda: server_gone(conn), timeout=10)
         assert not conn.closed  # nothing consumed: psycopg did not notice by itself
-
-
-def test_the_client_socket_is_polled_with_the_connections(
-    pg_dsn: str, pg_admin: psycopg.Connection[Any]
-) -> None:
-    """check_idle: one poll says whether the server side is gone and the client stirred."""
-    import socket
-
-    appname = pg.unique_name("live2")
-    server_end, client_end = socket.socketpair()
-    with contextlib.closing(server_end), contextlib.closing(client_end), psycopg.connect(
-        pg.with_conninfo(pg_dsn, application_name=appname), autocommit=True
-    ) as conn:
-        fd = server_end.fileno()
-        assert check_idle(conn, fd) == (False, False)  # quiet: no peek needed
-        client_end.sendall(b"x")  # data (a body, a pipelined request): an event
-        assert check_idle(conn, fd) == (False, True)
-        assert server_end.recv(1) == b"x"
-        assert check_idle(conn, fd) == (False, False)
-        client_end.shutdown(socket.SHUT_WR)  # EOF: an event
-        assert check_idle(conn, fd) == (False, True)
-        assert check_idle(conn) == (False, False)  # no client socket given
-        assert _terminate(pg_admin, appname, "idle") == 1
-        pg.wait_until(lambda: check_idle(conn, fd)[0], timeout=10)
-        assert check_idle(conn, fd) == (True, True)
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        closed = socket.socket()
-        closed_fd = closed.fileno()
-        closed.close()
-        # a descriptor closed meanwhile: an event (the peek then says gone)
-        assert check_idle(conn, closed_fd) == (False, True)
 
 
 def test_reconnection_delays_are_capped_with_jitter() -> None:
