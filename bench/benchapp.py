@@ -8,6 +8,8 @@ variant and the database come from the environment:
     (Flask-SQLAlchemy on flask-reqconn's pool, for ``bench/sqla.py``); ``eager``
     and ``lazy`` take suffixes that switch one safety feature off each
     (:data:`FEATURE_SWITCHES`), e.g. ``eager-noreset`` or ``eager-nocheck-nocancel``.
+    ``plainshape`` and ``bareshape`` are ``plain`` and ``bare`` with the design's empty
+    shape added (:func:`_shape`): the floor of any extension built that way.
 ``BENCH_DSN``
     libpq conninfo of the PostgreSQL to use (seeded by ``run.py``).
 ``BENCH_POOL_SIZE``
@@ -41,7 +43,7 @@ READ_SQL = "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = %s"
 READ_SQL_SQLA = "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = :sku"
 APPLICATION_NAME_PREFIX = "bench_"
 
-VARIANTS = ("bare", "eager", "lazy", "fsqla", "plain", "fsqlarc")
+VARIANTS = ("bare", "eager", "lazy", "fsqla", "plain", "fsqlarc", "plainshape", "bareshape")
 #: Suffixes for ``eager`` and ``lazy`` that switch one feature off each, combinable
 #: (``eager-noreset-nocheck``): what each safety feature costs.
 FEATURE_SWITCHES: dict[str, dict[str, Any]] = {
@@ -98,16 +100,51 @@ def create_app(variant: str | None = None, **reqconn_config: Any) -> Flask:
     def nodb() -> str:
         return "ok"
 
-    if base == "plain":
+    if base in ("plainshape", "bareshape"):
+        _shape(app)
+    if base in ("plain", "plainshape"):
         return app
 
-    if base == "bare":
+    if base in ("bare", "bareshape"):
         _bare(app, dsn, appname, pool_size, random_sku)
     elif base in ("fsqla", "fsqlarc"):
         _fsqla(app, dsn, appname, pool_size, random_sku, reqconn=base == "fsqlarc")
     else:
         _reqconn(app, base, dsn, appname, pool_size, random_sku, {**switches, **reqconn_config})
     return app
+
+
+class _PassThrough:
+    """A WSGI wrapper that does nothing (for :func:`_shape`)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
+def _shape(app: Flask) -> None:
+    """The design's shape with nothing in it: a ``before_request``, an ``after_request``
+    and a ``teardown_request`` function that do nothing, registered as ``init_app``
+    registers flask-reqconn's (``functools.partial`` of a module function), and a WSGI
+    wrapper that passes through. What any extension built that way costs at least."""
+    import functools
+
+    def before(state: object) -> None:
+        return None
+
+    def after(state: object, response: Any) -> Any:
+        return response
+
+    def teardown(state: object, exc: BaseException | None = None) -> None:
+        return None
+
+    state = object()
+    app.before_request(functools.partial(before, state))
+    app.after_request(functools.partial(after, state))
+    app.teardown_request(functools.partial(teardown, state))
+    app.wsgi_app = _PassThrough(app.wsgi_app)  # type: ignore[method-assign]
 
 
 def _bare(app: Flask, dsn: str, appname: str, pool_size: int, random_sku: Any) -> None:

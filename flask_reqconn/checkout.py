@@ -61,7 +61,8 @@ def current_leases() -> RequestLeases | None:
     request, as the proxy does.
     """
     rq = request._get_current_object()  # type: ignore[attr-defined]
-    return t.cast("RequestLeases | None", getattr(rq, REQUEST_ATTR, None))
+    req: RequestLeases | None = getattr(rq, REQUEST_ATTR, None)
+    return req
 
 
 def request_leases(state: AppState, rq: Request | None = None) -> RequestLeases:

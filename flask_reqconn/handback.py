@@ -56,7 +56,7 @@ class Baseline:
     row_factory: t.Any
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CleanOutcome:
     """What cleaning a connection found and did (returned by :func:`clean_connection`)."""
 
@@ -71,6 +71,13 @@ class CleanOutcome:
     lost: bool = False
 
 
+#: The usual outcomes, made once (the hand-back of every request returns one).
+_CLEAN = CleanOutcome()
+_ROLLED_BACK = CleanOutcome(rolled_back=True)
+_ROLLED_BACK_WRITES = CleanOutcome(rolled_back=True, discarded_writes=True)
+_DISCARDED = CleanOutcome(discarded=True)
+
+
 def clean_connection(
     conn: psycopg.Connection[t.Any], baseline: Baseline, *, reset_session: bool
 ) -> CleanOutcome:
@@ -79,29 +86,25 @@ def clean_connection(
     A connection that is closed, broken, or in the middle of a query is left
     as it is: ``putconn`` discards such connections.
     """
-    result = CleanOutcome()
     if conn.closed:
-        result.discarded = True
-        return result
+        return _DISCARDED
     status = conn.pgconn.transaction_status
     if status == TransactionStatus.UNKNOWN:
-        result.discarded = True
-        return result
+        return _DISCARDED
     if status == TransactionStatus.ACTIVE:
         # Returned mid-query (an abandoned stream, a raw send_query): stop the
         # statement on the server, which would otherwise run to its end, and
         # discard the connection.
-        result.discarded = True
-        result.error = "returned while a query was still running"
         _cancel_and_close(conn)
-        return result
+        return CleanOutcome(discarded=True, error="returned while a query was still running")
+    outcome = _CLEAN
     try:
         if status == TransactionStatus.INTRANS:
-            result.discarded_writes = _rollback_checking_writes(conn, reset_session)
-            result.rolled_back = True
+            wrote = _rollback_checking_writes(conn, reset_session)
+            outcome = _ROLLED_BACK_WRITES if wrote else _ROLLED_BACK
         elif status == TransactionStatus.INERROR:
             conn.execute(f"ROLLBACK; {RESET_SESSION_SQL}" if reset_session else "ROLLBACK")
-            result.rolled_back = True
+            outcome = _ROLLED_BACK
         elif reset_session:
             if conn.autocommit:
                 conn.execute(RESET_SESSION_SQL)
@@ -115,15 +118,20 @@ def clean_connection(
             raise psycopg.InterfaceError("connection not idle after reset")
         restore_attributes(conn, baseline)
     except Exception as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        result.exception = exc
-        result.lost = is_lost(exc, conn)
-        result.discarded = True
+        failed = CleanOutcome(
+            rolled_back=outcome.rolled_back,
+            discarded_writes=outcome.discarded_writes,
+            discarded=True,
+            error=f"{type(exc).__name__}: {exc}",
+            exception=exc,
+            lost=is_lost(exc, conn),  # before the close: it looks at the connection
+        )
         try:
             conn.close()
         except Exception:  # pragma: no cover - close() does not raise in practice
             pass
-    return result
+        return failed
+    return outcome
 
 
 def _rollback_checking_writes(conn: psycopg.Connection[t.Any], reset_session: bool) -> bool:

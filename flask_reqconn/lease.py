@@ -97,6 +97,7 @@ class Lease:
         "thread_id",
         "requested_at",
         "checked_out_at",
+        "wait_time",
         "released_at",
         "released_by",
         "checkout_site",
@@ -132,6 +133,8 @@ class Lease:
         self.thread_id = threading.get_ident()
         self.requested_at = time.monotonic()
         self.checked_out_at = 0.0
+        #: seconds spent waiting for the pool (set at checkout)
+        self.wait_time = 0.0
         self.released_at = 0.0
         self.released_by: ReleaseReason | None = None
         #: where the connection was taken (only recorded with leak detection on)
@@ -171,11 +174,6 @@ class Lease:
         return self._state is LeaseState.ACTIVE
 
     @property
-    def wait_time(self) -> float:
-        """Seconds spent waiting for the pool."""
-        return max(0.0, self.checked_out_at - self.requested_at) if self.checked_out_at else 0.0
-
-    @property
     def held_for(self) -> float:
         """Seconds the connection has been (or was) held."""
         if not self.checked_out_at:
@@ -197,7 +195,8 @@ class Lease:
     def _activate(self, conn: psycopg.Connection[t.Any]) -> None:
         self.conn = conn
         self.handle = conn if handout_wrapper is None else handout_wrapper(self, conn)
-        self.checked_out_at = time.monotonic()
+        now = self.checked_out_at = time.monotonic()
+        self.wait_time = max(0.0, now - self.requested_at)
         if self._holder.max_hold is not None:
             # for sever(), which runs in the watcher and must not call libpq
             with contextlib.suppress(Exception):

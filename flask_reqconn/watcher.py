@@ -135,6 +135,8 @@ class Watcher:
         self._epoll: t.Any = None
         self._thread: threading.Thread | None = None
         self._pid = 0
+        #: the process whose thread is running (0: none); the thread clears it as it ends
+        self._running_in = 0
         self._stop = threading.Event()
         self._tick = 1.0
         self._said_unwatchable = False
@@ -143,8 +145,8 @@ class Watcher:
 
     @property
     def running(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive() and self._pid == os.getpid()
+        # a flag, not Thread.is_alive(): this is read at every checkout
+        return self._running_in == os.getpid()
 
     # -- registration (request threads) -----------------------------------------
 
@@ -258,6 +260,7 @@ class Watcher:
         self._thread = threading.Thread(
             target=self._run, name=f"flask-reqconn-watcher-{pid}", daemon=True
         )
+        self._running_in = pid
         self._thread.start()
         logger.debug("watcher started in process %d", pid)
 
@@ -269,6 +272,13 @@ class Watcher:
             thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._thread is threading.current_thread():
+                self._running_in = 0
+
+    def _loop(self) -> None:
         stop = self._stop
         next_tick = time.monotonic() + self._tick
         next_due: float | None = None

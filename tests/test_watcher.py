@@ -7,6 +7,7 @@ connection is harmless), so these tests look at the lease and the counters.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -251,3 +252,53 @@ def test_max_hold_cancels_a_runaway_request_and_the_connection_is_replaced(
     assert time.monotonic() - started < 20
     s: dict[str, Any] = state_of(app).stats()
     assert s["reclaimed"] == 1 and s["discarded_connections"] == 1 and s["checked_out"] == 0
+
+
+def test_the_watcher_is_restarted_after_it_stopped(
+    make_app: AppFactory, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """``running`` is a flag the thread clears as it ends: a stopped watcher is started again."""
+    _client, server = pair
+    holder = state_of(make_app()).pools["default"]
+    watcher = get_watcher()
+    taken = holder.checkout(method="GET", path="/w", endpoint="w")
+    watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+    taken.release(ReleaseReason.TEARDOWN)
+    first = watcher._thread
+    assert watcher.running and first is not None and first.is_alive()
+    watcher.stop()
+    assert not first.is_alive()
+    assert not watcher.running
+    taken = holder.checkout(method="GET", path="/w", endpoint="w")
+    watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+    taken.release(ReleaseReason.TEARDOWN)
+    second = watcher._thread
+    assert second is not None and second is not first and second.is_alive()
+    assert watcher.running
+
+
+def test_a_forked_child_does_not_take_its_parents_watcher_for_running(
+    make_app: AppFactory, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    _client, server = pair
+    holder = state_of(make_app()).pools["default"]
+    watcher = get_watcher()
+    taken = holder.checkout(method="GET", path="/w", endpoint="w")
+    watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+    taken.release(ReleaseReason.TEARDOWN)
+    assert watcher.running
+    pid = os.fork()
+    if pid == 0:  # the child: only read the flag (no lock, no libpq)
+        os._exit(0 if not get_watcher().running else 3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.01)
+    else:  # pragma: no cover - a stuck child
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not exit")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert watcher.running  # the parent's is untouched

@@ -185,13 +185,13 @@ class RequestPool(Pool):
         if not isinstance(proxy, RequestConnection) or proxy._target() is not conn:
             proxy = RequestConnection(conn, lease)
             environ[self._environ_key] = proxy
-        record = proxy._record
+        record: ConnectionPoolEntry | None = proxy._record
         if (
             record is not None
             and record.dbapi_connection is proxy
-            and not record._is_hard_or_soft_invalidated()
+            and not record._is_hard_or_soft_invalidated()  # type: ignore[attr-defined]
         ):
-            return t.cast(ConnectionPoolEntry, record)
+            return record
         record = self._new_record(proxy, conn)
         proxy._record = record
         return record

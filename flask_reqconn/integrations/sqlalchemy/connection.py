@@ -117,8 +117,10 @@ class RequestConnection:
     def add_notice_handler(self, callback: Callable[..., t.Any]) -> None:
         # ``connect`` fires once per request: keep one copy of each handler.
         conn = self._live()
-        with contextlib.suppress(ValueError):
+        try:
             conn.remove_notice_handler(callback)
+        except ValueError:  # not added yet (a try, not contextlib.suppress: once per request)
+            pass
         conn.add_notice_handler(callback)
 
     def add_notify_handler(self, callback: Callable[..., t.Any]) -> None:
