@@ -4,10 +4,12 @@ What a request leaves behind must not reach the next one: an open transaction
 is rolled back, and session state (``SET``, ``SET ROLE``, ``set_config(...,
 false)``, ``LISTEN``, advisory locks, temporary tables, open cursors) is reset,
 in one round trip. psycopg's prepared statements survive the rollback of a
-transaction that wrote nothing. Client-side attributes a view may have changed
-(``autocommit``, ``read_only``, ``isolation_level``, ``deferrable``,
-``row_factory``) are put back. A connection that is mid-query or broken is
-left for the pool to discard.
+transaction that wrote nothing. The statements go to libpq directly: through
+``PQexec`` (one wait in C, one result) where psycopg itself waits in C, so the
+hand-back does not build a result object per statement. Client-side attributes
+a view may have changed (``autocommit``, ``read_only``, ``isolation_level``,
+``deferrable``, ``row_factory``) are put back. A connection that is mid-query or
+broken is left for the pool to discard.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import logging
 import typing as t
 
 import psycopg
-from psycopg import generators, pq
-from psycopg.pq import TransactionStatus
+from psycopg import generators, pq, waiting
+from psycopg.pq import DiagnosticField, ExecStatus, TransactionStatus
 from psycopg.rows import tuple_row
 
 from .lost import is_lost
@@ -34,18 +36,29 @@ RESET_SESSION_SQL = (
 )
 #: Seconds to wait for a cancel request when a connection comes back mid-query.
 HANDBACK_CANCEL_TIMEOUT = 5.0
-#: The hand-back of an open transaction: did it write (an xid was assigned)?
-#: then roll it back. With the session reset, the advisory locks are released
-#: in the same statement as the write check, before the rollback (session-level
-#: advisory locks are not transactional), and the rest of the reset follows.
-_ROLLBACK_CHECKING_WRITES = "SELECT txid_current_if_assigned() IS NOT NULL; ROLLBACK"
+#: What the write check's error says: it stops the hand-back of a transaction that
+#: wrote (an xid was assigned) before its ``ROLLBACK``. PostgreSQL logs it as
+#: ``invalid input syntax for type integer: "flask-reqconn: uncommitted writes
+#: rolled back, transaction 1234"``.
+WRITE_CHECK_MARKER = "flask-reqconn: uncommitted writes rolled back, transaction "
+#: The hand-back of an open transaction. Only the last statement's result comes
+#: back (``PQexec``), so the write check answers by failing: a transaction that
+#: wrote nothing runs to the end (rolled back, and reset); one that wrote stops at
+#: the check, and is rolled back (and reset) by a second statement. The advisory
+#: locks are released in the check, before the rollback (session-level advisory
+#: locks are not transactional).
+_WRITE_CHECK = f"SELECT ('{WRITE_CHECK_MARKER}' || txid_current_if_assigned())::int"
+_ROLLBACK_CHECKING_WRITES = f"{_WRITE_CHECK}; ROLLBACK"
 _ROLLBACK_CHECKING_WRITES_AND_RESET = (
-    "SELECT txid_current_if_assigned() IS NOT NULL, pg_advisory_unlock_all(); ROLLBACK;"
+    f"{_WRITE_CHECK}, pg_advisory_unlock_all(); ROLLBACK;"
     " CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *;"
     " DISCARD TEMP; DISCARD SEQUENCES"
 )
 _ROLLBACK_CHECKING_WRITES_BYTES = _ROLLBACK_CHECKING_WRITES.encode()
 _ROLLBACK_CHECKING_WRITES_AND_RESET_BYTES = _ROLLBACK_CHECKING_WRITES_AND_RESET.encode()
+_RESET_SESSION_BYTES = RESET_SESSION_SQL.encode()
+_ROLLBACK_AND_RESET_BYTES = f"ROLLBACK; {RESET_SESSION_SQL}".encode()
+_WRITE_CHECK_MARKER_BYTES = WRITE_CHECK_MARKER.encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,17 +116,13 @@ def clean_connection(
             wrote = _rollback_checking_writes(conn, reset_session)
             outcome = _ROLLED_BACK_WRITES if wrote else _ROLLED_BACK
         elif status == TransactionStatus.INERROR:
-            conn.execute(f"ROLLBACK; {RESET_SESSION_SQL}" if reset_session else "ROLLBACK")
+            _run_ok(conn, _ROLLBACK_AND_RESET_BYTES if reset_session else b"ROLLBACK")
+            _forget_prepared(conn)  # as psycopg does when it sees a ROLLBACK
             outcome = _ROLLED_BACK
         elif reset_session:
-            if conn.autocommit:
-                conn.execute(RESET_SESSION_SQL)
-            else:
-                conn.autocommit = True
-                try:
-                    conn.execute(RESET_SESSION_SQL)
-                finally:
-                    conn.autocommit = False
+            # libpq runs the statements as they are: no BEGIN (psycopg's autocommit
+            # matters to psycopg's own execute() only)
+            _run_ok(conn, _RESET_SESSION_BYTES)
         if conn.pgconn.transaction_status != TransactionStatus.IDLE:
             raise psycopg.InterfaceError("connection not idle after reset")
         restore_attributes(conn, baseline)
@@ -140,32 +149,79 @@ def _rollback_checking_writes(conn: psycopg.Connection[t.Any], reset_session: bo
     psycopg forgets its prepared statements whenever it sees a ``ROLLBACK``,
     in case the rollback dropped an object they use. A transaction without an
     xid changed no catalog, so for it the statements stay prepared, as after the
-    bare pool's ``COMMIT``: the statement goes to libpq directly, under the
-    connection's lock and through psycopg's own wait (as ``commit()`` does), so
-    psycopg's prepared-statement bookkeeping never sees it, and no cursor is
+    bare pool's ``COMMIT``: the statements go to libpq directly (:func:`_run`), so
+    psycopg's prepared-statement bookkeeping never sees them, and no cursor is
     made. When the transaction wrote, psycopg's cache is cleared as its own
     ``rollback()`` would.
     """
-    pgconn = conn.pgconn
-    if pgconn.pipeline_status != pq.PipelineStatus.OFF:  # pragma: no cover - left open
+    if conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:  # pragma: no cover - left open
         return _rollback_checking_writes_by_cursor(conn, reset_session)
+    last = _run(
+        conn,
+        _ROLLBACK_CHECKING_WRITES_AND_RESET_BYTES
+        if reset_session
+        else _ROLLBACK_CHECKING_WRITES_BYTES,
+    )
+    if last.status == ExecStatus.COMMAND_OK:
+        return False
+    if last.status != ExecStatus.FATAL_ERROR or not _is_write_check(last):
+        _raise_for(conn, last)
+    # the check stopped the statements: the transaction wrote, and failed there
+    _run_ok(conn, _ROLLBACK_AND_RESET_BYTES if reset_session else b"ROLLBACK")
+    _forget_prepared(conn)
+    return True
+
+
+def _is_write_check(result: pq.abc.PGresult) -> bool:
+    """Is *result* the write check's own error (an xid was assigned)?"""
+    return result.error_field(DiagnosticField.SQLSTATE) == b"22P02" and (
+        _WRITE_CHECK_MARKER_BYTES in (result.error_field(DiagnosticField.MESSAGE_PRIMARY) or b"")
+    )
+
+
+def _run(conn: psycopg.Connection[t.Any], sql: bytes) -> pq.abc.PGresult:
+    """Run *sql* (one or more statements) on libpq; the last statement's result.
+
+    Under the connection's lock, as psycopg's own ``commit()``. Where psycopg waits
+    in C itself, through ``PQexec``: one wait and one result, however many
+    statements (libpq stops at the first that fails and returns its error).
+    Elsewhere (gevent) through psycopg's own wait, which lets other greenlets run.
+    Notifications that came meanwhile go to psycopg's handlers, as its own
+    ``execute()`` would send them.
+    """
+    pgconn = conn.pgconn
     with conn.lock:
-        pgconn.send_query(
-            _ROLLBACK_CHECKING_WRITES_AND_RESET_BYTES
-            if reset_session
-            else _ROLLBACK_CHECKING_WRITES_BYTES
-        )
-        results = conn.wait(generators.execute(pgconn))
-    for result in results:
-        if result.status == pq.ExecStatus.FATAL_ERROR:
-            raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-    first = results[0] if results else None
-    if first is None or first.status != pq.ExecStatus.TUPLES_OK or first.ntuples != 1:
-        raise psycopg.InterfaceError("unexpected result of the write check")
-    wrote = bool(first.get_value(0, 0) == b"t")
-    if wrote:
-        _forget_prepared(conn)
-    return wrote
+        if waiting.wait is _WAIT_C and _WAIT_C is not None:
+            last: pq.abc.PGresult | None = pgconn.exec_(sql)
+        else:
+            pgconn.send_query(sql)
+            results = conn.wait(generators.execute(pgconn))
+            last = results[-1] if results else None
+        notify = pgconn.notify_handler
+        while (pending := pgconn.notifies()) is not None:
+            if notify is not None:
+                notify(pending)
+    if last is None:  # pragma: no cover - libpq returns a result for every query
+        raise psycopg.InterfaceError("the hand-back got no result")
+    return last
+
+
+def _run_ok(conn: psycopg.Connection[t.Any], sql: bytes) -> None:
+    """:func:`_run` *sql*; raise psycopg's error if a statement failed."""
+    last = _run(conn, sql)
+    if last.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
+        _raise_for(conn, last)
+
+
+def _raise_for(conn: psycopg.Connection[t.Any], result: pq.abc.PGresult) -> t.NoReturn:
+    if result.status == ExecStatus.FATAL_ERROR:
+        raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    raise psycopg.InterfaceError(f"unexpected result of the hand-back: {result.status}")
+
+
+#: psycopg's wait in C (None without the C extension): where psycopg uses it (no
+#: gevent patching, no ``PSYCOPG_WAIT_FUNC``), a wait in C is fine for the hand-back too
+_WAIT_C = getattr(waiting, "wait_c", None)
 
 
 def _rollback_checking_writes_by_cursor(
@@ -175,18 +231,23 @@ def _rollback_checking_writes_by_cursor(
     threshold = conn.prepare_threshold
     conn.prepare_threshold = None
     try:
-        # read with tuple rows whatever row factory the app set (dict_row...)
+        # tuple rows whatever row factory the app set (dict_row...)
         with conn.cursor(row_factory=tuple_row) as cur:
-            cur.execute(
-                _ROLLBACK_CHECKING_WRITES_AND_RESET if reset_session else _ROLLBACK_CHECKING_WRITES
-            )
-            row = cur.fetchone()
+            try:
+                cur.execute(
+                    _ROLLBACK_CHECKING_WRITES_AND_RESET
+                    if reset_session
+                    else _ROLLBACK_CHECKING_WRITES
+                )
+            except psycopg.errors.InvalidTextRepresentation as exc:
+                if WRITE_CHECK_MARKER not in str(exc):
+                    raise
+                cur.execute(f"ROLLBACK; {RESET_SESSION_SQL}" if reset_session else "ROLLBACK")
+                _forget_prepared(conn)
+                return True
     finally:
         conn.prepare_threshold = threshold
-    wrote = bool(row and row[0])
-    if wrote:
-        _forget_prepared(conn)
-    return wrote
+    return False
 
 
 def _forget_prepared(conn: psycopg.Connection[t.Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import psycopg
@@ -456,3 +457,71 @@ def test_the_write_check_reads_its_own_result_not_the_views(
     assert stats(app)["discarded_writes"] == 0
     assert client.post("/write").status_code == 200
     assert stats(app)["discarded_writes"] == 1
+
+
+@pytest.mark.parametrize("reset_session", [True, False])
+def test_a_failed_transaction_is_rolled_back_and_the_connection_reused(
+    make_app: AppFactory, table: str, reset_session: bool
+) -> None:
+    """A view that swallowed a failed statement leaves the transaction in error: the
+    hand-back rolls it back (and resets the session) and the connection is reused."""
+    app = make_app(max_size=1, reset_session=reset_session)
+
+    @app.get("/fail")
+    def fail() -> str:
+        conn = get_conn()
+        conn.execute("set search_path = pg_catalog")
+        try:
+            conn.execute("select 1/0")
+        except psycopg.errors.DivisionByZero:
+            pass
+        return str(conn.info.backend_pid)
+
+    @app.get("/check")
+    def check() -> dict[str, Any]:
+        conn = get_conn()
+        path = conn.execute("select current_setting('search_path')").fetchone()[0]
+        return {"pid": conn.info.backend_pid, "path": path}
+
+    client = app.test_client()
+    pid = int(client.get("/fail").data)
+    seen = client.get("/check").get_json()
+    assert seen["pid"] == pid  # reused, not discarded
+    assert seen["path"] != "pg_catalog"  # the failed transaction's SET was rolled back
+    assert stats(app)["discarded_connections"] == 0
+
+
+def test_notifications_that_arrive_at_the_hand_back_go_to_the_request_s_handlers(
+    make_app: AppFactory, pg_admin: Any
+) -> None:
+    """A notification that libpq reads during the hand-back goes to the connection's
+    handlers there and then, as psycopg would send it; none is left in libpq for the
+    next borrower, and the LISTEN does not outlive the request."""
+    app = make_app(max_size=1)
+    channel = pg.unique_name("ch")
+    got: list[str] = []
+
+    @app.get("/listen")
+    def listen() -> str:
+        conn = get_conn()
+        conn.add_notify_handler(lambda n: got.append(n.payload))
+        conn.execute(f"listen {channel}")
+        conn.commit()  # idle now: the server sends notifications at once
+        pg_admin.execute(f"notify {channel}, 'at hand-back'")
+        time.sleep(0.2)  # in the socket, unread, when the hand-back runs
+        return "ok"
+
+    @app.get("/next")
+    def next_() -> dict[str, Any]:
+        conn = get_conn()
+        left = conn.pgconn.notifies()
+        listening = conn.execute("select count(*) from pg_listening_channels()").fetchone()[0]
+        return {"left": left is not None, "listening": listening}
+
+    client = app.test_client()
+    assert client.get("/listen").status_code == 200
+    assert got == ["at hand-back"]
+    pg_admin.execute(f"notify {channel}, 'after'")
+    time.sleep(0.2)
+    assert client.get("/next").get_json() == {"left": False, "listening": 0}
+    assert got == ["at hand-back"]

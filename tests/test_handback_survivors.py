@@ -5,17 +5,23 @@ once by a request whose transaction is rolled back at hand-back; the next
 request on the same connection must not see it either way. psycopg's
 prepared statements survive the rollback of a transaction that wrote
 nothing, and are dropped when it wrote (DDL may have been undone).
+
+Every test runs twice: with the hand-back in one ``PQexec`` (where psycopg waits
+in C) and through psycopg's own wait (where it does not: gevent).
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+import psycopg.waiting
 import pytest
 from flask import Flask
 
-from flask_reqconn import get_conn
+from flask_reqconn import get_conn, handback
 from tests import pg
 from tests.appfixtures import AppFactory
 
@@ -51,6 +57,23 @@ SURVIVORS: dict[str, tuple[str, str]] = {
     # lastval() raises until nextval() runs again in the session (checked in the view)
     "sequence currval": ("select nextval('{seq}')", ""),
 }
+
+
+@pytest.fixture(autouse=True, params=["PQexec", "psycopg's wait"])
+def wait(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The hand-back's two ways to libpq; checks afterwards that the one meant was taken."""
+    calls = [0]
+    real = handback.generators.execute
+
+    def execute(pgconn: Any) -> Any:
+        calls[0] += 1
+        return real(pgconn)
+
+    monkeypatch.setattr(handback, "generators", types.SimpleNamespace(execute=execute))
+    if request.param != "PQexec":
+        monkeypatch.setattr(psycopg.waiting, "wait", psycopg.waiting.wait_selector)
+    yield request.param
+    assert (calls[0] == 0) == (request.param == "PQexec"), calls
 
 
 @pytest.fixture

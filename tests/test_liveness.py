@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_reqconn import ReqConn, get_conn, state_of
+from flask_reqconn import ReqConn, get_conn, handback, state_of
 from flask_reqconn.config import load_pool
 from flask_reqconn.names import CancelReason
 from flask_reqconn.netdefaults import TCP_DEFAULTS, uses_tcp
@@ -47,7 +47,7 @@ def test_validate_idle_runs_a_query_on_connections_idle_that_long(
     client = app.test_client()
     assert client.get("/select").status_code == 200
     assert client.get("/noop").status_code == 200  # idle < 0.3 s: no validation query
-    assert last_query().startswith("SELECT txid_current_if_assigned()")  # the hand-back's
+    assert last_query().startswith(handback._WRITE_CHECK)  # the hand-back's
     time.sleep(0.5)
     assert client.get("/noop").status_code == 200  # idle > 0.3 s: validated
     # psycopg_pool's check_connection(): an empty statement (3.2.3 and later; SELECT 1 before)
