@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import typing as t
 
@@ -34,6 +33,8 @@ from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff, BasePool
 from psycopg_pool.pool import AddConnection
 
+from .probes.peek import readable
+
 #: Seconds between reconnection attempts at most (jittered by :data:`RECONNECT_JITTER`).
 RECONNECT_MAX_DELAY = 0.5
 RECONNECT_JITTER = 0.2
@@ -42,16 +43,6 @@ RECONNECT_JITTER = 0.2
 _IDLE_MESSAGES = frozenset(b"ANS")
 _PEEK = 65536
 _GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT})
-
-
-def _readable(fd: int) -> bool:
-    poll = getattr(select, "poll", None)
-    if poll is not None:  # not under gevent's patched select
-        p = poll()
-        p.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(p.poll(0))
-    ready, _, _ = select.select([fd], [], [], 0)
-    return bool(ready)
 
 
 def server_gone(conn: psycopg.Connection[t.Any]) -> bool:
@@ -67,7 +58,7 @@ def server_gone(conn: psycopg.Connection[t.Any]) -> bool:
     except psycopg.OperationalError:
         return True
     try:
-        if not _readable(fd):
+        if not readable(fd):
             return False
         with socket.socket(fileno=os.dup(fd)) as sock:
             data = sock.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)

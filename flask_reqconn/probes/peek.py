@@ -31,9 +31,29 @@ def peekable(sock: t.Any) -> _socket.socket | None:
     return raw if isinstance(raw, _socket.socket) else None
 
 
+def readable(fd: int) -> bool:
+    """Is there something to read on *fd* (data, EOF, an error), right now?"""
+    poll = getattr(select, "poll", None)
+    if poll is not None:  # not under gevent's patched select
+        p = poll()
+        p.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(p.poll(0))
+    ready, _, _ = select.select([fd], [], [], 0)
+    return bool(ready)
+
+
 def socket_gone(sock: _socket.socket, *, eof_means_gone: bool = True) -> bool:
-    """Peek at *sock* without blocking: True on EOF (if it counts) or a reset."""
+    """Peek at *sock* without blocking: True on EOF (if it counts) or a reset.
+
+    A ``poll()`` first: a socket with nothing to read (the common case) is not
+    peeked, which would raise (and cost) a ``BlockingIOError``.
+    """
     try:
+        fd = sock.fileno()
+        if fd < 0:
+            return True  # closed
+        if not readable(fd):
+            return False
         data = sock.recv(1, _PEEK_FLAGS)
     except (BlockingIOError, InterruptedError):
         return False
