@@ -373,34 +373,25 @@ class RequestLeases:
                 lease.release(reason)
 
 
-class DeferredQueue:
+class DeferredQueue(collections.deque[Callable[[], None]]):
     """Finalizer work waiting for a safe point (the next checkout, request or stats()).
 
     A finalizer (``__del__``) can run in any thread, at any allocation, so it
-    only appends here. One queue serves all the pools of an app.
+    only appends here. One queue serves all the pools of an app. A deque, so that
+    the check at every checkout and request (``if queue:``) is the deque's own.
     """
 
-    __slots__ = ("_work",)
-
-    def __init__(self) -> None:
-        self._work: collections.deque[Callable[[], None]] = collections.deque()
-
-    def __bool__(self) -> bool:
-        return bool(self._work)
-
-    def __len__(self) -> int:
-        return len(self._work)
+    __slots__ = ()
 
     def defer(self, fn: Callable[[], None]) -> None:
         """Run *fn* at the next safe point. Safe from any thread and from ``__del__``."""
-        self._work.append(fn)
+        self.append(fn)
 
     def run(self) -> None:
         """Run everything deferred so far. Never raises."""
-        work = self._work
         while True:
             try:
-                fn = work.popleft()
+                fn = self.popleft()
             except IndexError:
                 return
             try:

@@ -68,6 +68,8 @@ class PoolHolder:
         )
         self._pool: ConnectionPool[t.Any] | None = None
         self._pid = 0
+        #: the process that ran the pool-sizing check (:mod:`flask_reqconn.sizing`)
+        self.size_checked_in = 0
         self._lock = threading.Lock()
         self._deferred = deferred if deferred is not None else DeferredQueue()
         self._last_exhausted_log = 0.0
@@ -211,7 +213,9 @@ class PoolHolder:
         deadline = time.monotonic() + self.settings.timeout
         for _ in range(self.settings.max_size):
             conn: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
-            if not server_gone(conn) and self._validated(conn):
+            if not server_gone(conn) and (
+                self.settings.validate_idle is None or self._validated(conn)
+            ):
                 return conn
             self.counters.add(Stat.DEAD_DISCARDED)
             logger.debug("discarded a connection of %s whose server side was gone", self.label)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import typing as t
-import weakref
 
 from .names import DEFAULT_POOL
 from .probes import concurrency_for
@@ -25,19 +24,15 @@ if t.TYPE_CHECKING:
 #: silences the check and nothing else
 logger = logging.getLogger("flask_reqconn.sizing")
 
-#: the pools checked, with the process that checked them (a forked child checks again)
-_checked: weakref.WeakKeyDictionary[PoolHolder, int] = weakref.WeakKeyDictionary()
-
-
 def check_once(holder: PoolHolder, environ: t.Mapping[str, t.Any]) -> None:
     """Warn if this worker runs more requests at once than *holder* has connections.
 
     Does something at the first call per pool in each process; never raises.
     """
     pid = os.getpid()
-    if _checked.get(holder) == pid:
+    if holder.size_checked_in == pid:  # a forked child checks again
         return
-    _checked[holder] = pid
+    holder.size_checked_in = pid
     try:
         found = concurrency_for(environ)
     except Exception:  # a server's internals moved: no check rather than a failed request
