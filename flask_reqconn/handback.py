@@ -214,6 +214,12 @@ def _run_ok(conn: psycopg.Connection[t.Any], sql: bytes) -> None:
 
 
 def _raise_for(conn: psycopg.Connection[t.Any], result: pq.abc.PGresult) -> t.NoReturn:
+    if conn.pgconn.status == pq.ConnStatus.BAD:
+        # what psycopg raises when libpq loses the connection mid-statement (the
+        # result has no SQLSTATE: error_from_result would make it a DatabaseError)
+        raise psycopg.OperationalError(
+            f"the connection was lost during the hand-back: {pq.error_message(conn.pgconn)}"
+        )
     if result.status == ExecStatus.FATAL_ERROR:
         raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
     raise psycopg.InterfaceError(f"unexpected result of the hand-back: {result.status}")
