@@ -254,6 +254,13 @@ def test_max_hold_cancels_a_runaway_request_and_the_connection_is_replaced(
     assert s["reclaimed"] == 1 and s["discarded_connections"] == 1 and s["checked_out"] == 0
 
 
+def one_watched_request(holder: Any, server: socket.socket) -> None:
+    """A request whose client is queued for the watcher (which starts it if needed)."""
+    taken = holder.checkout(method="GET", path="/w", endpoint="w")
+    get_watcher().watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+    taken.release(ReleaseReason.TEARDOWN)
+
+
 def test_the_watcher_is_restarted_after_it_stopped(
     make_app: AppFactory, pair: tuple[socket.socket, socket.socket]
 ) -> None:
@@ -261,17 +268,13 @@ def test_the_watcher_is_restarted_after_it_stopped(
     _client, server = pair
     holder = state_of(make_app()).pools["default"]
     watcher = get_watcher()
-    taken = holder.checkout(method="GET", path="/w", endpoint="w")
-    watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
-    taken.release(ReleaseReason.TEARDOWN)
+    one_watched_request(holder, server)
     first = watcher._thread
     assert watcher.running and first is not None and first.is_alive()
     watcher.stop()
     assert not first.is_alive()
     assert not watcher.running
-    taken = holder.checkout(method="GET", path="/w", endpoint="w")
-    watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
-    taken.release(ReleaseReason.TEARDOWN)
+    one_watched_request(holder, server)
     second = watcher._thread
     assert second is not None and second is not first and second.is_alive()
     assert watcher.running
@@ -283,9 +286,7 @@ def test_a_forked_child_does_not_take_its_parents_watcher_for_running(
     _client, server = pair
     holder = state_of(make_app()).pools["default"]
     watcher = get_watcher()
-    taken = holder.checkout(method="GET", path="/w", endpoint="w")
-    watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
-    taken.release(ReleaseReason.TEARDOWN)
+    one_watched_request(holder, server)
     assert watcher.running
     pid = os.fork()
     if pid == 0:  # the child: only read the flag (no lock, no libpq)
