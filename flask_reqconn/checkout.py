@@ -192,7 +192,8 @@ def on_query_canceled(state: AppState, exc: psycopg.errors.QueryCanceled) -> t.A
     req.client_gone = True
     if lease.cancelled is CancelReason.MAX_HOLD:
         return ServiceUnavailable(
-            "The request held its database connection longer than allowed and was stopped."
+            "The request held its database connection longer than allowed and was stopped.",
+            retry_after=state.pools[lease.pool_name].settings.retry_after,
         )
     state.pools[lease.pool_name].counters.add(Stat.CLIENT_GONE)
     logger.info(

@@ -47,7 +47,12 @@ WRITE_CHECK_MARKER = "flask-reqconn: uncommitted writes rolled back, transaction
 #: the check, and is rolled back (and reset) by a second statement. The advisory
 #: locks are released in the check, before the rollback (session-level advisory
 #: locks are not transactional).
-_WRITE_CHECK = f"SELECT ('{WRITE_CHECK_MARKER}' || txid_current_if_assigned())::int"
+#: The comment leads, so that ``pg_stat_activity.query`` of an idle connection (the
+#: last statement it ran) does not read as if every request had left writes.
+_WRITE_CHECK = (
+    "/* flask-reqconn hand-back: fails only if the request left uncommitted writes */"
+    f" SELECT ('{WRITE_CHECK_MARKER}' || txid_current_if_assigned())::int"
+)
 _ROLLBACK_CHECKING_WRITES = f"{_WRITE_CHECK}; ROLLBACK"
 _ROLLBACK_CHECKING_WRITES_AND_RESET = (
     f"{_WRITE_CHECK}, pg_advisory_unlock_all(); ROLLBACK;"

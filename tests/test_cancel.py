@@ -151,6 +151,7 @@ def test_max_hold_cancels_and_replaces_the_connection(
     backend_before = servers.http_get(server.url + "/pid")[2]
     status, headers, _ = servers.http_get(server.url + "/slow?s=30", timeout=60)
     assert status == 503
+    assert headers.get("retry-after") == "1", headers  # REQCONN_RETRY_AFTER's default
     final = assert_recovered(server, pg_admin, appname)
     assert final["reclaimed"] == 1
     assert final["pools"]["default"]["discarded_connections"] >= 1
