@@ -279,8 +279,8 @@ class PoolHolder:
                         "atomic mode commits only responses with status < 400 and before a"
                         " streamed body; commit explicitly otherwise"
                         if self.settings.transaction == "atomic"
-                        else "the view did not commit. Call get_conn().commit(), or set"
-                        " REQCONN_TRANSACTION = 'atomic'",
+                        else "the view did not commit. Call get_conn().commit() (with"
+                        " SQLAlchemy, session.commit()), or set REQCONN_TRANSACTION = 'atomic'",
                     )
                 if outcome.discarded:
                     self.counters.add(Stat.DISCARDED_CONNECTIONS)

@@ -64,6 +64,7 @@ def test_flask_sqlalchemy_crud_commit_and_rollback(
     with caplog.at_level(logging.WARNING, logger="flask_reqconn"):
         assert client.post("/items?name=b&commit=0").status_code == 201  # flushed only
     assert "rolled back uncommitted writes" in caplog.text
+    assert "session.commit()" in caplog.text  # the advice SQLAlchemy users can follow
     assert client.post("/items?name=c").status_code == 201
     assert fsqla_names(pg_admin) == ["a", "c"]
     assert client.get("/").text == "2"
