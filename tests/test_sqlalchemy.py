@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row
 from sqlalchemy import event, select, text
 from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.orm import Session
@@ -499,3 +500,29 @@ def test_one_rollback_per_request_no_reset_on_return(
     assert sum("ROLLBACK" in q for q in queries) == 1, queries
     assert sum("SELECT 1" in q for q in queries) == 1, queries
     assert conn.info.transaction_status == TransactionStatus.IDLE
+
+
+def test_a_row_factory_in_connect_args_is_for_get_conn_not_for_sqlalchemy(
+    make_app: AppFactory, items: str
+) -> None:
+    """``REQCONN_CONNECT_ARGS = {"row_factory": dict_row}`` (documented for get_conn())
+    must not reach SQLAlchemy's cursors, which read rows by position: the dialect's first
+    ``select version()`` failed with it, in a user trial."""
+    app = make_app(connect_args={"row_factory": dict_row}, checkout="lazy")
+    engine = create_engine()
+
+    @app.post("/")
+    def add() -> str:
+        with Session(engine) as session:
+            session.add(Item(name="dict"))
+            session.commit()
+            orm = session.scalars(select(Item.name)).all()
+            ss = session.execute(
+                select(Item.name), execution_options={"stream_results": True}
+            ).scalars().all()  # a server-side (named) cursor
+        raw = get_conn().execute(f"SELECT count(*) AS n FROM {items}").fetchone()
+        return f"{orm} {ss} {raw}"
+
+    assert app.test_client().post("/").text == "['dict'] ['dict'] {'n': 1}"
+    with app.app_context(), engine.connect() as conn:  # a connection of its own
+        assert conn.execute(text("SELECT 1 AS one")).one() == (1,)

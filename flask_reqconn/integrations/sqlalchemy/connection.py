@@ -7,6 +7,7 @@ import typing as t
 from collections.abc import Callable
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from ...errors import ConnectionReleased
 
@@ -83,6 +84,10 @@ class RequestConnection:
     # -- DBAPI ---------------------------------------------------------------
 
     def cursor(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        # SQLAlchemy reads rows by position: a row_factory set for get_conn() (dict_row
+        # in REQCONN_CONNECT_ARGS) must not reach its cursors
+        if "row_factory" not in kwargs:
+            kwargs["row_factory"] = tuple_row
         return self._live().cursor(*args, **kwargs)
 
     def commit(self) -> None:
