@@ -243,3 +243,35 @@ def test_tcp_defaults_reach_the_connection(fault_pg: FaultServer) -> None:
         assert params["application_name"] == "tcpdefaults"
     finally:
         ext.close(app)
+
+
+def test_the_psycopg_pool_internals_the_request_pool_builds_on_have_their_shape() -> None:
+    """``liveness.RequestPool`` overrides or calls these psycopg_pool internals. If a
+    release changes one, the pool could stop replacing the connections flask-reqconn
+    discards (it would shrink until every request hangs): fail here first, before the
+    upper bound on psycopg-pool in pyproject.toml is raised."""
+    import inspect
+
+    from psycopg_pool import ConnectionPool
+    from psycopg_pool.base import AttemptWithBackoff, BasePool
+    from psycopg_pool.pool import AddConnection
+
+    def fits(fn: Any, *args: Any, **kwargs: Any) -> bool:
+        """*fn* takes the arguments the way liveness.py passes them."""
+        inspect.signature(fn).bind(*args, **kwargs)  # TypeError if not
+        return True
+
+    assert fits(ConnectionPool._add_connection, "self", None, False)
+    assert fits(AddConnection, "pool")
+    assert fits(AttemptWithBackoff, timeout=10.0)
+    assert fits(AttemptWithBackoff.update_delay, "self", 1.0)
+    assert fits(BasePool._jitter, 0.5, -0.2, 0.2)
+    assert fits(BasePool._check_pool_putconn, "self", "conn")
+    assert fits(ConnectionPool.run_task, "self", "task")
+    attempt = AttemptWithBackoff(timeout=10.0)
+    attempt.update_delay(time.monotonic())
+    assert isinstance(attempt.delay, float)
+    assert 0.4 <= BasePool._jitter(0.5, -0.2, 0.2) <= 0.6
+    pool: ConnectionPool[Any] = ConnectionPool("", open=False)
+    pool._stats[BasePool._RETURNS_BAD] += 1  # what RequestPool.putconn counts
+    assert pool.get_stats()["returns_bad"] == 1
