@@ -319,6 +319,8 @@ def load_pool_settings(config: Mapping[str, t.Any], app_name: str) -> dict[str, 
         except ConfigError as exc:
             key = exc.key.removeprefix("REQCONN_")
             message = str(exc).split(": ", 1)[1]
+            if key == "MAX_SIZE" and "MIN_SIZE" not in spec:
+                message += " (the pool inherits REQCONN_MIN_SIZE; give it its own 'MIN_SIZE')"
             raise ConfigError(f"{where}[{key!r}]", message) from None
     return pools
 

@@ -52,7 +52,8 @@ def pooled_app(make_app: AppFactory, replica_dsn: str, **config: Any) -> Flask:
 # -- configuration -------------------------------------------------------------------
 
 
-BASE = {"REQCONN_CONNINFO": "postgresql://app@primary/app", "REQCONN_TIMEOUT": 3.0}
+BASE = {"REQCONN_CONNINFO": "postgresql://app@primary/app", "REQCONN_TIMEOUT": 3.0,
+        "REQCONN_MIN_SIZE": 2}
 
 
 @pytest.mark.parametrize(
@@ -63,6 +64,8 @@ BASE = {"REQCONN_CONNINFO": "postgresql://app@primary/app", "REQCONN_TIMEOUT": 3
          "did you mean 'MAX_SIZE'"),
         ({"replica": {"CONNINFO": "host=r", "MAX_SIZE": 0}},
          "REQCONN_POOLS['replica']['MAX_SIZE']", "at least 1"),
+        ({"replica": {"CONNINFO": "host=r", "MAX_SIZE": 1}},  # below the inherited 2 (BASE)
+         "REQCONN_POOLS['replica']['MAX_SIZE']", "inherits REQCONN_MIN_SIZE; give it its own"),
         ({"replica": {"CONNINFO": "host=r", "CHECKOUT": "lazy"}}, "REQCONN_POOLS['replica']",
          "unknown pool setting 'CHECKOUT'"),
         ({"default": {"CONNINFO": "host=r"}}, "REQCONN_POOLS", "not a valid pool name"),
