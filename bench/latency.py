@@ -23,10 +23,9 @@ from pathlib import Path
 
 import loadgen
 import pgsetup
+from compare import ROOT, start
 from run import say
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 #: the one change of the experiment: after_request marks every response as streamed
 _PATCH_AT = (
     "    if response.is_streamed and body_may_use_connection(response.response):\n"
@@ -46,39 +45,26 @@ def patched_copy(into: Path) -> Path:
     return into
 
 
-def start(variant: str, pkg: Path | None, dsn: str, log_dir: Path, name: str) -> object:
-    from flask_reqconn.testing import gunicorn
-
-    pythonpath = f"{pkg},{BENCH}" if pkg else str(BENCH)
-    return gunicorn(
-        "benchapp:create_app()", worker_class="gthread", workers=1, threads=4,
-        extra_args=["--pythonpath", pythonpath, "--log-level", "warning"],
-        env={"BENCH_VARIANT": variant, "BENCH_DSN": dsn, "BENCH_POOL_SIZE": "4",
-             "BENCH_APPNAME": "bench_" + name, "BENCH_ROWS": "10000"},
-        log_dir=log_dir,
-    )  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=3.0)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp, pgsetup.bench_database(10_000) as (dsn, _):
+    with tempfile.TemporaryDirectory() as tmp, pgsetup.bench_database(100_000) as (dsn, _):
         late = patched_copy(Path(tmp))
-        plan = {"bare": ("bare", None), "eager": ("eager", None), "eager, after the write":
-                ("eager", late)}  # fmt: skip
+        # compare.py's servers: "@alt" runs the patched copy
+        plan = {"bare": "bare", "eager": "eager", "eager, after the write": "eager@alt"}
         servers = {}
         try:
-            for i, (label, (variant, pkg)) in enumerate(plan.items()):
-                servers[label] = start(variant, pkg, dsn, Path(tmp), f"latency{i}")
+            for label, name in plan.items():
+                servers[label] = start(name, dsn, late, None, Path(tmp), "gthread")
             for endpoint in ("select1", "read"):
                 figures: dict[str, list[dict[str, float]]] = {label: [] for label in servers}
                 for r in range(args.rounds):
                     order = list(servers) if r % 2 == 0 else list(reversed(servers))
                     for label in order:
-                        url = f"{servers[label].url}/{endpoint}"  # type: ignore[attr-defined]
+                        url = f"{servers[label].url}/{endpoint}"
                         out = loadgen.run_load(
                             url, connections=args.connections, duration=args.duration
                         )
@@ -93,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
         finally:
             for server in servers.values():
-                server.stop()  # type: ignore[attr-defined]
+                server.stop()
     return 0
 
 
