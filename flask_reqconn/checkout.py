@@ -23,12 +23,14 @@ from flask import current_app, request
 from psycopg.pq import TransactionStatus
 from werkzeug.exceptions import ServiceUnavailable
 
+from .body import BODY_LEFT_TO_VIEW
 from .errors import ClientGone, PoolExhausted, ReqConnError
 from .handback import make_read_only
 from .lease import Lease, ReleaseReason, RequestLeases
 from .lost import database_unavailable, lost_lease
 from .middleware import body_may_use_connection
 from .names import DEFAULT_POOL, CancelReason, Stat
+from .owner import current_owner
 from .probes import probe_for
 from .sites import checkout_site
 from .sizing import check_once as check_pool_size
@@ -77,6 +79,7 @@ def request_leases(state: AppState, rq: Request | None = None) -> RequestLeases:
         req = RequestLeases()
         setattr(rq, REQUEST_ATTR, req)
         rq.environ[state.environ_key] = req
+        current_owner.set(req)
     return req
 
 
@@ -117,6 +120,7 @@ def checkout(
         endpoint=endpoint,
         site=checkout_site,
         quiet_exhaustion=quiet_exhaustion,
+        owner=req,
     )
     req.leases[name] = lease
     if settings.check_client and lease.wait_time > _RECHECK_AFTER_WAIT and probe.gone(eof):
@@ -231,7 +235,7 @@ def before_request(state: AppState) -> None:
     eager = policy.eager_by_endpoint.get(endpoint)
     if eager is None:
         eager = policy.eager(endpoint)
-    if eager and rq.routing_exception is None:
+    if eager and rq.routing_exception is None and BODY_LEFT_TO_VIEW not in rq.environ:
         req = request_leases(state, rq)
         req.routed = True  # eager views are never read-only: get_conn() is the default pool
         checkout(state, req, DEFAULT_POOL, rq=rq)
@@ -247,6 +251,7 @@ def after_request(state: AppState, response: Response) -> Response:
     if response.is_streamed and body_may_use_connection(response.response):
         req.streamed = True
     if state.any_atomic:
+        current_owner.set(req)  # the view may have checked out in another thread (async)
         _commit_atomic(state, req, response.status_code)
     return response
 

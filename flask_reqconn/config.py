@@ -58,6 +58,8 @@ DEFAULTS: dict[str, t.Any] = {
     "REQCONN_READ_FALLBACK": False,
     "REQCONN_TCP_DEFAULTS": True,
     "REQCONN_VALIDATE_IDLE": None,
+    "REQCONN_BODY_BUFFER": 1048576,
+    "REQCONN_BODY_TIMEOUT": 30.0,
 }
 
 #: Keys a named pool in ``REQCONN_POOLS`` may set (without the ``REQCONN_``
@@ -88,7 +90,6 @@ _POOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 PSYCOPG_CONNECT_ARGS = frozenset({"prepare_threshold", "row_factory", "cursor_factory", "context"})
 
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +146,8 @@ class AppSettings:
     #: the pool of read-only views (the default pool when unset)
     read_pool: str
     read_fallback: bool
+    body_buffer: int = 1048576  # REQCONN_BODY_BUFFER and _TIMEOUT (flask_reqconn.body)
+    body_timeout: float | None = 30.0
 
     @property
     def watcher_tick(self) -> float | None:
@@ -265,6 +268,8 @@ def load_app_settings(config: Mapping[str, t.Any], pools: Iterable[str]) -> AppS
         max_hold=get.optional_seconds("REQCONN_MAX_HOLD"),
         read_pool=read_pool or DEFAULT_POOL,
         read_fallback=get.boolean("REQCONN_READ_FALLBACK"),
+        body_buffer=get.integer("REQCONN_BODY_BUFFER", minimum=0),
+        body_timeout=get.optional_seconds("REQCONN_BODY_TIMEOUT"),
     )
 
 

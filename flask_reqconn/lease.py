@@ -20,6 +20,7 @@ import typing as t
 from collections.abc import Callable
 
 from .names import DEFAULT_POOL, CancelReason
+from .owner import Owner, own
 
 if t.TYPE_CHECKING:
     import psycopg
@@ -111,6 +112,7 @@ class Lease:
         "_state",
         "_lock",
         "_holder",
+        "owner",
         "__weakref__",
     )
 
@@ -121,8 +123,11 @@ class Lease:
         method: str = "",
         path: str = "",
         endpoint: str | None = None,
+        owner: Owner | None = None,
     ) -> None:
         self._holder = holder
+        #: who may use the connection (:attr:`LeasedConnection.owner`)
+        self.owner = owner
         self.pool_name = holder.name
         self.conn: psycopg.Connection[t.Any] | None = None
         #: what get_conn() hands to the app: :attr:`conn`, or a strict-mode proxy of it
@@ -194,6 +199,7 @@ class Lease:
 
     def _activate(self, conn: psycopg.Connection[t.Any]) -> None:
         self.conn = conn
+        own(conn, self.owner)
         self.handle = conn if handout_wrapper is None else handout_wrapper(self, conn)
         now = self.checked_out_at = time.monotonic()
         self.wait_time = max(0.0, now - self.requested_at)
@@ -218,6 +224,7 @@ class Lease:
             self.released_by = reason
             self.released_at = time.monotonic()
             self._state = LeaseState.RELEASING
+            own(self.conn, self)  # from now on, no code of the request may use it
         watch = self.watch
         if watch is not None:
             self.watch = None
@@ -313,6 +320,16 @@ class Lease:
             self._sock = None
             return self.severed
 
+    def refusal(self) -> str:
+        """Why code may not use the connection this lease gave back (as its owner)."""
+        by = self.released_by.value if self.released_by is not None else "unknown"
+        return (
+            f"this connection was handed back by {self.method} {self.path} (pool"
+            f" {self.pool_name!r}, released by {by}); it may be serving another request"
+            " now. Call get_conn() inside each request instead of keeping the connection;"
+            " for background work use 'with reqconn.connection() as conn:'"
+        )
+
     def __del__(self) -> None:
         # Last resort: the lease became unreachable while still active. This can
         # run in any thread, at any allocation, so hand the work to the holder,
@@ -359,6 +376,18 @@ class RequestLeases:
         self.routed = False
         #: how to see the request's client, resolved at the first checkout
         self.probe: ClientProbe | None = None
+
+    def refusal(self) -> str:
+        """Why code outside this request may not use its connection (as its owner)."""
+        lease = next(iter(self.leases.values()), None)
+        held = f" ({lease.method} {lease.path}, thread {lease.thread_id})" if lease else ""
+        return (
+            f"this connection belongs to another request{held}; it cannot be used from"
+            " here (a reference kept from an earlier request, or a thread the view started:"
+            " run such a thread in the request's context, contextvars.copy_context().run)."
+            " Call get_conn() in the request itself; for background work use"
+            " 'with reqconn.connection() as conn:'"
+        )
 
     def has_active(self) -> bool:
         for lease in self.leases.values():

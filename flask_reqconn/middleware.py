@@ -30,10 +30,12 @@ from collections.abc import Iterable, Iterator
 from psycopg.errors import InFailedSqlTransaction, QueryCanceled
 from werkzeug.wsgi import ClosingIterator
 
+from .body import BodyError, ClientBody, body_size, log_body_error, receive
 from .errors import ClientGone, DatabaseUnavailable
 from .lease import Lease, ReleaseReason, RequestLeases
 from .lost import database_unavailable, lost_lease
-from .names import CancelReason
+from .names import DEFAULT_POOL, CancelReason
+from .owner import current_owner
 from .probes import is_client_abort, is_file_wrapper
 from .streamanswer import HeldStart, StreamCut
 
@@ -143,6 +145,14 @@ class LeaseGuard:
         state = self._state
         if self._deferred:
             self._deferred.run()
+        if environ.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in environ:
+            try:
+                self._take_body(environ)
+            except BodyError as error:
+                log_body_error(environ, error)
+                if error.counter is not None:
+                    state.pools[DEFAULT_POOL].counters.add(error.counter)
+                return error.answer(environ, start_response)
         flask_app = self._flask_app
         start = (
             None if flask_app is None else HeldStart(start_response, environ, self._key, flask_app)
@@ -160,6 +170,18 @@ class LeaseGuard:
         if not req.streamed and not req.has_active():
             return app_iter
         return GuardedIterable(app_iter, req, state, start)
+
+
+    def _take_body(self, environ: WSGIEnvironment) -> None:
+        """Read the body before the app runs (eager checkout), or guard the view's reads."""
+        size = body_size(environ)
+        if size == 0:
+            return
+        settings = self._state.settings
+        if settings.checkout == "eager":
+            receive(environ, size, settings.body_buffer, settings.body_timeout)
+        else:
+            environ["wsgi.input"] = ClientBody(environ["wsgi.input"], environ)
 
 
 class GuardedIterable:
@@ -203,6 +225,7 @@ class GuardedIterable:
         return self
 
     def __next__(self) -> bytes:
+        current_owner.set(self._req)  # the body runs as its request, whatever ran in between
         try:
             chunk = next(self._iterator)
         except StopIteration:
@@ -302,6 +325,7 @@ class GuardedIterable:
         if self._closed:
             return
         self._closed = True
+        current_owner.set(self._req)  # stream teardown runs as its request too
         try:
             close = getattr(self._app_iter, "close", None)
             if close is not None:

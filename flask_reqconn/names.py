@@ -23,8 +23,11 @@ class Stat(str, enum.Enum):
 
     #: requests answered 503: no connection in time, or the wait queue was full
     EXHAUSTED = "exhausted"
-    #: requests answered 499: the client had left
+    #: requests answered 499: the client had left (before its connection was used, or
+    #: while it sent its body)
     CLIENT_GONE = "client_gone"
+    #: requests answered 408: the client stopped sending its body for ``REQCONN_BODY_TIMEOUT``
+    STALLED = "stalled"
     #: hand-backs whose rollback threw away uncommitted writes
     DISCARDED_WRITES = "discarded_writes"
     #: connections closed at hand-back instead of being reused

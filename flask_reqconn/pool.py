@@ -29,6 +29,7 @@ from .handback import Baseline, clean_connection, make_read_only, restore_attrib
 from .lease import DeferredQueue, Lease, ReleaseReason
 from .liveness import RequestPool, server_gone
 from .names import CancelReason, Stat
+from .owner import Block, LeasedConnection, Owner, own
 from .stats import Listener, PoolCounters
 from .watcher import get_watcher
 
@@ -126,6 +127,7 @@ class PoolHolder:
                 max_lifetime=s.max_lifetime,
                 max_idle=s.max_idle,
                 name=self.label,
+                connection_class=LeasedConnection,
                 configure=self._configure,
                 open=False,
             )
@@ -169,25 +171,28 @@ class PoolHolder:
         endpoint: str | None,
         site: Callable[[], str | None] | None = None,
         quiet_exhaustion: bool = False,
+        owner: Owner | None = None,
     ) -> Lease:
         """Wait for a connection and return it as an active :class:`Lease`.
 
         :param site: called only with leak detection on, to record where the
             connection was taken.
+        :param owner: who may use the connection (the request's leases), see
+            :class:`~flask_reqconn.lease.LeasedConnection`.
         :raises PoolExhausted: when no connection came within the timeout or
             the wait queue is full.
         """
         if self._deferred:
             self._deferred.run()
         pool = self.pool
-        lease = Lease(self, method=method, path=path, endpoint=endpoint)
+        lease = Lease(self, method=method, path=path, endpoint=endpoint, owner=owner)
         if self.leak_threshold is not None:
             lease.checkout_site = site() if site is not None else None
         tick = self.watcher_tick
         if tick is not None:
             get_watcher().watch(self, tick)
         try:
-            lease._activate(self._getconn_alive(pool))
+            lease._activate(self._getconn_alive(pool, owner))
         except (PoolTimeout, TooManyRequests) as exc:
             if not quiet_exhaustion:  # a fallback follows: not an answered 503
                 self.counters.add(Stat.EXHAUSTED)
@@ -204,15 +209,19 @@ class PoolHolder:
             )
         return lease
 
-    def _getconn_alive(self, pool: ConnectionPool[t.Any]) -> psycopg.Connection[t.Any]:
+    def _getconn_alive(
+        self, pool: ConnectionPool[t.Any], owner: Owner | None
+    ) -> psycopg.Connection[t.Any]:
         """``getconn()``, discarding connections whose server side is gone (no round trip).
 
         Bounded: at most ``max_size`` dead connections are skipped, all within
-        the pool's timeout.
+        the pool's timeout. Each connection belongs to *owner* from the moment it
+        leaves the pool (the validation query runs as its owner).
         """
         deadline = time.monotonic() + self.settings.timeout
         for _ in range(self.settings.max_size):
             conn: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
+            own(conn, owner)
             if not server_gone(conn) and (
                 self.settings.validate_idle is None or self._validated(conn)
             ):
@@ -222,6 +231,7 @@ class PoolHolder:
             conn.close()
             pool.putconn(conn)  # closed: the pool replaces it
         last: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
+        own(last, owner)
         return last
 
     def _validated(self, conn: psycopg.Connection[t.Any]) -> bool:
@@ -352,7 +362,7 @@ class PoolHolder:
         try:
             if self.settings.read_only:
                 make_read_only(conn)
-            with conn:  # psycopg: commit on success, rollback on error (pool-aware)
+            with Block.holding(conn, self.name):
                 yield conn
         finally:
             clean_connection(conn, self.baseline, reset_session=self.settings.reset_session)

@@ -3,6 +3,7 @@ never reaching the next borrower (pool.py, config.py, lease.py)."""
 
 from __future__ import annotations
 
+import contextvars
 import os
 import signal
 import threading
@@ -97,7 +98,8 @@ def test_an_uncertain_cancel_never_reaches_the_next_borrower(fault_pg: FaultServ
                 except BaseException as exc:  # noqa: B036 - checked below
                     done.append(exc)
 
-            runner = threading.Thread(target=query)
+            # the request's context: the connection is the request's to use
+            runner = threading.Thread(target=contextvars.copy_context().run, args=(query,))
             runner.start()
             time.sleep(0.2)
             os.kill(postmaster, signal.SIGSTOP)

@@ -252,9 +252,11 @@ def test_strict_mode_off_hands_out_the_connection_itself(pg_dsn: str) -> None:
     app, kept = _kept_app(pg_dsn)
     with testing.closing(app):
         assert app.test_client().get("/keep").text == "2"
-        assert type(kept[0]) is psycopg.Connection
-        # the hazard strict mode exists for: it still runs queries, on a pooled connection
-        assert app.test_client().get("/reuse").text == "3"
+        assert isinstance(kept[0], psycopg.Connection)
+        assert not isinstance(kept[0], testing.StrictProxy)
+        # the connection itself knows it was handed back: outside its request it refuses
+        with pytest.raises(ConnectionReleased, match=r"handed back by GET /keep .*by teardown"):
+            kept[0].execute("select 1")
 
 
 def test_strict_context_manager_restores_the_previous_mode() -> None:

@@ -57,6 +57,7 @@ if t.TYPE_CHECKING:
 COUNTERS: dict[Stat, tuple[str, str]] = {
     Stat.EXHAUSTED: ("pool_exhausted", "Requests answered 503 because the pool had no connection."),
     Stat.CLIENT_GONE: ("client_gone", "Requests answered 499 because the client had left."),
+    Stat.STALLED: ("stalled", "Requests answered 408: the client stalled sending its body."),
     Stat.DISCARDED_WRITES: ("discarded_writes", "Uncommitted writes rolled back at hand-back."),
     Stat.DISCARDED_CONNECTIONS: ("discarded_connections", "Connections discarded, not reused."),
     Stat.LEAK_WARNINGS: ("leak_warnings", "Leases held longer than REQCONN_LEAK_THRESHOLD."),
