@@ -28,7 +28,7 @@ import contextlib
 import io
 import logging
 import typing as t
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from werkzeug.exceptions import BadRequest, HTTPException, RequestTimeout
 
@@ -74,18 +74,23 @@ def body_size(environ: WSGIEnvironment) -> int | None:
 
 
 def receive(
-    environ: WSGIEnvironment, size: int | None, limit: int, timeout: float | None
+    environ: WSGIEnvironment,
+    size: int | None,
+    limit: int,
+    timeout: float | None,
+    count: Callable[[Stat], None],
 ) -> None:
     """Read a body of up to *limit* bytes into memory, or leave it to the view.
 
     :param size: what :func:`body_size` said (not 0).
     :param limit: ``REQCONN_BODY_BUFFER``; 0 leaves every body to the view.
     :param timeout: ``REQCONN_BODY_TIMEOUT``.
+    :param count: counts a failure's stat when the view reads the body.
     :raises BodyError: the client stalled, left, or sent a malformed body.
     """
     stream = environ["wsgi.input"]
     if size is not None and size > limit:
-        _leave_to_view(environ, stream)
+        _leave_to_view(environ, stream, count)
         return
     want = limit + 1 if size is None else size
     chunks: list[bytes] = []
@@ -104,16 +109,18 @@ def receive(
     if size is not None and got < size:
         raise _body_error(environ, None, got, size)
     if size is None and got > limit:
-        _leave_to_view(environ, _Prefixed(data, stream))
+        _leave_to_view(environ, _Prefixed(data, stream), count)
         return
     environ["wsgi.input"] = io.BytesIO(data)
     if size is None:  # chunked and complete: now of a known length
         environ["CONTENT_LENGTH"] = str(got)
 
 
-def _leave_to_view(environ: WSGIEnvironment, stream: t.Any) -> None:
+def _leave_to_view(
+    environ: WSGIEnvironment, stream: t.Any, count: Callable[[Stat], None]
+) -> None:
     environ[BODY_LEFT_TO_VIEW] = True
-    environ["wsgi.input"] = ClientBody(stream, environ)
+    environ["wsgi.input"] = ClientBody(stream, environ, count)
 
 
 class _Prefixed(io.RawIOBase):
@@ -140,27 +147,46 @@ class ClientBody(io.RawIOBase):
 
     A reset or an early end while the view reads becomes :class:`~flask_reqconn.ClientGone`
     (499) and a malformed chunk ``400 Bad Request``, which Flask answers through the
-    app's error handlers, instead of a 500 and a traceback.
+    app's error handlers, instead of a 500 and a traceback (or, for a body that just
+    ends early, a view that goes on with part of it).
+
+    :param count: counts the error's stat (in the default pool's counters).
     """
 
-    def __init__(self, stream: t.Any, environ: WSGIEnvironment) -> None:
+    def __init__(
+        self, stream: t.Any, environ: WSGIEnvironment, count: Callable[[Stat], None]
+    ) -> None:
         self._stream = stream
         self._environ = environ
+        self._count = count
+        self._size = body_size(environ)
         self._got = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: t.Any) -> int:
+        want = len(buffer)
+        if self._size is not None:
+            want = min(want, self._size - self._got)
+            if want <= 0:
+                return 0
         try:
-            data = self._stream.read(len(buffer))
+            data = self._stream.read(want)
         except Exception as exc:
-            error = _body_error(self._environ, exc, self._got, body_size(self._environ))
-            log_body_error(self._environ, error)
-            raise error.answer from exc
+            raise self._failed(exc) from exc
+        if not data and self._size is not None:
+            raise self._failed(None)  # the client ended the body early
         buffer[: len(data)] = data
         self._got += len(data)
         return len(data)
+
+    def _failed(self, exc: BaseException | None) -> HTTPException:
+        error = _body_error(self._environ, exc, self._got, self._size)
+        log_body_error(self._environ, error)
+        if error.counter is not None:
+            self._count(error.counter)
+        return error.answer
 
 
 def _body_error(

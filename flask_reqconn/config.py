@@ -50,7 +50,7 @@ DEFAULTS: dict[str, t.Any] = {
     "REQCONN_RETRY_AFTER": 1,
     "REQCONN_LEAK_THRESHOLD": None,
     "REQCONN_CANCEL_ON_DISCONNECT": "safe",
-    "REQCONN_MAX_HOLD": None,
+    "REQCONN_MAX_HOLD": 120.0,
     "REQCONN_READ_ONLY": False,
     "REQCONN_PGBOUNCER": False,
     "REQCONN_POOLS": {},

@@ -11,7 +11,7 @@ import logging
 import time
 import typing as t
 
-from .lease import LeaseState
+from .lease import LeaseState, RequestLeases
 from .names import CancelReason, Stat
 from .watcher import SEVER_AFTER_CANCEL, WATCHER_CANCEL_TIMEOUT
 
@@ -62,17 +62,29 @@ def check_max_hold(holder: PoolHolder) -> None:
             lease.cancelled = CancelReason.MAX_HOLD
         if lease.sever():
             holder.counters.add(Stat.RECLAIMED)
+            cut = _cut_stream(lease)
             logger.warning(
                 "REQCONN_MAX_HOLD (%.1f s) exceeded: %s %s (endpoint %r) held its"
-                " connection %.1f s and its query could not be cancelled (the server"
-                " does not answer); shut the connection's socket down: the request gets"
-                " an error and answers 503, the connection is replaced",
+                " connection %.1f s %s; shut the connection's socket down and opened"
+                " another in its place: the request gets an error and answers 503%s",
                 limit,
                 lease.method,
                 lease.path,
                 lease.endpoint,
                 held,
+                "and its query could not be cancelled (the server does not answer)"
+                if unreachable or lease.cancel_uncertain
+                else f"(still held {SEVER_AFTER_CANCEL:.0f} s after its query was cancelled)",
+                "; its stream was cut off (the client was not reading)" if cut else "",
             )
+
+
+def _cut_stream(lease: Lease) -> bool:
+    """End a stream whose server is stuck sending to a client that reads nothing."""
+    req = lease.owner
+    if isinstance(req, RequestLeases) and req.streamed and req.probe is not None:
+        return req.probe.cut()
+    return False
 
 
 def _check_handback(holder: PoolHolder, lease: Lease, limit: float) -> None:

@@ -9,7 +9,6 @@ to coordinate; the lease remembers who released it.
 from __future__ import annotations
 
 import collections
-import contextlib
 import enum
 import logging
 import os
@@ -20,7 +19,7 @@ import typing as t
 from collections.abc import Callable
 
 from .names import DEFAULT_POOL, CancelReason
-from .owner import Owner, own
+from .owner import Owner, own, socket_id
 
 if t.TYPE_CHECKING:
     import psycopg
@@ -204,10 +203,7 @@ class Lease:
         now = self.checked_out_at = time.monotonic()
         self.wait_time = max(0.0, now - self.requested_at)
         if self._holder.max_hold is not None:
-            # for sever(), which runs in the watcher and must not call libpq
-            with contextlib.suppress(Exception):
-                fd = conn.pgconn.socket
-                self._sock = (fd, os.fstat(fd).st_ino)
+            self._sock = socket_id(conn)  # for sever(): the watcher must not call libpq
         self._state = LeaseState.ACTIVE
 
     def release(self, reason: ReleaseReason) -> bool:
@@ -302,6 +298,9 @@ class Lease:
                 if dup >= 0:
                     os.close(dup)
             self.severed = True
+            # the request may hold on to the connection for long yet (a stream whose
+            # client reads nothing): its pool opens another one now
+            self._holder.replace(self.conn)
         return True
 
     def seal(self) -> bool:

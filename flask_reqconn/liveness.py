@@ -26,6 +26,7 @@ import errno
 import os
 import socket
 import typing as t
+import weakref
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -116,6 +117,11 @@ class RequestPool(ConnectionPool[t.Any]):
     makes at most ``max_size`` / 0.4 attempts per second during an outage.
     """
 
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: checked-out connections already replaced (:meth:`replace`)
+        self._replaced: weakref.WeakSet[psycopg.Connection[t.Any]] = weakref.WeakSet()
+
     def putconn(self, conn: psycopg.Connection[t.Any]) -> None:
         """``putconn()``; a closed connection is replaced without psycopg_pool's WARNING.
 
@@ -128,8 +134,22 @@ class RequestPool(ConnectionPool[t.Any]):
             return
         self._check_pool_putconn(conn)
         conn._pool = None
-        if self._closed:
+        if self._closed or conn in self._replaced:
+            self._replaced.discard(conn)
             return
+        self._stats[self._RETURNS_BAD] += 1
+        self.run_task(AddConnection(self))
+
+    def replace(self, conn: psycopg.Connection[t.Any]) -> None:
+        """Add a connection in place of *conn* now, though *conn* is still checked out.
+
+        For a connection whose socket was shut down while a request keeps it (see
+        :meth:`~flask_reqconn.lease.Lease.sever`): when it comes back, closed,
+        :meth:`putconn` does not replace it again. Safe from any thread.
+        """
+        if self._closed or conn in self._replaced:
+            return
+        self._replaced.add(conn)
         self._stats[self._RETURNS_BAD] += 1
         self.run_task(AddConnection(self))
 

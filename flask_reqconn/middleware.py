@@ -34,7 +34,7 @@ from .body import BodyError, ClientBody, body_size, log_body_error, receive
 from .errors import ClientGone, DatabaseUnavailable
 from .lease import Lease, ReleaseReason, RequestLeases
 from .lost import database_unavailable, lost_lease
-from .names import DEFAULT_POOL, CancelReason
+from .names import DEFAULT_POOL, CancelReason, Stat
 from .owner import current_owner
 from .probes import is_client_abort, is_file_wrapper
 from .streamanswer import HeldStart, StreamCut
@@ -151,7 +151,7 @@ class LeaseGuard:
             except BodyError as error:
                 log_body_error(environ, error)
                 if error.counter is not None:
-                    state.pools[DEFAULT_POOL].counters.add(error.counter)
+                    self._count(error.counter)
                 return error.answer(environ, start_response)
         flask_app = self._flask_app
         start = (
@@ -179,9 +179,12 @@ class LeaseGuard:
             return
         settings = self._state.settings
         if settings.checkout == "eager":
-            receive(environ, size, settings.body_buffer, settings.body_timeout)
+            receive(environ, size, settings.body_buffer, settings.body_timeout, self._count)
         else:
-            environ["wsgi.input"] = ClientBody(environ["wsgi.input"], environ)
+            environ["wsgi.input"] = ClientBody(environ["wsgi.input"], environ, self._count)
+
+    def _count(self, stat: Stat) -> None:
+        self._state.pools[DEFAULT_POOL].counters.add(stat)
 
 
 class GuardedIterable:

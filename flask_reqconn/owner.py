@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import typing as t
 from collections.abc import Iterator
 
@@ -49,6 +50,8 @@ class LeasedConnection(psycopg.Connection[t.Any]):
     #: the request or block that may use the connection, the lease that gave it
     #: back, or None (the pool's own, never handed out)
     owner: Owner | None = None
+    #: (descriptor, inode) of its socket, once asked (:func:`socket_id`)
+    sock_id: tuple[int, int] | None = None
 
     def _check_owner(self) -> None:
         owner = self.owner
@@ -76,6 +79,23 @@ class LeasedConnection(psycopg.Connection[t.Any]):
         self._check_owner()
         with super().pipeline() as pipeline:
             yield pipeline
+
+
+def socket_id(conn: psycopg.Connection[t.Any]) -> tuple[int, int] | None:
+    """(descriptor, inode) of *conn*'s socket, to shut it down from another thread
+    without libpq and only while it is still the same socket. Asked once per
+    connection (its socket never changes)."""
+    known = getattr(conn, "sock_id", None)
+    if known is not None:
+        return known  # type: ignore[no-any-return]
+    try:
+        fd = conn.pgconn.socket
+        found = (fd, os.fstat(fd).st_ino)
+    except Exception:
+        return None
+    if isinstance(conn, LeasedConnection):
+        conn.sock_id = found
+    return found
 
 
 def own(conn: psycopg.Connection[t.Any] | None, owner: Owner | None) -> None:

@@ -330,6 +330,11 @@ class PoolHolder:
                     lease.held_for,
                 )
 
+    def replace(self, conn: psycopg.Connection[t.Any] | None) -> None:
+        """Open a connection in place of *conn*, shut down while its request keeps it."""
+        if conn is not None and isinstance(self._pool, RequestPool) and self.is_open:
+            self._pool.replace(conn)
+
     def _putconn(self, conn: psycopg.Connection[t.Any], lease: Lease | None = None) -> None:
         if lease is not None and lease.seal() and not conn.closed:
             # the watcher shut the socket down while the hand-back ran (a server
@@ -350,11 +355,7 @@ class PoolHolder:
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[t.Any]]:
-        """A connection for code outside requests, cleaned like a request's.
-
-        Committed when the block succeeds, rolled back when it raises; then
-        reset and returned.
-        """
+        """Outside requests: committed if the block succeeds, rolled back if not; reset."""
         try:
             conn = self.pool.getconn(timeout)
         except (PoolTimeout, TooManyRequests) as exc:
@@ -368,14 +369,10 @@ class PoolHolder:
             clean_connection(conn, self.baseline, reset_session=self.settings.reset_session)
             self._putconn(conn)
 
-    # -- periodic checks (run by the watcher thread) ----------------------------
-
     def periodic_checks(self) -> None:
         """``REQCONN_MAX_HOLD`` and ``REQCONN_LEAK_THRESHOLD`` (:mod:`flask_reqconn.holds`)."""
         holds.check_max_hold(self)
         holds.check_leaks(self)
-
-    # -- deferred finalization -------------------------------------------
 
     def defer(self, fn: Callable[[], None]) -> None:
         """Schedule *fn* to run at the next safe point (a checkout or stats())."""

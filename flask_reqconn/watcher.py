@@ -55,7 +55,7 @@ _MIN_WAIT = 0.001
 WATCHER_CANCEL_TIMEOUT = 2.0
 #: Seconds past ``REQCONN_MAX_HOLD`` after which a lease whose cancel was sent
 #: but whose statement did not end has its socket shut down (:meth:`Lease.sever`).
-SEVER_AFTER_CANCEL = 5.0
+SEVER_AFTER_CANCEL = 2.0
 
 _EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
 #: A peer's close (FIN) or reset, once; EPOLLHUP and EPOLLERR always report.

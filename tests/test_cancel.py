@@ -9,6 +9,7 @@ answers the next request.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -170,3 +171,58 @@ def test_statement_timeout_is_not_mistaken_for_a_departed_client(
         return "unreachable"
 
     assert app.test_client().get("/slow").status_code == 500
+
+
+def test_max_hold_takes_back_a_connection_held_in_python(
+    spawn: Any, pg_dsn: str, pg_admin: Any
+) -> None:
+    """Not a query: the view sleeps holding the only connection; the pool gets one back."""
+    server, appname = start(spawn, pg_dsn, env={"RC_MAX_HOLD": "1", "RC_MAX_SIZE": "1",
+                                                "RC_TIMEOUT": "2", "RC_CHECKOUT": "lazy"},
+                            worker_class="gthread", threads=4)  # fmt: skip
+    held: list[tuple[int, bytes]] = []
+    holder = threading.Thread(
+        target=lambda: held.append(servers.http_get(server.url + "/hold?s=8", timeout=30)[::2])
+    )
+    holder.start()
+    try:
+        began = time.monotonic()
+        # back in the pool within the limit plus SEVER_AFTER_CANCEL and a tick, not after 8 s
+        pg.wait_until(
+            lambda: servers.http_get(server.url + "/", timeout=10)[0] == 200, timeout=30,
+            message="the pool's only connection back while the view still sleeps",
+        )  # fmt: skip
+        assert time.monotonic() - began < 6
+        assert not held  # the view is still sleeping: only its connection was taken back
+    finally:
+        holder.join(30)
+    assert held and held[0][0] == 200  # a view that never uses it again ends as it would
+    final = assert_recovered(server, pg_admin, appname)
+    assert final["reclaimed"] >= 1
+    assert "opened another in its place" in server.log_text()
+
+
+def test_max_hold_ends_a_stream_whose_client_stopped_reading(
+    spawn: Any, pg_dsn: str, pg_admin: Any
+) -> None:
+    """The server blocks sending to a client that reads nothing: the stream is cut off."""
+    server, appname = start(spawn, pg_dsn, env={"RC_MAX_HOLD": "1", "RC_MAX_SIZE": "1",
+                                                "RC_TIMEOUT": "2"},
+                            worker_class="gthread", threads=4)  # fmt: skip
+    sock = servers.raw_connect(server.url, timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.sendall(request_bytes("GET", "/stream?n=5000&s=0"))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # then it reads no more
+        began = time.monotonic()
+        pg.wait_until(
+            lambda: stats(server)["checked_out"] == 0, timeout=30,
+            message="the stream's connection taken back",
+        )  # fmt: skip
+        assert time.monotonic() - began < 8
+        assert servers.http_get(server.url + "/", timeout=10)[0] == 200
+    finally:
+        sock.close()
+    final = assert_recovered(server, pg_admin, appname)
+    assert final["reclaimed"] >= 1
+    assert "its stream was cut off (the client was not reading)" in server.log_text()

@@ -32,6 +32,13 @@ class ClientProbe(t.Protocol):
         :param eof_means_gone: count a half-close (EOF) as gone, not only a reset.
         """
 
+    def cut(self) -> bool:
+        """Shut the client's connection down, from any thread: a server blocked sending
+        to a client that reads nothing gets an error and ends the request. Never raises.
+
+        :returns: False where the server offers no socket (the client is left alone).
+        """
+
 
 class NoProbe:
     """The probe of a server that exposes nothing: the client is never seen gone."""
@@ -44,6 +51,9 @@ class NoProbe:
         return -1
 
     def gone(self, eof_means_gone: bool = True) -> bool:
+        return False
+
+    def cut(self) -> bool:
         return False
 
 

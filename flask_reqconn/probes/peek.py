@@ -94,3 +94,10 @@ class SocketProbe:
 
     def gone(self, eof_means_gone: bool = True) -> bool:
         return socket_gone(self.sock, eof_means_gone=eof_means_gone)
+
+    def cut(self) -> bool:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the descriptor stays the server's
+        except OSError:
+            return False
+        return True

@@ -35,6 +35,9 @@ class WaitressProbe:
         except Exception:
             return False
 
+    def cut(self) -> bool:
+        return False  # waitress buffers responses: a client that stops reading blocks nothing
+
 
 def probe(environ: t.Mapping[str, t.Any]) -> ClientProbe | None:
     """The probe of a waitress request, or None when *environ* is not waitress's."""

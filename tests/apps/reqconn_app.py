@@ -4,7 +4,8 @@ Configured from the environment so one module serves every scenario:
 ``RC_DSN`` (required), ``RC_APPNAME``, ``RC_MAX_SIZE``, ``RC_TIMEOUT``,
 ``RC_CHECKOUT``, ``RC_SESSION_SETTINGS`` (``name=value,name=value``),
 ``RC_CANCEL`` (the cancel-on-disconnect policy), ``RC_EOF_MEANS_GONE`` (``1``/``0``),
-``RC_MAX_HOLD``, ``RC_LOG`` (a level: log to stderr, as an app configures its logging),
+``RC_MAX_HOLD``, ``RC_BODY_BUFFER``, ``RC_BODY_TIMEOUT``, ``RC_LOG`` (a level: log to
+stderr, as an app configures its logging),
 and ``RC_OPEN_IN_MASTER=1`` to use the pool while the app is created (to prove that
 a pool opened before gunicorn forks does not hurt the workers).
 """
@@ -41,6 +42,10 @@ def create_app() -> Flask:
     app.config["REQCONN_PGBOUNCER"] = os.environ.get("RC_PGBOUNCER") == "1"
     if os.environ.get("RC_MAX_HOLD"):
         app.config["REQCONN_MAX_HOLD"] = float(os.environ["RC_MAX_HOLD"])
+    if os.environ.get("RC_BODY_BUFFER"):
+        app.config["REQCONN_BODY_BUFFER"] = int(os.environ["RC_BODY_BUFFER"])
+    if os.environ.get("RC_BODY_TIMEOUT"):
+        app.config["REQCONN_BODY_TIMEOUT"] = float(os.environ["RC_BODY_TIMEOUT"])
     settings = os.environ.get("RC_SESSION_SETTINGS", "")
     app.config["REQCONN_SESSION_SETTINGS"] = dict(
         item.split("=", 1) for item in settings.split(",") if item
@@ -66,6 +71,12 @@ def create_app() -> Flask:
         get_conn().execute("select pg_sleep(%s)", (seconds,))
         return "slept"
 
+    @app.get("/hold")
+    def hold() -> str:
+        get_conn().execute("select 1")
+        time.sleep(float(request.args.get("s", "1")))  # in Python, holding the connection
+        return "held"
+
     @app.get("/stream")
     def stream() -> Response:
         chunks = int(request.args.get("n", "10"))
@@ -78,6 +89,25 @@ def create_app() -> Flask:
                 yield f"chunk {i}\n" + "x" * 16384 + "\n"
 
         return Response(rows(), mimetype="text/plain")
+
+    @app.post("/upload")
+    def upload() -> dict[str, Any]:
+        size = len(request.get_data())
+        row = get_conn().execute("select %s::int, pg_backend_pid()", (size,)).fetchone()
+        return {"size": row[0], "backend": row[1]}
+
+    @app.post("/upload-stream")
+    def upload_stream() -> dict[str, Any]:
+        size = 0
+        while chunk := request.stream.read(4096):
+            size += len(chunk)
+        return {"size": get_conn().execute("select %s::int", (size,)).fetchone()[0]}
+
+    @app.post("/form")
+    def form() -> dict[str, Any]:
+        upload = request.files["file"].read()
+        get_conn().execute("select 1")
+        return {"name": request.form["name"], "file": len(upload)}
 
     @app.get("/health")
     def health() -> str:

@@ -1,0 +1,180 @@
+"""Only its own live request ever uses a connection (flask_reqconn.owner).
+
+A connection kept past its request (a global, a thread the view started, a block that
+ended) refuses to run statements, commit or roll back anywhere else, so a later request
+never commits another's writes, with the defaults (no strict mode).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from flask import Flask, Response
+
+from flask_reqconn import ConnectionReleased, get_conn, state_of
+from tests import pg
+from tests.appfixtures import AppFactory
+
+
+@pytest.fixture
+def table(pg_admin: Any) -> Any:
+    name = pg.unique_name("owner")
+    pg_admin.execute(f"create table {name} (what text)")
+    yield name
+    pg_admin.execute(f"drop table {name}")
+
+
+def rows(pg_admin: Any, table: str) -> list[str]:
+    return [r[0] for r in pg_admin.execute(f"select what from {table} order by what")]
+
+
+def stray_app(make_app: AppFactory, table: str) -> tuple[Flask, dict[str, Any]]:
+    app = make_app(checkout="lazy", max_size=1)
+    app.testing = False  # a stray use is the app's bug: a 500, as users see it
+    seen: dict[str, Any] = {}
+
+    @app.get("/keep")
+    def keep() -> str:
+        seen["kept"] = get_conn()
+        return "kept"
+
+    @app.get("/use-kept")
+    def use_kept() -> str:
+        seen["kept"].execute(f"insert into {table} values ('stray')")
+        return "wrote"
+
+    @app.get("/commit")
+    def commit() -> str:
+        conn = get_conn()
+        conn.execute(f"insert into {table} values ('own')")
+        conn.commit()
+        return "committed"
+
+    @app.get("/spawn")
+    def spawn() -> str:
+        conn = get_conn()
+
+        def later() -> None:
+            time.sleep(0.3)  # after the response
+            try:
+                conn.execute(f"insert into {table} values ('thread')")
+                conn.commit()
+            except Exception as exc:
+                seen["thread"] = exc
+
+        seen["runner"] = threading.Thread(target=later)
+        seen["runner"].start()
+        return "spawned"
+
+    @app.get("/helper")
+    def helper() -> str:
+        conn = get_conn()
+        found: list[Any] = []
+        plain = threading.Thread(target=lambda: found.append(_try(conn)))
+        plain.start()
+        plain.join()
+        ctx = contextvars.copy_context()  # the request's context: its own helper
+        runner = threading.Thread(target=ctx.run, args=(lambda: found.append(_try(conn)),))
+        runner.start()
+        runner.join()
+        seen["helper"] = found
+        return "ok"
+
+    return app, seen
+
+
+def _try(conn: psycopg.Connection[Any]) -> Any:
+    try:
+        return conn.execute("select 1").fetchone()[0]  # type: ignore[index]
+    except ConnectionReleased as exc:
+        return exc
+
+
+def test_a_kept_connection_refuses_to_act_in_a_later_request(
+    make_app: AppFactory, table: str, pg_admin: Any
+) -> None:
+    app, seen = stray_app(make_app, table)
+    client = app.test_client()
+    assert client.get("/keep").text == "kept"
+    assert client.get("/use-kept").status_code == 500  # no get_conn(): the pool's connection
+    with app.test_request_context("/holder"):
+        # another request holds that very connection: code of any other context is refused
+        # (the holder itself may use it: the object is its own connection now)
+        assert get_conn() is seen["kept"]
+        stray = contextvars.Context().run(_try, seen["kept"])
+        assert isinstance(stray, ConnectionReleased)
+        assert "belongs to another request (GET /holder" in str(stray)
+    assert client.get("/commit").text == "committed"
+    assert rows(pg_admin, table) == ["own"]  # the stray write was never run, never committed
+    with pytest.raises(ConnectionReleased):
+        seen["kept"].commit()
+    with pytest.raises(ConnectionReleased):
+        seen["kept"].rollback()
+    with pytest.raises(ConnectionReleased):
+        seen["kept"].cursor()
+
+
+def test_a_thread_of_the_view_cannot_use_the_connection_after_the_response(
+    make_app: AppFactory, table: str, pg_admin: Any
+) -> None:
+    app, seen = stray_app(make_app, table)
+    assert app.test_client().get("/spawn").text == "spawned"
+    seen["runner"].join(10)
+    assert isinstance(seen["thread"], ConnectionReleased)
+    assert "handed back by GET /spawn" in str(seen["thread"])
+    assert "reqconn.connection()" in str(seen["thread"])
+    assert rows(pg_admin, table) == []
+    assert app.test_client().get("/commit").text == "committed"
+    assert rows(pg_admin, table) == ["own"]
+
+
+def test_during_the_request_only_its_own_context_uses_the_connection(
+    make_app: AppFactory, table: str
+) -> None:
+    app, seen = stray_app(make_app, table)
+    assert app.test_client().get("/helper").text == "ok"
+    plain, in_context = seen["helper"]
+    assert isinstance(plain, ConnectionReleased)
+    assert "belongs to another request (GET /helper" in str(plain)
+    assert "copy_context" in str(plain)
+    assert in_context == 1
+
+
+def test_a_connection_block_refuses_use_after_it_ended(make_app: AppFactory) -> None:
+    app = make_app()
+    ext = state_of(app).ext
+    with ext.connection(app=app) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    with pytest.raises(ConnectionReleased, match="block ended"):
+        conn.execute("select 1")
+
+
+def test_a_stream_uses_its_connection_whatever_ran_in_between(make_app: AppFactory) -> None:
+    app = make_app(checkout="lazy")
+
+    @app.get("/stream")
+    def stream() -> Response:
+        conn = get_conn()
+
+        def rows() -> Any:  # a plain generator: runs after the request's context is gone
+            for i in range(3):
+                yield f"{conn.execute('select %s::int', (i,)).fetchone()[0]}\n"
+
+        return Response(rows())
+
+    @app.get("/other")
+    def other() -> str:
+        return str(get_conn().execute("select 7").fetchone()[0])  # type: ignore[index]
+
+    client = app.test_client()
+    response = client.get("/stream", buffered=False)
+    body = iter(response.response)
+    assert next(body) == b"0\n"
+    assert client.get("/other").text == "7"  # another request on the same thread
+    assert list(body) == [b"1\n", b"2\n"]
+    response.close()
