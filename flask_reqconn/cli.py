@@ -122,10 +122,11 @@ def _check_server(state: AppState, names: list[str], workers: int, others: int) 
             row = conn.execute("select count(*) from pg_stat_activity").fetchone()
             in_use = row[0] if row else 0
     except Exception as exc:
-        from .redact import scrub_secrets
+        from .redact import scrub_conninfo_error
 
+        reason = scrub_conninfo_error(str(exc), settings.conninfo, settings.connect_args)
         raise click.ClickException(
-            f"cannot connect or query: {type(exc).__name__}: {scrub_secrets(str(exc))}"
+            f"cannot connect or query: {type(exc).__name__}: {reason}"
         ) from None
     values = {name: (setting, unit) for name, setting, unit in rows}
     click.echo(f"server version:  {version // 10000}.{version % 10000}")
