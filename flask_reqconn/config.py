@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .conninfo import read_conninfo
 from .errors import ConfigError
 from .names import DEFAULT_POOL
 from .netdefaults import TCP_DEFAULTS, conninfo_keys, uses_tcp
@@ -368,23 +369,7 @@ class _Getter:
         return self._config.get(key, DEFAULTS[key])
 
     def conninfo(self, key: str) -> str:
-        value = self._get(key)
-        if value is None or value == "":
-            raise ConfigError(
-                key,
-                "is required: set it to a libpq connection string or URL, "
-                "e.g. 'postgresql://user@host/dbname'",
-            )
-        if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {type(value).__name__}")
-        reason = None
-        try:
-            conninfo_to_dict(value)
-        except psycopg.ProgrammingError as exc:
-            reason = scrub_conninfo_error(str(exc), value)
-        if reason is not None:  # raised out of the except: psycopg's message is no __context__
-            raise ConfigError(key, f"is not a valid connection string: {reason}")
-        return value
+        return read_conninfo(key, self._get(key))
 
     def integer(self, key: str, *, minimum: int) -> int:
         value = self._get(key)
