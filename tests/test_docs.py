@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import textwrap
 from pathlib import Path
 
 from flask_reqconn.integrations.prometheus import COUNTERS
@@ -108,3 +109,40 @@ def test_the_api_page_documents_exactly_all() -> None:
     api = (ROOT / "docs" / "api.rst").read_text()
     documented = re.findall(r"^\.\. auto(?:class|function|exception|data):: (\w+)", api, re.M)
     assert sorted(documented) == sorted(flask_reqconn.__all__)
+
+
+def documented_error_handlers() -> list[tuple[str, str]]:
+    """(page, code) of each code example of the docs that registers an error handler."""
+    found = []
+    for page in sorted((ROOT / "docs").glob("*.rst")):
+        text = page.read_text()
+        for block in re.findall(r"(?:::|\.\. code-block:: python)\n\n((?:[ ]{3,}.*\n|\n)+)", text):
+            code = textwrap.dedent(block)
+            if "@app.errorhandler(" in code:
+                found.append((page.name, code))
+    return found
+
+
+def test_the_documented_error_handlers_keep_retry_after_themselves() -> None:
+    """Each handler, on its own (the exception made outside a request: no header added back
+    by the library), answers a 503 with the exception's Retry-After."""
+    from flask import Flask
+
+    import flask_reqconn
+    from flask_reqconn import DatabaseUnavailable, PoolExhausted
+
+    handlers = documented_error_handlers()
+    assert {page for page, _ in handlers} >= {"failure-modes.rst", "lifecycle.rst", "pools.rst"}
+    for page, code in handlers:
+        app = Flask("docs")
+        public = {name: getattr(flask_reqconn, name) for name in flask_reqconn.__all__}
+        exec(code, {"app": app, **public})
+        for exc_class in (PoolExhausted, DatabaseUnavailable):
+            for pool in ("default", "replica"):
+                handler = app._find_error_handler(exc_class(pool, 7), ())
+                if handler is None:
+                    continue
+                with app.test_request_context():
+                    response = app.make_response(handler(exc_class(pool, 7)))
+                assert response.status_code == 503, page
+                assert response.headers.get("Retry-After") == "7", (page, code)
