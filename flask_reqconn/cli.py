@@ -122,9 +122,10 @@ def _check_server(state: AppState, names: list[str], workers: int, others: int) 
             row = conn.execute("select count(*) from pg_stat_activity").fetchone()
             in_use = row[0] if row else 0
     except Exception as exc:
-        from .redact import scrub_conninfo_error
+        from .redact import conninfo_passwords, scrub_secrets
 
-        reason = scrub_conninfo_error(str(exc), settings.conninfo, settings.connect_args)
+        secrets = conninfo_passwords(settings.conninfo, settings.connect_args)
+        reason = scrub_secrets(str(exc), secrets)
         raise click.ClickException(
             f"cannot connect or query: {type(exc).__name__}: {reason}"
         ) from None

@@ -16,7 +16,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from .errors import ConfigError
-from .redact import scrub_conninfo_error
+from .redact import scrub_conninfo_error, url_misread
 
 #: an SQLAlchemy URL of PostgreSQL: ``postgresql+psycopg://``, ``postgres+psycopg2://``...
 _SQLALCHEMY_SCHEME = re.compile(r"^\s*(postgresql|postgres)\+([A-Za-z0-9_]+)://")
@@ -48,9 +48,16 @@ def read_conninfo(key: str, value: object) -> str:
         )
     reason = None
     try:
-        conninfo_to_dict(conninfo)
+        params = conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError as exc:
         reason = scrub_conninfo_error(str(exc), conninfo)
+    else:
+        if scheme and url_misread(params):  # the values are not echoed: pieces of a password
+            reason = (
+                "libpq misreads the URL (a port that is not a number, or an '@' in the"
+                " host): percent-encode '/' and '@' in the user name and password"
+                " (%2F, %40)"
+            )
     if reason is not None:  # raised out of the except: psycopg's message is no __context__
         if driver:
             reason += (

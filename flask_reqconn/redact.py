@@ -33,17 +33,35 @@ _MASK = "***"
 
 
 def redact_conninfo(conninfo: str) -> str:
-    """Return *conninfo* with its password hidden. Never raises."""
+    """Return *conninfo* with its password hidden, and every piece of it that libpq read
+    as another parameter (:func:`url_misread`). Never raises."""
     try:
         params = conninfo_to_dict(conninfo)
     except Exception:
         return scrub_conninfo_error(conninfo, conninfo)
+    misread = url_misread(params)
     if "password" in params:
         params["password"] = _MASK
     try:
-        return make_conninfo("", **params)
+        redacted = make_conninfo("", **params)
+        return scrub_conninfo_error(redacted, conninfo) if misread else redacted
     except Exception:
         return "<conninfo>"
+
+
+def url_misread(params: Mapping[str, t.Any]) -> bool:
+    """Did libpq read part of a URL's password as another parameter?
+
+    A ``/`` left unencoded in the password ends the host part early (the rest of
+    the password is read as a port, that is not a number, and a database name),
+    an ``@`` ends the user info early (the rest is read into the host). *params* are
+    the conninfo's as libpq parsed them.
+    """
+    ports = str(params.get("port") or "").split(",")
+    hosts = str(params.get("host") or "").split(",")
+    return any(p.strip() and not p.strip().isdigit() for p in ports) or any(
+        "@" in h and not h.startswith(("/", "@")) for h in hosts
+    )
 
 
 def scrub_secrets(text: str, secrets: Iterable[str] = ()) -> str:

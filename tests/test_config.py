@@ -233,3 +233,29 @@ def test_an_sqlalchemy_url_connects(make_app: Any, pg_dsn: str) -> None:
         return str(get_conn().execute("select 1").fetchone()[0])  # type: ignore[index]
 
     assert app.test_client().get("/").get_data(as_text=True) == "1"
+
+
+@pytest.mark.parametrize("url", ["postgresql://app:S3cr/3tXX@db/app", "postgresql://app:S3cr@3tXX@db/app"])
+def test_a_url_whose_password_libpq_misreads_says_what_to_encode(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(REQCONN_CONNINFO=url)
+    assert str(info.value) == (
+        "REQCONN_CONNINFO: is not a valid connection string: libpq misreads the URL (a port"
+        " that is not a number, or an '@' in the host): percent-encode '/' and '@' in the"
+        " user name and password (%2F, %40)"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:pa%2Fss%40x@db/app",
+        "postgresql://app@db1:5432,db2:5433/app",
+        "postgresql://app@%2Ftmp%2Fsock%40dir/app",
+        "postgresql:///app?host=@abstract&port=5432",
+        "postgresql://app@db/app?application_name=x@y",
+        "postgresql://app:p?s#s@db/app",
+    ],
+)
+def test_urls_libpq_reads_as_written_are_accepted(url: str) -> None:
+    assert settings(REQCONN_CONNINFO=url).conninfo == url

@@ -32,6 +32,8 @@ CASES: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "sqlalchemy-url-space": ("postgresql+psycopg://u:S3cr3t XX@db/app", {}, (SPACED,)),
     "sqlalchemy-url-bad-option": ("postgresql+psycopg2://u:S3cr3tXX@db/app?x=1", {}, ("S3cr3tXX",)),
     "other-database-url": ("mysql+pymysql://u:S3cr3t XX@db/app", {}, (SPACED,)),
+    "url-slash-in-password": ("postgresql://u:S3cr/3tXXXX@db/app", {}, ("S3cr/3tXXXX",)),
+    "url-at-in-password-parsable": ("postgresql://u:S3cr3t@XXXX@db/app", {}, ("S3cr3t@XXXX",)),
     "query-space": ("postgresql://u@db/app?password=S3cr3t XX", {}, (SPACED,)),
     "query-space-then-bad": ("postgresql://u@db/app?password=S3cr3t XX&bogus=1", {}, (SPACED,)),
     "query-bad-percent": ("postgresql://u@db/app?password=S3cr3t%ZZXX", {}, ("S3cr3t%ZZXX",)),
@@ -122,3 +124,10 @@ def test_scrubbing_hides_pieces_only_of_the_password() -> None:
     message = 'invalid percent-encoded token: "S3cr%ZZ3t" near host "db"'
     scrubbed = scrub_conninfo_error(message, "postgresql://u:S3cr%ZZ3t@db/app")
     assert scrubbed == 'invalid percent-encoded token: "***" near host "db"'
+
+
+def test_redact_conninfo_leaves_the_rest_of_a_well_read_conninfo_alone() -> None:
+    """Pieces are hidden only where libpq misread the password: "ter" of hunter2 stays in
+    "internal"."""
+    redacted = redact_conninfo("postgresql://app:hunter2@db.internal/app")
+    assert redacted == "user=app password=*** dbname=app host=db.internal"
