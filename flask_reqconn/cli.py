@@ -20,7 +20,10 @@ from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from psycopg.rows import tuple_row
 
+from .netdefaults import conninfo_keys
+
 if t.TYPE_CHECKING:
+    from .config import PoolSettings
     from .state import AppState
 
 _SETTINGS = (
@@ -87,6 +90,21 @@ def _server_key(conninfo: str) -> tuple[str, str, str]:
     return host, port, hostaddr
 
 
+def _check_connect_args(settings: PoolSettings) -> dict[str, t.Any]:
+    """The pool's connect arguments for the check's own connection (tuple rows).
+
+    A ``connect_timeout`` of the conninfo or of ``REQCONN_CONNECT_ARGS`` (or added by
+    ``REQCONN_TCP_DEFAULTS``) is kept; without one the wait is bounded by
+    ``REQCONN_TIMEOUT``, between 1 and 10 seconds.
+    """
+    kwargs = {k: v for k, v in settings.connect_args.items() if k != "row_factory"}
+    if "connect_timeout" not in kwargs and "connect_timeout" not in conninfo_keys(
+        settings.conninfo
+    ):
+        kwargs["connect_timeout"] = max(1, min(10, int(settings.timeout)))
+    return kwargs
+
+
 def _check_server(state: AppState, names: list[str], workers: int, others: int) -> list[str]:
     """Check one server shared by the pools *names*; return the problems found."""
     settings = state.pools[names[0]].settings
@@ -94,11 +112,7 @@ def _check_server(state: AppState, names: list[str], workers: int, others: int) 
     try:
         # a direct connection, not the pool: a refused or failed login shows
         # its own error instead of a pool timeout
-        with psycopg.connect(
-            settings.conninfo,
-            connect_timeout=max(1, min(10, int(settings.timeout))),
-            **{k: v for k, v in settings.connect_args.items() if k != "row_factory"},
-        ) as conn:
+        with psycopg.connect(settings.conninfo, **_check_connect_args(settings)) as conn:
             conn.execute("select 1")
             version = conn.info.server_version
             rows = conn.execute(
@@ -108,10 +122,12 @@ def _check_server(state: AppState, names: list[str], workers: int, others: int) 
             row = conn.execute("select count(*) from pg_stat_activity").fetchone()
             in_use = row[0] if row else 0
     except Exception as exc:
-        from .redact import scrub_secrets
+        from .redact import conninfo_passwords, scrub_secrets
 
+        secrets = conninfo_passwords(settings.conninfo, settings.connect_args)
+        reason = scrub_secrets(str(exc), secrets)
         raise click.ClickException(
-            f"cannot connect or query: {type(exc).__name__}: {scrub_secrets(str(exc))}"
+            f"cannot connect or query: {type(exc).__name__}: {reason}"
         ) from None
     values = {name: (setting, unit) for name, setting, unit in rows}
     click.echo(f"server version:  {version // 10000}.{version % 10000}")

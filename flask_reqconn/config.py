@@ -17,10 +17,11 @@ from collections.abc import Iterable, Mapping
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .conninfo import read_conninfo
 from .errors import ConfigError
 from .names import DEFAULT_POOL
 from .netdefaults import TCP_DEFAULTS, conninfo_keys, uses_tcp
-from .redact import conninfo_passwords, redact_conninfo, scrub_secrets
+from .redact import redact_conninfo, scrub_conninfo_error
 
 CHECKOUT_MODES = ("eager", "lazy")
 TRANSACTION_MODES = ("rollback", "autocommit", "atomic")
@@ -207,6 +208,7 @@ def load_pool(config: Mapping[str, t.Any], app_name: str) -> PoolSettings:
         given = conninfo_keys(conninfo) | set(connect_args)
         tcp_defaults = {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
         connect_args.update(tcp_defaults)
+    error = None
     try:
         make_conninfo(
             conninfo,
@@ -217,10 +219,9 @@ def load_pool(config: Mapping[str, t.Any], app_name: str) -> PoolSettings:
             },
         )
     except psycopg.ProgrammingError as exc:
-        raise ConfigError(
-            "REQCONN_CONNECT_ARGS",
-            scrub_secrets(str(exc), conninfo_passwords(conninfo, connect_args)),
-        ) from None
+        error = scrub_conninfo_error(str(exc), conninfo, connect_args)
+    if error is not None:  # raised out of the except: psycopg's message is no __context__
+        raise ConfigError("REQCONN_CONNECT_ARGS", error)
 
     return PoolSettings(
         conninfo=conninfo,
@@ -373,21 +374,7 @@ class _Getter:
         return self._config.get(key, DEFAULTS[key])
 
     def conninfo(self, key: str) -> str:
-        value = self._get(key)
-        if value is None or value == "":
-            raise ConfigError(
-                key,
-                "is required: set it to a libpq connection string or URL, "
-                "e.g. 'postgresql://user@host/dbname'",
-            )
-        if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {type(value).__name__}")
-        try:
-            conninfo_to_dict(value)
-        except psycopg.ProgrammingError as exc:
-            reason = scrub_secrets(str(exc), conninfo_passwords(value, {}))
-            raise ConfigError(key, f"is not a valid connection string: {reason}") from None
-        return value
+        return read_conninfo(key, self._get(key))
 
     def integer(self, key: str, *, minimum: int) -> int:
         value = self._get(key)

@@ -7,9 +7,13 @@ turns into responses (and that users may handle with ``app.errorhandler``).
 
 from __future__ import annotations
 
+import functools
 import typing as t
+from datetime import datetime
 
+from flask import after_this_request, has_request_context
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
+from werkzeug.http import http_date
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -41,12 +45,37 @@ class ConnectionReleased(ReqConnError):
     """
 
 
+def keep_retry_after(error: ServiceUnavailable) -> None:
+    """Make the current request's ``503`` answer carry *error*'s ``Retry-After``.
+
+    An app's error handler (for ``HTTPException``, ``503``, or the library's
+    exceptions) often builds a response of its own, without the exception's
+    headers. This registers, for the current request only
+    (``flask.after_this_request``), a function that adds the header to the
+    response if its status is ``503`` and it has no ``Retry-After`` of its
+    own: a request that never raises one pays nothing. Outside a request, or
+    without a ``retry_after``, it does nothing. Called by the constructors of
+    :class:`PoolExhausted` and :class:`DatabaseUnavailable`.
+    """
+    if error.retry_after is None or not has_request_context():
+        return
+    after_this_request(functools.partial(_add_retry_after, error.retry_after))
+
+
+def _add_retry_after(retry_after: datetime | int, response: Response) -> Response:
+    if response.status_code == 503 and "Retry-After" not in response.headers:
+        value = http_date(retry_after) if isinstance(retry_after, datetime) else str(retry_after)
+        response.headers["Retry-After"] = value
+    return response
+
+
 class PoolExhausted(ServiceUnavailable):
     """No connection could be had within ``REQCONN_TIMEOUT`` (or the wait queue is full).
 
     Flask answers it with ``503 Service Unavailable`` and a ``Retry-After``
-    header. Register an error handler for this class to change the response.
-    The psycopg_pool error is chained as ``__cause__``.
+    header. Register an error handler for this class to change the response;
+    a ``503`` it returns without a ``Retry-After`` gets this one's
+    (see ``keep_retry_after``). The psycopg_pool error is chained as ``__cause__``.
 
     :param pool_name: the name of the pool that could not give a connection.
     :param retry_after: seconds for the ``Retry-After`` header.
@@ -59,6 +88,7 @@ class PoolExhausted(ServiceUnavailable):
     def __init__(self, pool_name: str = "default", retry_after: int | None = 1) -> None:
         super().__init__(retry_after=retry_after)
         self.pool_name = pool_name
+        keep_retry_after(self)
 
 
 class DatabaseUnavailable(ServiceUnavailable):
@@ -67,7 +97,8 @@ class DatabaseUnavailable(ServiceUnavailable):
 
     Flask answers it with ``503 Service Unavailable`` and a ``Retry-After`` header
     instead of a 500 traceback. Register an error handler for this class to change
-    the response. The psycopg error is chained as ``__cause__``.
+    the response; a ``503`` it returns without a ``Retry-After`` gets this one's
+    (see ``keep_retry_after``). The psycopg error is chained as ``__cause__``.
 
     :param pool_name: the name of the pool whose connection was lost.
     :param retry_after: seconds for the ``Retry-After`` header.
@@ -80,6 +111,7 @@ class DatabaseUnavailable(ServiceUnavailable):
     def __init__(self, pool_name: str = "default", retry_after: int | None = 1) -> None:
         super().__init__(retry_after=retry_after)
         self.pool_name = pool_name
+        keep_retry_after(self)
 
 
 class ClientGone(HTTPException):

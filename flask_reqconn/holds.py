@@ -129,7 +129,7 @@ def check_leaks(holder: PoolHolder) -> None:
             stats = holder.pool.get_stats() if holder.is_open else {}
         logger.warning(
             "connection held for %.1f s (threshold %.1f s) by %s %s (endpoint %r,"
-            " thread %d), checked out at %s; pool %r: size=%s available=%s waiting=%s",
+            " thread %d), checked out at %s; pool %s: size=%s available=%s waiting=%s",
             lease.held_for,
             threshold,
             lease.method,
@@ -137,7 +137,7 @@ def check_leaks(holder: PoolHolder) -> None:
             lease.endpoint,
             lease.thread_id,
             lease.checkout_site or "<unknown>",
-            holder.label,
+            holder.log_name,
             stats.get("pool_size"),
             stats.get("pool_available"),
             stats.get("requests_waiting"),

@@ -59,7 +59,7 @@ class PoolHolder:
         self.leak_threshold = app_settings.leak_threshold
         self.max_hold = app_settings.max_hold
         self.watcher_tick = app_settings.watcher_tick
-        self.label = label
+        self.label, self.log_name = label, f"{name!r} ({label})"  # "'default' (reqconn:app)"
         #: receive every event (shared with the counters; see add_listener)
         self.listeners: list[Listener] = []
         self.counters = PoolCounters(name, self.listeners)
@@ -106,10 +106,10 @@ class PoolHolder:
                 return self._pool
             if self._pool is not None:
                 logger.warning(
-                    "pool %r was opened in process %d before a fork; process %d opens its"
+                    "pool %s was opened in process %d before a fork; process %d opens its"
                     " own and leaves the inherited one untouched (open pools after the fork:"
                     " do not use the database at import time or in gunicorn's master)",
-                    self.label,
+                    self.log_name,
                     self._pid,
                     pid,
                 )
@@ -134,8 +134,8 @@ class PoolHolder:
             pool.open(wait=False)
             self._pool, self._pid = pool, pid
             logger.debug(
-                "opened pool %r in process %d: %s (min_size=%d, max_size=%d)",
-                self.label,
+                "opened pool %s in process %d: %s (min_size=%d, max_size=%d)",
+                self.log_name,
                 pid,
                 s.safe_conninfo,
                 s.min_size,
@@ -202,7 +202,7 @@ class PoolHolder:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "checked out %s for %s %s after %.3f s",
-                self.label,
+                self.log_name,
                 method,
                 path,
                 lease.wait_time,
@@ -227,7 +227,7 @@ class PoolHolder:
             ):
                 return conn
             self.counters.add(Stat.DEAD_DISCARDED)
-            logger.debug("discarded a connection of %s whose server side was gone", self.label)
+            logger.debug("discarded a connection of %s whose server side was gone", self.log_name)
             conn.close()
             pool.putconn(conn)  # closed: the pool replaces it
         last: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
@@ -323,7 +323,7 @@ class PoolHolder:
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "released %s of %s %s by %s after %.3f s",
-                    self.label,
+                    self.log_name,
                     lease.method,
                     lease.path,
                     reason.value,
@@ -350,7 +350,7 @@ class PoolHolder:
         try:
             pool.putconn(conn)
         except Exception as exc:  # the pool was closed meanwhile
-            logger.debug("putconn to %r failed (%s); closing the connection", pool.name, exc)
+            logger.debug("putconn to %s failed (%s); closing the connection", self.log_name, exc)
             conn.close()
 
     @contextlib.contextmanager
@@ -406,8 +406,8 @@ class PoolHolder:
         suppressed, self._lost_unlogged = self._lost_unlogged, 0
         self._last_lost_log = now
         logger.warning(
-            "database connection of pool %r lost during %s %s: %s (%s: %s)%s",
-            self.label,
+            "database connection of pool %s lost during %s %s: %s (%s: %s)%s",
+            self.log_name,
             lease.method,
             lease.path,
             outcome,
@@ -425,9 +425,9 @@ class PoolHolder:
         self._last_exhausted_log = now
         stats = self.pool.get_stats() if self.is_open else {}
         logger.warning(
-            "pool %r exhausted: %s %s answered 503 after waiting %.3f s (%s);"
+            "pool %s exhausted: %s %s answered 503 after waiting %.3f s (%s);"
             " pool_size=%s available=%s waiting=%s max_size=%d%s",
-            self.label,
+            self.log_name,
             lease.method,
             lease.path,
             time.monotonic() - lease.requested_at,

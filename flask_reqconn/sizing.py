@@ -46,12 +46,12 @@ def check_once(holder: PoolHolder, environ: t.Mapping[str, t.Any]) -> None:
         else f"REQCONN_POOLS[{holder.name!r}]['MAX_SIZE']"
     )
     logger.warning(
-        "pool %r has %s = %d connections, but this worker runs up to %d requests at once"
+        "pool %s has %s = %d connections, but this worker runs up to %d requests at once"
         " (%s): under full load %d of them wait up to %.1f s for a connection, then get"
         " 503. Fine if intended (it bounds the load on the database); otherwise raise %s"
         " or lower the concurrency. Silence this line with"
         " logging.getLogger('flask_reqconn.sizing').setLevel(logging.ERROR)",
-        holder.label,
+        holder.log_name,
         key,
         max_size,
         found.requests,

@@ -20,6 +20,8 @@ import errno
 import typing as t
 from collections.abc import Callable, Iterable
 
+from .errors import keep_retry_after
+
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
     from flask import Flask
@@ -106,6 +108,7 @@ class HeldStart:
         """
         app, environ = self._app, self._environ
         with app.request_context(environ):
+            keep_retry_after(error)  # for this context: the handler may drop the header
             rv = app.handle_http_exception(error)
             response = app.finalize_request(rv, from_error_handler=True)
         start_response = self._start_response

@@ -16,6 +16,7 @@ import pytest
 from flask import Flask
 
 from flask_reqconn import ReqConn
+from flask_reqconn.netdefaults import uses_tcp
 from tests import pg
 
 AppFactory = Callable[..., Flask]
@@ -81,3 +82,28 @@ def reqconn_of(app: Flask) -> ReqConn:
 
 def backend_pid(conn: psycopg.Connection[Any]) -> int:
     return conn.info.backend_pid
+
+
+@pytest.fixture(scope="session")
+def pg_tcp_dsn(pg_dsn: str, pg_admin: psycopg.Connection[Any]) -> str:
+    """The test server over TCP on the loopback: ``pg_dsn`` if it is TCP already.
+
+    The embedded server listens on 127.0.0.1 too; a ``$REQCONN_TEST_DSN`` server reached
+    over a unix socket that does not listen there skips the test, saying so.
+    """
+    if uses_tcp(pg_dsn):
+        return pg_dsn
+    row = pg_admin.execute(
+        "select current_setting('listen_addresses'), current_setting('port')"
+    ).fetchone()
+    assert row is not None
+    listen, port = row
+    addresses = {a.strip() for a in str(listen).split(",")}
+    if not addresses & {"*", "0.0.0.0", "127.0.0.1", "localhost"}:
+        pytest.skip(f"the test server does not listen on 127.0.0.1 (listen_addresses={listen!r})")
+    dsn = pg.with_conninfo(pg_dsn, host="127.0.0.1", port=port)
+    try:
+        psycopg.connect(dsn, connect_timeout=10).close()
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"the test server refuses TCP on 127.0.0.1:{port}: {exc}")
+    return dsn

@@ -2,7 +2,7 @@
 
 * :mod:`flask_reqconn.testing.pytest_plugin`: ``--test-dsn``, ``pg_dsn``, ``pg_admin``,
   ``reqconn_strict``, ``serve_gunicorn`` (what users get);
-* :mod:`tests.appfixtures`: ``make_app``;
+* :mod:`tests.appfixtures`: ``make_app``, ``pg_tcp_dsn``;
 * :mod:`tests.fix_pgbouncer`: ``pgbouncer``, ``make_pgbouncer``;
 * :mod:`tests.fix_replica`: ``replica_dsn``;
 * here: ``spawn``.

@@ -175,3 +175,87 @@ def test_bad_config_fails_at_init_app_before_anything_is_registered() -> None:
         ReqConn().init_app(app)
     assert "reqconn" not in app.extensions
     assert app.wsgi_app == original
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://app@db.example/app?sslmode=require",
+        "postgresql+psycopg2://app@db.example/app?sslmode=require",
+        "postgresql+asyncpg://app@db.example/app?sslmode=require",
+        "postgres+psycopg://app@db.example/app?sslmode=require",
+    ],
+)
+def test_an_sqlalchemy_url_is_read_without_its_driver(url: str) -> None:
+    s = settings(REQCONN_CONNINFO=url)
+    scheme = url.split("+", 1)[0]
+    assert s.conninfo == f"{scheme}://app@db.example/app?sslmode=require"
+
+
+def test_an_sqlalchemy_url_in_a_named_pool_is_read_without_its_driver() -> None:
+    config = {
+        "REQCONN_CONNINFO": GOOD,
+        "REQCONN_POOLS": {"replica": {"CONNINFO": "postgresql+psycopg://app@replica/app"}},
+    }
+    assert load_config(config, "myapp")[1]["replica"].conninfo == "postgresql://app@replica/app"
+
+
+def test_an_sqlalchemy_url_with_sqlalchemy_only_parameters_says_how_it_was_read() -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(REQCONN_CONNINFO="postgresql+asyncpg://app@db/app?prepared_statement_cache_size=0")
+    assert info.value.key == "REQCONN_CONNINFO"
+    assert 'invalid URI query parameter: "prepared_statement_cache_size"' in str(info.value)
+    assert "SQLAlchemy URL without its '+asyncpg'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql+pymysql://app:pw@db/app", "sqlite:///app.db", "http://db.example/app"]
+)
+def test_a_url_of_another_database_says_what_to_write(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(REQCONN_CONNINFO=url)
+    assert info.value.key == "REQCONN_CONNINFO"
+    scheme = url.split("://", 1)[0]
+    assert str(info.value) == (
+        f"REQCONN_CONNINFO: is a {scheme!r} URL, not PostgreSQL's: write"
+        " 'postgresql://user@host/dbname' or a libpq keyword string"
+    )
+
+
+def test_an_sqlalchemy_url_connects(make_app: Any, pg_dsn: str) -> None:
+    if not pg_dsn.startswith("postgresql://"):
+        pytest.skip("the test server's conninfo is not a postgresql:// URL")
+    app = make_app(conninfo=pg_dsn.replace("postgresql://", "postgresql+psycopg://", 1))
+    from flask_reqconn import get_conn
+
+    @app.get("/")
+    def index() -> str:
+        return str(get_conn().execute("select 1").fetchone()[0])  # type: ignore[index]
+
+    assert app.test_client().get("/").get_data(as_text=True) == "1"
+
+
+@pytest.mark.parametrize("url", ["postgresql://app:S3cr/3tXX@db/app", "postgresql://app:S3cr@3tXX@db/app"])
+def test_a_url_whose_password_libpq_misreads_says_what_to_encode(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(REQCONN_CONNINFO=url)
+    assert str(info.value) == (
+        "REQCONN_CONNINFO: is not a valid connection string: libpq misreads the URL (a port"
+        " that is not a number, or an '@' in the host): percent-encode '/' and '@' in the"
+        " user name and password (%2F, %40)"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:pa%2Fss%40x@db/app",
+        "postgresql://app@db1:5432,db2:5433/app",
+        "postgresql://app@%2Ftmp%2Fsock%40dir/app",
+        "postgresql:///app?host=@abstract&port=5432",
+        "postgresql://app@db/app?application_name=x@y",
+        "postgresql://app:p?s#s@db/app",
+    ],
+)
+def test_urls_libpq_reads_as_written_are_accepted(url: str) -> None:
+    assert settings(REQCONN_CONNINFO=url).conninfo == url

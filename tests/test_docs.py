@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import re
+import textwrap
 from pathlib import Path
+from typing import Any
 
 from flask_reqconn.integrations.prometheus import COUNTERS
 from flask_reqconn.names import Stat
@@ -108,3 +111,137 @@ def test_the_api_page_documents_exactly_all() -> None:
     api = (ROOT / "docs" / "api.rst").read_text()
     documented = re.findall(r"^\.\. auto(?:class|function|exception|data):: (\w+)", api, re.M)
     assert sorted(documented) == sorted(flask_reqconn.__all__)
+
+
+def documented_error_handlers() -> list[tuple[str, str]]:
+    """(page, code) of each code example of the docs that registers an error handler."""
+    found = []
+    for page in sorted((ROOT / "docs").glob("*.rst")):
+        text = page.read_text()
+        for block in re.findall(r"(?:::|\.\. code-block:: python)\n\n((?:[ ]{3,}.*\n|\n)+)", text):
+            code = textwrap.dedent(block)
+            if "@app.errorhandler(" in code:
+                found.append((page.name, code))
+    return found
+
+
+def test_the_documented_error_handlers_keep_retry_after_themselves() -> None:
+    """Each handler, on its own (the exception made outside a request: no header added back
+    by the library), answers a 503 with the exception's Retry-After."""
+    from flask import Flask
+
+    import flask_reqconn
+    from flask_reqconn import DatabaseUnavailable, PoolExhausted
+
+    handlers = documented_error_handlers()
+    assert {page for page, _ in handlers} >= {"failure-modes.rst", "lifecycle.rst", "pools.rst"}
+    for page, code in handlers:
+        app = Flask("docs")
+        public = {name: getattr(flask_reqconn, name) for name in flask_reqconn.__all__}
+        exec(code, {"app": app, **public})
+        for exc_class in (PoolExhausted, DatabaseUnavailable):
+            for pool in ("default", "replica"):
+                handler = app._find_error_handler(exc_class(pool, 7), ())
+                if handler is None:
+                    continue
+                with app.test_request_context():
+                    response = app.make_response(handler(exc_class(pool, 7)))
+                assert response.status_code == 503, page
+                assert response.headers.get("Retry-After") == "7", (page, code)
+
+
+def page(name: str) -> str:
+    return (ROOT / "docs" / name).read_text()
+
+
+def test_the_requirements_are_pyprojects() -> None:
+    """index.rst and quickstart.rst give every bound of pyproject's dependencies."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    block = pyproject.split("\ndependencies = [\n", 1)[1].split("\n]\n", 1)[0]
+    bounds = {
+        name.lower(): re.findall(r"[<>]=?\s*([\d.]+)", spec)
+        for name, spec in re.findall(r'^\s*"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?([^"]*)"', block, re.M)
+    }
+    python = re.findall(r'requires-python = ">=([\d.]+)"', pyproject)
+    assert bounds["psycopg-pool"] == ["3.2.1", "3.4"] and python == ["3.10"]
+    index = page("index.rst").split("Requirements:", 1)[1].split("\n\n", 1)[0]
+    quickstart = page("quickstart.rst").split("The dependencies are", 1)[1].split("\n\n", 1)[0]
+    for text in (" ".join(index.split()), " ".join(quickstart.split())):
+        for name, versions in bounds.items():
+            if name == "werkzeug":  # comes with Flask
+                continue
+            shown = name.replace("flask", "Flask")
+            assert shown in text.replace("``", "").replace("[pool]", ""), (name, text)
+            for version in versions:
+                assert version in text, (name, version, text)
+    assert "Python 3.10" in index
+
+
+def test_the_quickstart_says_reqconn_connection_is_reset_and_it_is(
+    make_app: Any,
+) -> None:
+    text = page("quickstart.rst").split("Outside of requests\n", 1)[1].split("\nRows by name", 1)[0]
+    assert "without" not in text and "does not outlive the block" in text
+    app = make_app(max_size=1)
+    reqconn = app.extensions["test_reqconn"]
+    with reqconn.connection(app=app) as conn:
+        pid = conn.info.backend_pid
+        conn.execute("SET work_mem = '1234kB'")
+    with reqconn.connection(app=app) as conn:
+        assert conn.info.backend_pid == pid  # the same connection, reset
+        assert conn.execute("SHOW work_mem").fetchone() != ("1234kB",)
+
+
+def test_lifecycle_says_blueprints_are_matched_by_object_as_policy_does() -> None:
+    from flask_reqconn import policy
+    from tests import test_policy
+
+    text = " ".join(page("lifecycle.rst").split("A blueprint is matched", 1)[1].split())
+    assert text.startswith("by object, not by name")
+    assert "Blueprints are matched by object" in " ".join((policy.__doc__ or "").split())
+    # what the page says about it, tested
+    assert test_policy.test_blueprint_registered_under_another_name_is_still_exempt
+    assert test_policy.test_exempting_one_blueprint_leaves_a_namesake_in_another_parent_alone
+
+
+def test_the_docs_import_paths_are_current() -> None:
+    """Each ``from flask_reqconn... import`` of the docs works, and none is an old path."""
+    old = {"flask_reqconn.metrics"}  # still importable, no longer taught
+    pages = [*(ROOT / "docs").glob("*.rst"), *(ROOT / "docs" / "api").glob("*.rst")]
+    seen = 0
+    for path in pages:
+        for module, names in re.findall(
+            r"^\s*from (flask_reqconn[\w.]*) import ([\w, ]+)$", path.read_text(), re.M
+        ):
+            seen += 1
+            assert module not in old, (path.name, module)
+            imported = importlib.import_module(module)
+            for name in names.split(","):
+                assert hasattr(imported, name.strip()), (path.name, module, name)
+        assert "flask_reqconn.metrics.PrometheusMetrics" not in path.read_text(), path.name
+    assert seen >= 10
+
+
+def test_the_warnings_name_the_pool_as_stats_does(make_app: Any, pg_dsn: str, caplog: Any) -> None:
+    app = make_app(max_size=1, timeout=0.2, pools={"replica": {"CONNINFO": pg_dsn, "MAX_SIZE": 1}})
+    reqconn = app.extensions["test_reqconn"]
+    app.register_blueprint(reqconn.health_blueprint())
+
+    @app.get("/<name>")
+    def view(name: str) -> str:
+        from flask_reqconn import get_conn
+
+        get_conn(name)
+        return "never"
+
+    client = app.test_client()
+    caplog.set_level("WARNING", logger="flask_reqconn")
+    for name in ("default", "replica"):
+        with reqconn.connection(name, app=app):
+            assert client.get(f"/{name}").status_code == 503
+    assert set(client.get("/stats").get_json()["pools"]) == {"default", "replica"}
+    exhausted = [r.getMessage() for r in caplog.records if "exhausted" in r.getMessage()]
+    assert exhausted[0].startswith(f"pool 'default' (reqconn:{app.name}) exhausted: GET /default")
+    assert exhausted[1].startswith(
+        f"pool 'replica' (reqconn:{app.name}:replica) exhausted: GET /replica"
+    )

