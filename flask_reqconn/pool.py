@@ -24,12 +24,14 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from . import holds
 from .config import AppSettings, PoolSettings
-from .errors import PoolExhausted
+from .errors import DatabaseRefused, PoolExhausted
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
 from .lease import DeferredQueue, Lease, ReleaseReason
 from .liveness import RequestPool, server_gone
-from .names import CancelReason, Stat
+from .names import CancelReason, Stat, config_key
 from .owner import Block, LeasedConnection, Owner, own
+from .redact import conninfo_passwords
+from .refusal import Refusal, install_filter
 from .stats import Listener, PoolCounters
 from .watcher import get_watcher
 
@@ -71,6 +73,8 @@ class PoolHolder:
         self._pid = 0
         #: the process that ran the pool-sizing check (:mod:`flask_reqconn.sizing`)
         self.size_checked_in = 0
+        #: the connection attempts of the open pool: is the database refusing them?
+        self.refusal = self._new_refusal()
         self._lock = threading.Lock()
         self._deferred = deferred if deferred is not None else DeferredQueue()
         self._last_exhausted_log = 0.0
@@ -116,8 +120,10 @@ class PoolHolder:
                 _INHERITED_POOLS.append(self._pool)
                 self.counters = PoolCounters(self.name, self.listeners)
             s = self.settings
+            install_filter()
+            self.refusal = self._new_refusal()
             kwargs = dict(s.connect_args)
-            pool: ConnectionPool[t.Any] = RequestPool(
+            pool = RequestPool(
                 s.conninfo,
                 kwargs=kwargs,
                 min_size=s.min_size,
@@ -131,6 +137,7 @@ class PoolHolder:
                 configure=self._configure,
                 open=False,
             )
+            pool.refusal = self.refusal
             pool.open(wait=False)
             self._pool, self._pid = pool, pid
             logger.debug(
@@ -142,6 +149,16 @@ class PoolHolder:
                 s.max_size,
             )
             return pool
+
+    def _new_refusal(self) -> Refusal:
+        s = self.settings
+        return Refusal(
+            self.label,
+            timeout=s.timeout,
+            max_size_key=config_key(self.name, "MAX_SIZE"),
+            conninfo_key=config_key(self.name, "CONNINFO"),
+            secrets=conninfo_passwords(s.conninfo, s.connect_args),
+        )
 
     def _configure(self, conn: psycopg.Connection[t.Any]) -> None:
         if self.settings.validate_idle is not None:
@@ -194,6 +211,12 @@ class PoolHolder:
         try:
             lease._activate(self._getconn_alive(pool, owner))
         except (PoolTimeout, TooManyRequests) as exc:
+            refused = self._refused()
+            if refused is not None:
+                if not quiet_exhaustion:
+                    self.counters.add(Stat.REFUSED)
+                    self._log_refused(lease, refused)
+                raise refused from exc
             if not quiet_exhaustion:  # a fallback follows: not an answered 503
                 self.counters.add(Stat.EXHAUSTED)
                 self._log_exhausted(lease, exc)
@@ -359,7 +382,7 @@ class PoolHolder:
         try:
             conn = self.pool.getconn(timeout)
         except (PoolTimeout, TooManyRequests) as exc:
-            raise PoolExhausted(self.name, self.settings.retry_after) from exc
+            raise (self._refused() or PoolExhausted(self.name, self.settings.retry_after)) from exc
         try:
             if self.settings.read_only:
                 make_read_only(conn)
@@ -416,6 +439,27 @@ class PoolHolder:
             f"; {suppressed} more since the last report" if suppressed else "",
         )
 
+    def _refused(self) -> DatabaseRefused | None:
+        """The 503 for a timeout while the database refuses connections, else None."""
+        cause = self.refusal.cause()
+        if cause is None:
+            return None
+        return DatabaseRefused(self.name, self.settings.retry_after, cause)
+
+    def _log_refused(self, lease: Lease, error: DatabaseRefused) -> None:
+        """DEBUG only: the refusals have their own WARNING, once per burst."""
+        self.refusal.answered()
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "database refusing connections of pool %r: %s %s answered 503 after"
+                " waiting %.3f s (%s)",
+                self.label,
+                lease.method,
+                lease.path,
+                time.monotonic() - lease.requested_at,
+                error.cause,
+            )
+
     def _log_exhausted(self, lease: Lease, exc: Exception) -> None:
         now = time.monotonic()
         if now - self._last_exhausted_log < 1.0:
@@ -443,5 +487,6 @@ class PoolHolder:
         if self._deferred:
             self._deferred.run()
         data = self.counters.snapshot()
+        data["refusing"] = self.refusal.cause() if self.is_open else None
         data["pool"] = self.pool.get_stats() if self.is_open else {}
         return data
