@@ -22,7 +22,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
-from . import holds
+from . import holds, sizing
 from .config import AppSettings, PoolSettings
 from .errors import DatabaseRefused, PoolExhausted
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
@@ -73,6 +73,10 @@ class PoolHolder:
         self._pid = 0
         #: the process that ran the pool-sizing check (:mod:`flask_reqconn.sizing`)
         self.size_checked_in = 0
+        #: worker processes of the server, if it says (:mod:`flask_reqconn.sizing`)
+        self.processes: int | None = None
+        #: the process that compared MAX_SIZE with the server's max_connections
+        self.limits_checked_in = 0
         #: the connection attempts of the open pool: is the database refusing them?
         self.refusal = self._new_refusal()
         self._lock = threading.Lock()
@@ -161,6 +165,8 @@ class PoolHolder:
         )
 
     def _configure(self, conn: psycopg.Connection[t.Any]) -> None:
+        if self.limits_checked_in != os.getpid():
+            sizing.check_server_once(self, conn)
         if self.settings.validate_idle is not None:
             setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
         if self.settings.autocommit:

@@ -6,7 +6,8 @@ connection slots are reserved" for an ordinary role, "too many clients" for a su
 A request that times out waiting for the pool then gets 503 with ``Retry-After`` and a
 message saying the database refused or could not be reached, counted in ``refused`` (not
 ``exhausted``); one WARNING of ours per burst and none of psycopg_pool's per attempt;
-``/ready`` and the stats name the cause.
+``/ready`` and the stats name the cause. The first connection of a pool warns when the
+server's usable slots cannot hold ``MAX_SIZE`` per worker.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flask import Flask
 
 from flask_reqconn import DatabaseRefused, PoolExhausted, get_conn
 from flask_reqconn.testing import embedded_server, wait_until
-from tests import pg
+from tests import pg, servers
 from tests.appfixtures import AppFactory, reqconn_of
 
 REFUSING = "database refusing connections"
@@ -202,7 +203,11 @@ def test_a_server_out_of_connection_slots_is_answered_503_and_warned_about(
     app = with_views(make_app(conninfo=conninfo, timeout=0.5, max_size=4))
     reqconn = reqconn_of(app)
     with logs(caplog):
+        # the first connection: 4 per worker cannot fit in 6 - 3 reserved
         assert app.test_client().get("/").status_code == 200
+        (sizing,) = [r.getMessage() for r in caplog.records if r.name == "flask_reqconn.sizing"]
+        assert "1 worker x REQCONN_MAX_SIZE 4 = 4 exceeds the 3 connections the server" in sizing
+        assert "(max_connections 6 - 3 reserved)" in sizing
         caplog.clear()
         # the app holds its one connection; another client takes every other slot
         with reqconn.connection(app=app):
@@ -237,3 +242,38 @@ def test_a_server_out_of_connection_slots_is_answered_503_and_warned_about(
     assert psycopg_attempt_lines(caplog) == []
     (again,) = [m for m in ours(caplog, logging.INFO) if "accepts connections again" in m]
     assert "6 requests answered 503" in again
+
+
+@pytest.mark.slow
+def test_a_server_whose_slots_hold_the_pool_is_not_warned_about(
+    make_app: AppFactory, low_server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = with_views(make_app(conninfo=low_server, max_size=3))
+    with caplog.at_level(logging.DEBUG, logger="flask_reqconn.sizing"):
+        for _ in range(3):
+            assert app.test_client().get("/").status_code == 200
+    assert [r for r in caplog.records if r.name == "flask_reqconn.sizing"] == []
+
+
+@pytest.mark.slow
+def test_gunicorn_workers_whose_pools_cannot_fit_are_warned_about_at_startup(
+    spawn: Any, low_server: str
+) -> None:
+    """2 workers x MAX_SIZE 2 = 4 > 3 usable: each worker says so at its pool's first
+    connection, naming --workers and the key to change."""
+    env = {
+        "RC_DSN": pg.with_conninfo(low_server, user="app_user"),
+        "RC_APPNAME": pg.unique_name("sizing"),
+        "RC_MAX_SIZE": "2",
+        "RC_LOG": "WARNING",
+    }
+    server = spawn("gunicorn", "tests.apps.reqconn_app:create_app()", env=env, workers=2)
+    for _ in range(6):
+        status, _, body = servers.http_get(server.url + "/")
+        assert status == 200, body
+    lines = [line for line in server.log_text().splitlines()
+             if line.startswith("WARNING flask_reqconn.sizing: ")]  # fmt: skip
+    assert lines, server.log_text()
+    assert all("2 workers x REQCONN_MAX_SIZE 2 = 4 exceeds the 3 connections" in line
+               for line in lines), lines  # fmt: skip
+    assert len(lines) <= 2  # once per worker process at most
