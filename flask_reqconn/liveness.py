@@ -172,9 +172,12 @@ class RequestPool(ConnectionPool[t.Any]):
         if report is None:
             super()._add_connection(attempt, growing)
             return
+        errors = self.get_stats().get("connections_errors", 0)
         with refusal.attempt() as outcome:
             super()._add_connection(attempt, growing)
         if outcome.error is not None:
             report.failed(outcome.error)
+        elif self.get_stats().get("connections_errors", 0) != errors:
+            report.failed(None)  # failed, but psycopg.pool logs nothing at WARNING
         else:
             report.succeeded()

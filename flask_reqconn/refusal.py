@@ -44,6 +44,11 @@ _SPACES = re.compile(r"\s+")
 
 #: The logger psycopg_pool reports each failed attempt on.
 PSYCOPG_POOL_LOGGER = "psycopg.pool"
+#: The cause of a failed attempt whose error psycopg_pool could not log.
+UNKNOWN_CAUSE = (
+    "connection attempt failed (its error is only seen when the psycopg.pool logger is"
+    " enabled for WARNING)"
+)
 
 
 class _Attempt(threading.local):
@@ -107,12 +112,14 @@ def attempt() -> Iterator[Outcome]:
         _attempt.active, _attempt.error = False, None
 
 
-def describe(error: BaseException, secrets: Iterable[str] = ()) -> str:
+def describe(error: BaseException | None, secrets: Iterable[str] = ()) -> str:
     """The cause of a failed connection attempt in one line, without passwords.
 
     libpq's first line (``connection to server at "db", port 5432 failed: FATAL:
     sorry, too many clients already``), without psycopg's ``connection failed:``.
     """
+    if error is None:
+        return UNKNOWN_CAUSE
     text = scrub_secrets(str(error), secrets).strip()
     line = text.splitlines()[0] if text else type(error).__name__
     line = _SPACES.sub(" ", line.removeprefix("connection failed: ")).strip()
@@ -178,8 +185,9 @@ class Refusal:
     def __repr__(self) -> str:
         return f"<Refusal {self.label!r} since={self.since}>"
 
-    def failed(self, error: BaseException) -> None:
-        """An attempt failed with *error*: WARNING if a report is due, else counted."""
+    def failed(self, error: BaseException | None) -> None:
+        """An attempt failed with *error* (None: unknown): WARNING if a report is due,
+        else counted."""
         now = time.monotonic()
         cause = describe(error, self._secrets)
         logger.debug("connection attempt of pool %r failed: %s", self.label, cause)

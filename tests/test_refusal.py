@@ -277,3 +277,17 @@ def test_gunicorn_workers_whose_pools_cannot_fit_are_warned_about_at_startup(
     assert all("2 workers x REQCONN_MAX_SIZE 2 = 4 exceeds the 3 connections" in line
                for line in lines), lines  # fmt: skip
     assert len(lines) <= 2  # once per worker process at most
+
+
+def test_a_refusal_is_seen_with_psycopg_pool_s_logger_above_warning(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = with_views(make_app(conninfo=f"host=127.0.0.1 port={closed_port()}", timeout=0.5))
+    with (
+        caplog.at_level(logging.ERROR, logger="psycopg.pool"),
+        caplog.at_level(logging.DEBUG, logger="flask_reqconn"),
+    ):
+        _, response = get_refused(app)
+    assert_refused_answer(response)
+    assert "psycopg.pool" in reqconn_of(app).stats(app)["pools"]["default"]["refusing"]
+    assert len(ours(caplog)) == 1
