@@ -20,7 +20,7 @@ and reports them in its own counters and rate-limited WARNINGs, so
 :meth:`RequestPool.putconn` replaces a closed connection without that line.
 
 It also logs a WARNING for every failed connection attempt. ``RequestPool``
-reports each attempt to its :class:`~flask_reqconn.refusal.Refusal` instead,
+reports each attempt to its :class:`~flask_reqconn.attempts.ConnectAttempts` instead,
 which says once per burst that the database refuses connections, and why.
 """
 
@@ -38,7 +38,7 @@ from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff, BasePool
 from psycopg_pool.pool import AddConnection
 
-from . import refusal
+from .attempts import ConnectAttempts, observe
 from .probes.peek import readable
 
 #: Seconds between reconnection attempts at most (jittered by :data:`RECONNECT_JITTER`).
@@ -120,12 +120,12 @@ class RequestPool(ConnectionPool[t.Any]):
 
     Each missing connection has one attempt in flight at a time, so a worker
     makes at most ``max_size`` / 0.4 attempts per second during an outage.
-    Each attempt is reported to :attr:`refusal`, if set, instead of psycopg_pool's
+    Each attempt is reported to :attr:`attempts`, if set, instead of psycopg_pool's
     WARNING for each failure.
     """
 
     #: where connection attempts are reported (set before the pool opens)
-    refusal: refusal.Refusal | None = None
+    attempts: ConnectAttempts | None = None
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
@@ -168,12 +168,12 @@ class RequestPool(ConnectionPool[t.Any]):
     ) -> None:
         if attempt is None:
             attempt = _CappedBackoff(timeout=self.reconnect_timeout)
-        report = self.refusal
+        report = self.attempts
         if report is None:
             super()._add_connection(attempt, growing)
             return
         errors = self.get_stats().get("connections_errors", 0)
-        with refusal.attempt() as outcome:
+        with observe() as outcome:
             super()._add_connection(attempt, growing)
         if outcome.error is not None:
             report.failed(outcome.error)

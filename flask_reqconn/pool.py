@@ -24,14 +24,12 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from . import holds, sizing
 from .config import AppSettings, PoolSettings
-from .errors import DatabaseRefused, PoolExhausted
+from .exhaustion import Exhaustion
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
 from .lease import DeferredQueue, Lease, ReleaseReason
 from .liveness import RequestPool, server_gone
-from .names import CancelReason, Stat, config_key
+from .names import CancelReason, Stat
 from .owner import Block, LeasedConnection, Owner, own
-from .redact import conninfo_passwords
-from .refusal import Refusal, install_filter
 from .stats import Listener, PoolCounters
 from .watcher import get_watcher
 
@@ -77,12 +75,10 @@ class PoolHolder:
         self.processes: int | None = None
         #: the process that compared MAX_SIZE with the server's max_connections
         self.limits_checked_in = 0
-        #: the connection attempts of the open pool: is the database refusing them?
-        self.refusal = self._new_refusal()
         self._lock = threading.Lock()
         self._deferred = deferred if deferred is not None else DeferredQueue()
-        self._last_exhausted_log = 0.0
-        self._exhausted_unlogged = 0
+        #: what a checkout that got no connection is answered: exhausted, or refused
+        self.exhaustion = Exhaustion(self)
         self._last_lost_log = 0.0
         self._lost_unlogged = 0
 
@@ -124,8 +120,6 @@ class PoolHolder:
                 _INHERITED_POOLS.append(self._pool)
                 self.counters = PoolCounters(self.name, self.listeners)
             s = self.settings
-            install_filter()
-            self.refusal = self._new_refusal()
             kwargs = dict(s.connect_args)
             pool = RequestPool(
                 s.conninfo,
@@ -141,7 +135,7 @@ class PoolHolder:
                 configure=self._configure,
                 open=False,
             )
-            pool.refusal = self.refusal
+            self.exhaustion.opened(pool)
             pool.open(wait=False)
             self._pool, self._pid = pool, pid
             logger.debug(
@@ -153,16 +147,6 @@ class PoolHolder:
                 s.max_size,
             )
             return pool
-
-    def _new_refusal(self) -> Refusal:
-        s = self.settings
-        return Refusal(
-            self.label,
-            timeout=s.timeout,
-            max_size_key=config_key(self.name, "MAX_SIZE"),
-            conninfo_key=config_key(self.name, "CONNINFO"),
-            secrets=conninfo_passwords(s.conninfo, s.connect_args),
-        )
 
     def _configure(self, conn: psycopg.Connection[t.Any]) -> None:
         if self.limits_checked_in != os.getpid():
@@ -217,16 +201,8 @@ class PoolHolder:
         try:
             lease._activate(self._getconn_alive(pool, owner))
         except (PoolTimeout, TooManyRequests) as exc:
-            refused = self._refused()
-            if refused is not None:
-                if not quiet_exhaustion:
-                    self.counters.add(Stat.REFUSED)
-                    self._log_refused(lease, refused)
-                raise refused from exc
-            if not quiet_exhaustion:  # a fallback follows: not an answered 503
-                self.counters.add(Stat.EXHAUSTED)
-                self._log_exhausted(lease, exc)
-            raise PoolExhausted(self.name, self.settings.retry_after) from exc
+            # quiet_exhaustion: a fallback follows, not an answered 503
+            raise self.exhaustion.answer(exc, None if quiet_exhaustion else lease) from exc
         self.counters.checked_out(lease)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
@@ -388,7 +364,7 @@ class PoolHolder:
         try:
             conn = self.pool.getconn(timeout)
         except (PoolTimeout, TooManyRequests) as exc:
-            raise (self._refused() or PoolExhausted(self.name, self.settings.retry_after)) from exc
+            raise self.exhaustion.answer(exc) from exc
         try:
             if self.settings.read_only:
                 make_read_only(conn)
@@ -445,54 +421,10 @@ class PoolHolder:
             f"; {suppressed} more since the last report" if suppressed else "",
         )
 
-    def _refused(self) -> DatabaseRefused | None:
-        """The 503 for a timeout while the database refuses connections, else None."""
-        cause = self.refusal.cause()
-        if cause is None:
-            return None
-        return DatabaseRefused(self.name, self.settings.retry_after, cause)
-
-    def _log_refused(self, lease: Lease, error: DatabaseRefused) -> None:
-        """DEBUG only: the refusals have their own WARNING, once per burst."""
-        self.refusal.answered()
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "database refusing connections of pool %r: %s %s answered 503 after"
-                " waiting %.3f s (%s)",
-                self.label,
-                lease.method,
-                lease.path,
-                time.monotonic() - lease.requested_at,
-                error.cause,
-            )
-
-    def _log_exhausted(self, lease: Lease, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_exhausted_log < 1.0:
-            self._exhausted_unlogged += 1
-            return
-        suppressed, self._exhausted_unlogged = self._exhausted_unlogged, 0
-        self._last_exhausted_log = now
-        stats = self.pool.get_stats() if self.is_open else {}
-        logger.warning(
-            "pool %s exhausted: %s %s answered 503 after waiting %.3f s (%s);"
-            " pool_size=%s available=%s waiting=%s max_size=%d%s",
-            self.log_name,
-            lease.method,
-            lease.path,
-            time.monotonic() - lease.requested_at,
-            type(exc).__name__,
-            stats.get("pool_size"),
-            stats.get("pool_available"),
-            stats.get("requests_waiting"),
-            self.settings.max_size,
-            f"; {suppressed} more since the last report" if suppressed else "",
-        )
-
     def stats(self) -> dict[str, t.Any]:
         if self._deferred:
             self._deferred.run()
         data = self.counters.snapshot()
-        data["refusing"] = self.refusal.cause() if self.is_open else None
+        data["refusing"] = self.exhaustion.attempts.refusing() if self.is_open else None
         data["pool"] = self.pool.get_stats() if self.is_open else {}
         return data

@@ -13,7 +13,7 @@ silenced by name:
   callback, one round trip once per process): can the server's ``max_connections``,
   minus the reserved ones, hold ``MAX_SIZE`` connections of every worker process?
   If not, some workers get none when all are busy and answer 503 "database refusing
-  connections" (:mod:`flask_reqconn.refusal`).
+  connections" (:mod:`flask_reqconn.attempts`).
 
 :func:`connections_problem` is the arithmetic and the advice of the second check, shared
 with ``flask reqconn check --workers N``.

@@ -1,4 +1,4 @@
-"""A database that refuses connections: why, since when, and one WARNING per burst.
+"""A pool's connection attempts: does the database refuse them, why, since when.
 
 When a pool cannot open connections (the server's ``max_connections`` is reached:
 "too many clients", "remaining connection slots are reserved"; a failed login; an
@@ -7,17 +7,16 @@ every attempt (``error connecting in 'pool': ...``) and tries again, every half
 second with :class:`~flask_reqconn.liveness.RequestPool`: hundreds of lines a minute
 per worker, while requests waiting for the pool looked exhausted.
 
-:class:`Refusal` keeps the state of one opened pool: the cause of its last failed
-attempt and whether an attempt succeeded since. The pool's connection attempts
-report to it (:func:`attempt`, used by ``RequestPool``). psycopg_pool's per-attempt
+:class:`ConnectAttempts` keeps the state of one opened pool: the cause of its last
+failed attempt and whether an attempt succeeded since. The pool's connection attempts
+report to it (:func:`observe`, used by ``RequestPool``). psycopg_pool's per-attempt
 line for those attempts is taken over by a filter on the ``psycopg.pool`` logger
 (re-logged here at DEBUG) and reported instead as one WARNING when the refusals
 start, one a minute while they last, and an INFO line when the database accepts
-connections again. A request that then times out waiting for the pool asks
-:meth:`Refusal.cause` (only after the timeout, never on the normal path) and is
-answered :class:`~flask_reqconn.DatabaseRefused` instead of
-:class:`~flask_reqconn.PoolExhausted`.
-"""
+connections again. A request that then times out waiting for the pool is answered
+:class:`~flask_reqconn.DatabaseRefused` while :meth:`ConnectAttempts.refusing` says
+why (:mod:`flask_reqconn.exhaustion`, only after the timeout, never on the way to
+a connection)."""
 
 from __future__ import annotations
 
@@ -26,9 +25,14 @@ import logging
 import re
 import threading
 import time
+import typing as t
 from collections.abc import Iterable, Iterator
 
-from .redact import scrub_secrets
+from .names import config_key
+from .redact import conninfo_passwords, scrub_secrets
+
+if t.TYPE_CHECKING:
+    from .config import PoolSettings
 
 # the documented name: the pool's other WARNINGs are here too
 logger = logging.getLogger("flask_reqconn.pool")
@@ -42,8 +46,6 @@ RECENT = 10.0
 _MAX_CAUSE = 300
 _SPACES = re.compile(r"\s+")
 
-#: The logger psycopg_pool reports each failed attempt on.
-PSYCOPG_POOL_LOGGER = "psycopg.pool"
 #: The cause of a failed attempt whose error psycopg_pool could not log.
 UNKNOWN_CAUSE = (
     "connection attempt failed (its error is only seen when the psycopg.pool logger is"
@@ -81,7 +83,7 @@ class AttemptFilter(logging.Filter):
 
 def install_filter() -> None:
     """Add :class:`AttemptFilter` to the ``psycopg.pool`` logger, once per process."""
-    target = logging.getLogger(PSYCOPG_POOL_LOGGER)
+    target = logging.getLogger("psycopg.pool")
     with _install_lock:
         if not any(isinstance(f, AttemptFilter) for f in target.filters):
             target.addFilter(AttemptFilter())
@@ -97,7 +99,7 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def attempt() -> Iterator[Outcome]:
+def observe() -> Iterator[Outcome]:
     """Run one connection attempt of a ``RequestPool`` in this block.
 
     psycopg_pool's WARNING for its failure is not logged; its exception is in
@@ -140,13 +142,13 @@ def advice(cause: str, *, max_size_key: str, conninfo_key: str) -> str:
     return f"check that the server is up and reachable at the host and port of {conninfo_key}"
 
 
-class Refusal:
-    """The connection attempts of one opened pool, and its refusal reports.
+class ConnectAttempts:
+    """The connection attempts of one opened pool, and its reports of refusals.
 
     Thread-safe: attempts report from the pool's worker threads, requests ask
     from theirs.
 
-    :param label: the pool's label, for messages.
+    :param log_name: the pool's name in messages (``'default' (reqconn:app)``).
     :param timeout: the pool's ``REQCONN_TIMEOUT``.
     :param max_size_key: the key that sets the pool's ``MAX_SIZE``, for advice.
     :param conninfo_key: the key that sets its ``CONNINFO``, for advice.
@@ -155,14 +157,14 @@ class Refusal:
 
     def __init__(
         self,
-        label: str,
+        log_name: str,
         *,
         timeout: float,
         max_size_key: str = "REQCONN_MAX_SIZE",
         conninfo_key: str = "REQCONN_CONNINFO",
         secrets: Iterable[str] = (),
     ) -> None:
-        self.label = label
+        self.log_name = log_name
         self.timeout = timeout
         self.max_size_key = max_size_key
         self.conninfo_key = conninfo_key
@@ -182,15 +184,28 @@ class Refusal:
         self._unreported_failures = 0
         self._unreported_answered = 0
 
+    @classmethod
+    def for_pool(cls, name: str, log_name: str, settings: PoolSettings) -> ConnectAttempts:
+        """The attempts of the pool *name*, reported with its keys and without its
+        passwords; installs the filter on ``psycopg.pool``."""
+        install_filter()
+        return cls(
+            log_name,
+            timeout=settings.timeout,
+            max_size_key=config_key(name, "MAX_SIZE"),
+            conninfo_key=config_key(name, "CONNINFO"),
+            secrets=conninfo_passwords(settings.conninfo, settings.connect_args),
+        )
+
     def __repr__(self) -> str:
-        return f"<Refusal {self.label!r} since={self.since}>"
+        return f"<ConnectAttempts {self.log_name!r} refused since={self.since}>"
 
     def failed(self, error: BaseException | None) -> None:
         """An attempt failed with *error* (None: unknown): WARNING if a report is due,
         else counted."""
         now = time.monotonic()
         cause = describe(error, self._secrets)
-        logger.debug("connection attempt of pool %r failed: %s", self.label, cause)
+        logger.debug("connection attempt of pool %s failed: %s", self.log_name, cause)
         with self._lock:
             self.last_cause, self.failed_at = cause, now
             started = self.since is None
@@ -214,19 +229,19 @@ class Refusal:
         what = advice(cause, max_size_key=self.max_size_key, conninfo_key=self.conninfo_key)
         if started:
             logger.warning(
-                "pool %r cannot open connections: database refusing connections: %s."
+                "pool %s cannot open connections: database refusing connections: %s."
                 " Requests that find no free connection within %.1f s are answered 503"
                 " (counted in 'refused'); one line a minute while it lasts. To fix: %s",
-                self.label,
+                self.log_name,
                 cause,
                 self.timeout,
                 what,
             )
         else:
             logger.warning(
-                "pool %r: database still refusing connections after %.0f s: %s (%d failed"
+                "pool %s: database still refusing connections after %.0f s: %s (%d failed"
                 " attempts and %d requests answered 503 since the last report). To fix: %s",
-                self.label,
+                self.log_name,
                 lasting,
                 cause,
                 failures,
@@ -244,15 +259,15 @@ class Refusal:
                 return
             failures, answered = self._burst_failures, self._burst_answered
         logger.info(
-            "pool %r: the database accepts connections again after %.1f s of refusals"
+            "pool %s: the database accepts connections again after %.1f s of refusals"
             " (%d failed attempts, %d requests answered 503)",
-            self.label,
+            self.log_name,
             now - since,
             failures,
             answered,
         )
 
-    def cause(self) -> str | None:
+    def refusing(self) -> str | None:
         """Why the database refuses this pool's connections right now, or None.
 
         Refusing: the pool's last attempt failed, recently. A pool whose

@@ -1,4 +1,4 @@
-"""A database that refuses connections says so (:mod:`flask_reqconn.refusal`).
+"""A database that refuses connections says so (:mod:`flask_reqconn.attempts`).
 
 Real refusals: a closed port on 127.0.0.1, a database that does not exist, and a second
 embedded PostgreSQL with ``max_connections = 6`` whose slots the test fills ("remaining
@@ -185,7 +185,7 @@ def fill_slots(conninfo: str) -> list[psycopg.Connection[Any]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("role", "refusal"),
+    ("role", "cause"),
     [("app_user", "remaining connection slots are reserved"),
      (None, "too many clients already")],
     ids=["ordinary-role", "superuser"],
@@ -195,7 +195,7 @@ def test_a_server_out_of_connection_slots_is_answered_503_and_warned_about(
     low_server: str,
     caplog: pytest.LogCaptureFixture,
     role: str | None,
-    refusal: str,
+    cause: str,
 ) -> None:
     user = {"user": role} if role else {}
     appname = pg.unique_name("refused")
@@ -229,13 +229,13 @@ def test_a_server_out_of_connection_slots_is_answered_503_and_warned_about(
         assert elapsed < 1.5
     assert ready.status_code == 503
     assert ready.get_json()["reason"].startswith(f"{REFUSING}: ")
-    assert refusal in ready.get_json()["reason"]
-    assert refusal in refusing
+    assert cause in ready.get_json()["reason"]
+    assert cause in refusing
     stats = reqconn.stats(app)
     assert (stats["refused"], stats["exhausted"]) == (6, 0)
     warnings = ours(caplog)
     assert len(warnings) == 1, warnings
-    assert f"{REFUSING}: " in warnings[0] and refusal in warnings[0]
+    assert f"{REFUSING}: " in warnings[0] and cause in warnings[0]
     assert "lower REQCONN_MAX_SIZE" in warnings[0]
     attempts = [m for m in ours(caplog, logging.DEBUG) if "connection attempt of pool" in m]
     assert len(attempts) >= burst / 1.0, (burst, attempts)
