@@ -26,10 +26,10 @@ import re
 import threading
 import time
 import typing as t
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping
 
 from .names import config_key
-from .redact import conninfo_passwords, scrub_secrets
+from .redact import scrub_conninfo_error
 
 if t.TYPE_CHECKING:
     from .config import PoolSettings
@@ -114,15 +114,18 @@ def observe() -> Iterator[Outcome]:
         _attempt.active, _attempt.error = False, None
 
 
-def describe(error: BaseException | None, secrets: Iterable[str] = ()) -> str:
+def describe(
+    error: BaseException | None, conninfo: str = "", connect_args: Mapping[str, t.Any] | None = None
+) -> str:
     """The cause of a failed connection attempt in one line, without passwords.
 
     libpq's first line (``connection to server at "db", port 5432 failed: FATAL:
-    sorry, too many clients already``), without psycopg's ``connection failed:``.
+    sorry, too many clients already``), without psycopg's ``connection failed:``;
+    nothing of a password of *conninfo* or *connect_args* in it.
     """
     if error is None:
         return UNKNOWN_CAUSE
-    text = scrub_secrets(str(error), secrets).strip()
+    text = scrub_conninfo_error(str(error), conninfo, connect_args).strip()
     line = text.splitlines()[0] if text else type(error).__name__
     line = _SPACES.sub(" ", line.removeprefix("connection failed: ")).strip()
     return line[:_MAX_CAUSE]
@@ -152,7 +155,8 @@ class ConnectAttempts:
     :param timeout: the pool's ``REQCONN_TIMEOUT``.
     :param max_size_key: the key that sets the pool's ``MAX_SIZE``, for advice.
     :param conninfo_key: the key that sets its ``CONNINFO``, for advice.
-    :param secrets: passwords to keep out of messages.
+    :param conninfo: the pool's conninfo, whose passwords stay out of messages.
+    :param connect_args: its connection arguments, likewise.
     """
 
     def __init__(
@@ -162,13 +166,14 @@ class ConnectAttempts:
         timeout: float,
         max_size_key: str = "REQCONN_MAX_SIZE",
         conninfo_key: str = "REQCONN_CONNINFO",
-        secrets: Iterable[str] = (),
+        conninfo: str = "",
+        connect_args: Mapping[str, t.Any] | None = None,
     ) -> None:
         self.log_name = log_name
         self.timeout = timeout
         self.max_size_key = max_size_key
         self.conninfo_key = conninfo_key
-        self._secrets = tuple(s for s in secrets if s)
+        self._conninfo, self._connect_args = conninfo, dict(connect_args or {})
         self._lock = threading.Lock()
         #: the cause of the last failed attempt, and when (monotonic)
         self.last_cause = ""
@@ -194,7 +199,8 @@ class ConnectAttempts:
             timeout=settings.timeout,
             max_size_key=config_key(name, "MAX_SIZE"),
             conninfo_key=config_key(name, "CONNINFO"),
-            secrets=conninfo_passwords(settings.conninfo, settings.connect_args),
+            conninfo=settings.conninfo,
+            connect_args=settings.connect_args,
         )
 
     def __repr__(self) -> str:
@@ -204,7 +210,7 @@ class ConnectAttempts:
         """An attempt failed with *error* (None: unknown): WARNING if a report is due,
         else counted."""
         now = time.monotonic()
-        cause = describe(error, self._secrets)
+        cause = describe(error, self._conninfo, self._connect_args)
         logger.debug("connection attempt of pool %s failed: %s", self.log_name, cause)
         with self._lock:
             self.last_cause, self.failed_at = cause, now

@@ -29,7 +29,7 @@ from tests import pg, servers
 from tests.appfixtures import AppFactory, reqconn_of
 
 REFUSING = "database refusing connections"
-SECRET = "s3cret-do-not-log"
+SECRET = "Xq7Zk2Vw9Jp"
 #: max_connections of the refusing server; 3 of them are superuser_reserved_connections
 LOW_MAX_CONNECTIONS = 6
 
