@@ -21,6 +21,7 @@ from flask.cli import AppGroup, with_appcontext
 from psycopg.rows import tuple_row
 
 from .netdefaults import conninfo_keys
+from .sizing import ServerLimits, connections_problem
 
 if t.TYPE_CHECKING:
     from .config import PoolSettings
@@ -157,13 +158,10 @@ def _check_server(state: AppState, names: list[str], workers: int, others: int) 
             " the pools count against pgbouncer's max_client_conn, and its"
             " default_pool_size x databases/users against max_connections"
         )
-    elif needed > usable:
-        problems.append(
-            f"{workers} workers x REQCONN_MAX_SIZE {pool_total} + {others} others = {needed}"
-            f" exceeds the {usable} connections the server allows (max_connections"
-            f" {max_connections} - {reserved} reserved): lower REQCONN_MAX_SIZE or the"
-            " worker count, raise max_connections, or put pgbouncer in front"
-        )
+    elif problem := connections_problem(
+        ServerLimits(max_connections, reserved), pool_total, workers=workers, others=others
+    ):
+        problems.append(problem)
     for name in ("idle_in_transaction_session_timeout",):
         if values.get(name, ("0", None))[0] == "0":
             click.echo(

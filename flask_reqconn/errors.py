@@ -91,6 +91,31 @@ class PoolExhausted(ServiceUnavailable):
         keep_retry_after(self)
 
 
+class DatabaseRefused(PoolExhausted):
+    """No connection could be had within ``REQCONN_TIMEOUT`` while the database refused
+    new connections or could not be reached ("too many clients", a failed login, a
+    closed port, an unknown host).
+
+    A :class:`PoolExhausted`, so handlers and ``except`` clauses for it still apply;
+    Flask answers it with ``503 Service Unavailable`` and a ``Retry-After`` header.
+
+    :param pool_name: the name of the pool that could not give a connection.
+    :param retry_after: seconds for the ``Retry-After`` header.
+    :param cause: why the pool's last connection attempt failed, without secrets.
+    """
+
+    description = (
+        "The database refused the server's connections or could not be reached."
+        " Please try again shortly."
+    )
+
+    def __init__(
+        self, pool_name: str = "default", retry_after: int | None = 1, cause: str = ""
+    ) -> None:
+        super().__init__(pool_name, retry_after)
+        self.cause = cause
+
+
 class DatabaseUnavailable(ServiceUnavailable):
     """The request's database connection was lost while it ran (a restart, a crash, a
     terminated backend, a dead network path).

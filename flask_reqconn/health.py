@@ -2,7 +2,8 @@
 
 ``/health`` never touches the pool, so it answers even when every connection
 is taken. ``/ready`` takes a connection with a short timeout of its own and
-runs ``select 1``: 503 when the pool is exhausted or the database is down.
+runs ``select 1``: 503 when the pool is exhausted, the database refuses
+connections, or it is down.
 ``/stats`` returns :meth:`ReqConn.stats` of the answering process. All three
 are exempt from the request checkout and answer JSON.
 """
@@ -16,7 +17,7 @@ import psycopg
 from flask import Blueprint, Flask, current_app, jsonify
 from psycopg_pool import PoolTimeout, TooManyRequests
 
-from .errors import PoolExhausted
+from .errors import DatabaseRefused, PoolExhausted
 
 if t.TYPE_CHECKING:
     from werkzeug.wrappers import Response
@@ -63,6 +64,9 @@ def health_blueprint(
                     (f"{int(ready_timeout * 1000)}ms",),
                 )
                 conn.execute("select 1")
+        except DatabaseRefused as exc:
+            reason = f"database refusing connections: {exc.cause}"
+            return jsonify(status="unavailable", reason=reason, **summary), 503
         except (PoolExhausted, PoolTimeout, TooManyRequests):
             return jsonify(status="unavailable", reason="pool exhausted", **summary), 503
         except psycopg.Error as exc:

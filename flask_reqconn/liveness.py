@@ -18,6 +18,10 @@ psycopg_pool logs a WARNING for every closed connection given back to it
 one line per request. flask-reqconn closes the connections it discards itself
 and reports them in its own counters and rate-limited WARNINGs, so
 :meth:`RequestPool.putconn` replaces a closed connection without that line.
+
+It also logs a WARNING for every failed connection attempt. ``RequestPool``
+reports each attempt to its :class:`~flask_reqconn.attempts.ConnectAttempts` instead,
+which says once per burst that the database refuses connections, and why.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff, BasePool
 from psycopg_pool.pool import AddConnection
 
+from .attempts import ConnectAttempts, observe
 from .probes.peek import readable
 
 #: Seconds between reconnection attempts at most (jittered by :data:`RECONNECT_JITTER`).
@@ -115,7 +120,12 @@ class RequestPool(ConnectionPool[t.Any]):
 
     Each missing connection has one attempt in flight at a time, so a worker
     makes at most ``max_size`` / 0.4 attempts per second during an outage.
+    Each attempt is reported to :attr:`attempts`, if set, instead of psycopg_pool's
+    WARNING for each failure.
     """
+
+    #: where connection attempts are reported (set before the pool opens)
+    attempts: ConnectAttempts | None = None
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
@@ -156,7 +166,18 @@ class RequestPool(ConnectionPool[t.Any]):
     def _add_connection(
         self, attempt: AttemptWithBackoff | None, growing: bool = False
     ) -> None:
-        super()._add_connection(
-            attempt if attempt is not None else _CappedBackoff(timeout=self.reconnect_timeout),
-            growing,
-        )
+        if attempt is None:
+            attempt = _CappedBackoff(timeout=self.reconnect_timeout)
+        report = self.attempts
+        if report is None:
+            super()._add_connection(attempt, growing)
+            return
+        errors = self.get_stats().get("connections_errors", 0)
+        with observe() as outcome:
+            super()._add_connection(attempt, growing)
+        if outcome.error is not None:
+            report.failed(outcome.error)
+        elif self.get_stats().get("connections_errors", 0) != errors:
+            report.failed(None)  # failed, but psycopg.pool logs nothing at WARNING
+        else:
+            report.succeeded()

@@ -14,6 +14,15 @@ DEFAULT_POOL = "default"
 EXTENSION_KEY = "reqconn"
 
 
+def config_key(pool: str, key: str) -> str:
+    """The configuration key that sets *key* (``"MAX_SIZE"``) for the pool named *pool*.
+
+    ``REQCONN_MAX_SIZE`` for the default pool, ``REQCONN_POOLS['replica']['MAX_SIZE']``
+    for a named one: what messages tell the user to change.
+    """
+    return f"REQCONN_{key}" if pool == DEFAULT_POOL else f"REQCONN_POOLS[{pool!r}][{key!r}]"
+
+
 class Stat(str, enum.Enum):
     """The event counters of one pool, as keys of :meth:`~flask_reqconn.ReqConn.stats`.
 
@@ -23,6 +32,9 @@ class Stat(str, enum.Enum):
 
     #: requests answered 503: no connection in time, or the wait queue was full
     EXHAUSTED = "exhausted"
+    #: requests answered 503: no connection in time while the database refused new
+    #: connections or could not be reached (not counted in ``exhausted``)
+    REFUSED = "refused"
     #: requests answered 499: the client had left (before its connection was used, or
     #: while it sent its body)
     CLIENT_GONE = "client_gone"

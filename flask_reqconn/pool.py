@@ -22,9 +22,9 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
-from . import holds
+from . import holds, sizing
 from .config import AppSettings, PoolSettings
-from .errors import PoolExhausted
+from .exhaustion import Exhaustion
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
 from .lease import DeferredQueue, Lease, ReleaseReason
 from .liveness import RequestPool, server_gone
@@ -71,10 +71,14 @@ class PoolHolder:
         self._pid = 0
         #: the process that ran the pool-sizing check (:mod:`flask_reqconn.sizing`)
         self.size_checked_in = 0
+        #: worker processes of the server, if it says (:mod:`flask_reqconn.sizing`)
+        self.processes: int | None = None
+        #: the process that compared MAX_SIZE with the server's max_connections
+        self.limits_checked_in = 0
         self._lock = threading.Lock()
         self._deferred = deferred if deferred is not None else DeferredQueue()
-        self._last_exhausted_log = 0.0
-        self._exhausted_unlogged = 0
+        #: what a checkout that got no connection is answered: exhausted, or refused
+        self.exhaustion = Exhaustion(self)
         self._last_lost_log = 0.0
         self._lost_unlogged = 0
 
@@ -117,7 +121,7 @@ class PoolHolder:
                 self.counters = PoolCounters(self.name, self.listeners)
             s = self.settings
             kwargs = dict(s.connect_args)
-            pool: ConnectionPool[t.Any] = RequestPool(
+            pool = RequestPool(
                 s.conninfo,
                 kwargs=kwargs,
                 min_size=s.min_size,
@@ -131,6 +135,7 @@ class PoolHolder:
                 configure=self._configure,
                 open=False,
             )
+            self.exhaustion.opened(pool)
             pool.open(wait=False)
             self._pool, self._pid = pool, pid
             logger.debug(
@@ -144,6 +149,8 @@ class PoolHolder:
             return pool
 
     def _configure(self, conn: psycopg.Connection[t.Any]) -> None:
+        if self.limits_checked_in != os.getpid():
+            sizing.check_server_once(self, conn)
         if self.settings.validate_idle is not None:
             setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
         if self.settings.autocommit:
@@ -194,10 +201,8 @@ class PoolHolder:
         try:
             lease._activate(self._getconn_alive(pool, owner))
         except (PoolTimeout, TooManyRequests) as exc:
-            if not quiet_exhaustion:  # a fallback follows: not an answered 503
-                self.counters.add(Stat.EXHAUSTED)
-                self._log_exhausted(lease, exc)
-            raise PoolExhausted(self.name, self.settings.retry_after) from exc
+            # quiet_exhaustion: a fallback follows, not an answered 503
+            raise self.exhaustion.answer(exc, None if quiet_exhaustion else lease) from exc
         self.counters.checked_out(lease)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
@@ -359,7 +364,7 @@ class PoolHolder:
         try:
             conn = self.pool.getconn(timeout)
         except (PoolTimeout, TooManyRequests) as exc:
-            raise PoolExhausted(self.name, self.settings.retry_after) from exc
+            raise self.exhaustion.answer(exc) from exc
         try:
             if self.settings.read_only:
                 make_read_only(conn)
@@ -416,32 +421,10 @@ class PoolHolder:
             f"; {suppressed} more since the last report" if suppressed else "",
         )
 
-    def _log_exhausted(self, lease: Lease, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_exhausted_log < 1.0:
-            self._exhausted_unlogged += 1
-            return
-        suppressed, self._exhausted_unlogged = self._exhausted_unlogged, 0
-        self._last_exhausted_log = now
-        stats = self.pool.get_stats() if self.is_open else {}
-        logger.warning(
-            "pool %s exhausted: %s %s answered 503 after waiting %.3f s (%s);"
-            " pool_size=%s available=%s waiting=%s max_size=%d%s",
-            self.log_name,
-            lease.method,
-            lease.path,
-            time.monotonic() - lease.requested_at,
-            type(exc).__name__,
-            stats.get("pool_size"),
-            stats.get("pool_available"),
-            stats.get("requests_waiting"),
-            self.settings.max_size,
-            f"; {suppressed} more since the last report" if suppressed else "",
-        )
-
     def stats(self) -> dict[str, t.Any]:
         if self._deferred:
             self._deferred.run()
         data = self.counters.snapshot()
+        data["refusing"] = self.exhaustion.attempts.refusing() if self.is_open else None
         data["pool"] = self.pool.get_stats() if self.is_open else {}
         return data

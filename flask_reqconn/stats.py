@@ -32,6 +32,7 @@ POOL_KEYS: tuple[str, ...] = (
     "wait_time",
     "hold_time",
     "holders",
+    "refusing",
     "pool",
 )
 #: The keys of the top level of :meth:`~flask_reqconn.ReqConn.stats`, in order: the sums

@@ -117,17 +117,19 @@ def test_stats_shape_is_stable(make_app: AppFactory) -> None:
     app.test_client().get("/")
     s = stats(app)
     assert set(s) == {
-        "pid", "checked_out", "checkouts", "releases", "exhausted", "client_gone", "stalled",
+        "pid", "checked_out", "checkouts", "releases", "exhausted", "refused", "client_gone",
+        "stalled",
         "discarded_writes", "discarded_connections", "finalized", "leak_warnings",
         "cancelled", "reclaimed", "fallbacks", "dead_discarded", "connection_lost", "pools",
     }  # fmt: skip
     pool = s["pools"]["default"]
     assert set(pool) == {
-        "checked_out", "checkouts", "releases", "exhausted", "discarded_writes",
+        "checked_out", "checkouts", "releases", "exhausted", "refused", "discarded_writes",
         "discarded_connections", "finalized", "leak_warnings", "client_gone", "stalled",
         "cancelled", "reclaimed", "fallbacks", "dead_discarded", "connection_lost",
-        "wait_time", "hold_time", "holders", "pool",
+        "wait_time", "hold_time", "holders", "refusing", "pool",
     }  # fmt: skip
+    assert pool["refusing"] is None
     assert set(pool["releases"]) == {
         "teardown", "close", "abort", "exception", "client_gone", "finalizer"
     }

@@ -22,6 +22,7 @@ Metric names (all labelled ``app`` and ``pool``):
 - ``flask_reqconn_checkouts_total``
 - ``flask_reqconn_releases_total`` (label ``reason``: teardown, close, abort, ...)
 - ``flask_reqconn_pool_exhausted_total`` (503s), ``flask_reqconn_client_gone_total`` (499s)
+- ``flask_reqconn_database_refused_total`` (503s while the database refused connections)
 - ``flask_reqconn_discarded_writes_total``, ``flask_reqconn_discarded_connections_total``
 - ``flask_reqconn_leak_warnings_total``, ``flask_reqconn_finalized_total``
 - ``flask_reqconn_cancelled_total``, ``flask_reqconn_reclaimed_total``,
@@ -56,6 +57,10 @@ if t.TYPE_CHECKING:
 #: ``flask_reqconn_`` and ``_total``) and its help text.
 COUNTERS: dict[Stat, tuple[str, str]] = {
     Stat.EXHAUSTED: ("pool_exhausted", "Requests answered 503 because the pool had no connection."),
+    Stat.REFUSED: (
+        "database_refused",
+        "Requests answered 503 because the database refused connections or was unreachable.",
+    ),
     Stat.CLIENT_GONE: ("client_gone", "Requests answered 499 because the client had left."),
     Stat.STALLED: ("stalled", "Requests answered 408: the client stalled sending its body."),
     Stat.DISCARDED_WRITES: ("discarded_writes", "Uncommitted writes rolled back at hand-back."),

@@ -87,6 +87,8 @@ class Concurrency(t.NamedTuple):
     requests: int
     #: where the number comes from, as the user set it (``gunicorn gthread --threads 8``)
     source: str
+    #: worker processes of the server, each with its own pools (None: unknown)
+    processes: int | None = None
 
 
 def caller_self(cls: type) -> t.Any | None:

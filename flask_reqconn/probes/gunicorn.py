@@ -36,8 +36,9 @@ def concurrency(environ: t.Mapping[str, t.Any]) -> Concurrency | None:
     """How many requests this gunicorn worker runs at once, or None if unknown.
 
     ``sync``: 1; ``gthread``: ``--threads``; ``gevent``, ``eventlet`` (async workers):
-    ``--worker-connections``. Walks the frames up to the worker's ``handle_request``:
-    call it once per process, in the thread serving a request.
+    ``--worker-connections``; the worker processes from ``--workers``. Walks the frames
+    up to the worker's ``handle_request``: call it once per process, in the thread
+    serving a request.
     """
     if "gunicorn.socket" not in environ and "gunicorn.sock" not in environ:
         return None
@@ -57,9 +58,12 @@ def concurrency(environ: t.Mapping[str, t.Any]) -> Concurrency | None:
         cls = getattr(sys.modules.get(module_name), class_name, None)
         if cls is None or not isinstance(worker, cls):
             continue
+        processes = int(cfg.workers)
         if setting is None:
-            return Concurrency(1, "gunicorn sync worker")
+            return Concurrency(1, "gunicorn sync worker", processes)
         value = int(getattr(cfg, setting))
         name = cfg.worker_class_str
-        return Concurrency(value, f"gunicorn {name} worker, --{setting.replace('_', '-')} {value}")
+        return Concurrency(
+            value, f"gunicorn {name} worker, --{setting.replace('_', '-')} {value}", processes
+        )
     return None

