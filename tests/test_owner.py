@@ -8,6 +8,7 @@ never commits another's writes, with the defaults (no strict mode).
 from __future__ import annotations
 
 import contextvars
+import json
 import threading
 import time
 from typing import Any
@@ -178,3 +179,35 @@ def test_a_stream_uses_its_connection_whatever_ran_in_between(make_app: AppFacto
     assert client.get("/other").text == "7"  # another request on the same thread
     assert list(body) == [b"1\n", b"2\n"]
     response.close()
+
+
+@pytest.mark.slow
+def test_under_gunicorn_a_kept_connection_never_writes_into_another_request(
+    spawn: Any, pg_dsn: str, pg_admin: Any, table: str
+) -> None:
+    """Lazy checkout, a pool of 1: a global and a thread keep the request's connection."""
+    from tests import servers
+
+    server = spawn(
+        "gunicorn", "tests.apps.reqconn_app:create_app()", worker_class="gthread", threads=4,
+        env={"RC_DSN": pg_dsn, "RC_APPNAME": pg.unique_name("stray"), "RC_MAX_SIZE": "1",
+             "RC_CHECKOUT": "lazy", "RC_TABLE": table},
+    )  # fmt: skip
+    assert servers.http_get(server.url + "/keep")[0] == 200
+    assert servers.http_get(server.url + "/use-kept")[0] == 500
+    assert "ConnectionReleased: this connection was handed back by GET /keep" in (
+        server.log_text()
+    )
+    assert servers.http_get(server.url + "/spawn")[0] == 200
+    def thread_outcome() -> str | None:
+        last: str = json.loads(servers.http_get(server.url + "/kept")[2])["last"]
+        return last if last.startswith(("ConnectionReleased", "committed")) else None
+
+    last = pg.wait_until(thread_outcome, timeout=20, message="the thread ran")
+    assert last.startswith("ConnectionReleased: this connection was handed back by GET /spawn")
+    sock = servers.raw_connect(server.url)
+    sock.sendall(b"POST /commit HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                 b"Connection: close\r\n\r\n")  # fmt: skip
+    assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    sock.close()
+    assert rows(pg_admin, table) == ["own"]  # neither stray write ran, let alone committed

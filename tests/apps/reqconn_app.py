@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -109,6 +110,44 @@ def create_app() -> Flask:
         get_conn().execute("select 1")
         return {"name": request.form["name"], "file": len(upload)}
 
+    @app.get("/keep")
+    def keep() -> str:
+        _KEPT.append(get_conn())  # a connection kept past its request
+        return "kept"
+
+    @app.get("/use-kept")
+    def use_kept() -> str:
+        table = os.environ["RC_TABLE"]
+        _KEPT[-1].execute(f"insert into {table} values ('stray')")  # no get_conn()
+        return "wrote"
+
+    @app.get("/spawn")
+    def spawn() -> str:
+        conn, table = get_conn(), os.environ["RC_TABLE"]
+
+        def later() -> None:  # a thread that outlives its request
+            time.sleep(0.3)
+            try:
+                conn.execute(f"insert into {table} values ('thread')")
+                conn.commit()
+                _KEPT.append("committed")
+            except Exception as exc:
+                _KEPT.append(f"{type(exc).__name__}: {exc}")
+
+        threading.Thread(target=later).start()
+        return "spawned"
+
+    @app.get("/kept")
+    def kept() -> dict[str, str]:
+        return {"last": str(_KEPT[-1])}
+
+    @app.post("/commit")
+    def commit() -> str:
+        conn = get_conn()
+        conn.execute(f"insert into {os.environ['RC_TABLE']} values ('own')")
+        conn.commit()
+        return "committed"
+
     @app.get("/health")
     def health() -> str:
         return "ok"
@@ -123,3 +162,4 @@ def create_app() -> Flask:
 
 
 _STARTED = time.time()
+_KEPT: list[Any] = []
