@@ -23,10 +23,14 @@ logger = logging.getLogger("flask_reqconn.pool")
 
 
 def check_max_hold(holder: PoolHolder) -> None:
-    """Cancel the query of leases held longer than ``REQCONN_MAX_HOLD``.
+    """Take back the connections of leases held longer than ``REQCONN_MAX_HOLD``.
 
-    The request's own thread then closes the connection at release and
-    the pool replaces it.
+    First the running query is cancelled: the request's own thread then closes
+    the connection at release and the pool replaces it. A lease still held
+    :data:`~flask_reqconn.watcher.SEVER_AFTER_CANCEL` seconds later (or whose
+    cancel cannot reach the server) has its socket shut down and its pool opens
+    a replacement at once (:meth:`~flask_reqconn.lease.Lease.sever`); a stream
+    whose client stopped reading is cut off.
     """
     limit = holder.max_hold
     if limit is None:
@@ -58,10 +62,11 @@ def check_max_hold(holder: PoolHolder) -> None:
             unreachable = lease.cancel_uncertain
         if not (unreachable or lease.cancel_uncertain or held >= limit + SEVER_AFTER_CANCEL):
             continue  # cancelled: give the statement time to end
-        if lease.cancelled is None:
-            lease.cancelled = CancelReason.MAX_HOLD
-        if lease.sever():
-            holder.counters.add(Stat.RECLAIMED)
+        # counted already if a cancel reached the server
+        counted = lease.cancelled is CancelReason.MAX_HOLD and not lease.cancel_uncertain
+        if lease.sever(CancelReason.MAX_HOLD):
+            if not counted:
+                holder.counters.add(Stat.RECLAIMED)
             cut = _cut_stream(lease)
             logger.warning(
                 "REQCONN_MAX_HOLD (%.1f s) exceeded: %s %s (endpoint %r) held its"

@@ -261,7 +261,7 @@ class Lease:
                 return False
         return True
 
-    def sever(self) -> bool:
+    def sever(self, reason: CancelReason | None = None) -> bool:
         """Shut the connection's socket down, from another thread, without libpq.
 
         For a server that cannot be reached by a cancel (frozen, or a path
@@ -275,11 +275,14 @@ class Lease:
         frozen server), until :meth:`seal` is called before the connection
         goes back to the pool.
 
+        :param reason: why, recorded as :attr:`cancelled` if no cancel was sent before.
         :returns: True if the socket was shut down by this call.
         """
         with self._lock:
             if self._sock is None or self.severed or self._state not in _SEVERABLE:
                 return False
+            if reason is not None and self.cancelled is None:
+                self.cancelled = reason
             fd, inode = self._sock
             try:
                 dup = os.dup(fd)
