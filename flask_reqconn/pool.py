@@ -138,6 +138,8 @@ class PoolHolder:
             self.exhaustion.opened(pool)
             pool.open(wait=False)
             self._pool, self._pid = pool, pid
+            if self.watcher_tick is not None:  # REQCONN_MAX_HOLD, leak reports
+                get_watcher().watch(self, self.watcher_tick)
             logger.debug(
                 "opened pool %s in process %d: %s (min_size=%d, max_size=%d)",
                 self.log_name,
@@ -195,9 +197,6 @@ class PoolHolder:
         lease = Lease(self, method=method, path=path, endpoint=endpoint, owner=owner)
         if self.leak_threshold is not None:
             lease.checkout_site = site() if site is not None else None
-        tick = self.watcher_tick
-        if tick is not None:
-            get_watcher().watch(self, tick)
         try:
             lease._activate(self._getconn_alive(pool, owner))
         except (PoolTimeout, TooManyRequests) as exc:
@@ -220,15 +219,15 @@ class PoolHolder:
         """``getconn()``, discarding connections whose server side is gone (no round trip).
 
         Bounded: at most ``max_size`` dead connections are skipped, all within
-        the pool's timeout. Each connection belongs to *owner* from the moment it
-        leaves the pool (the validation query runs as its owner).
+        the pool's timeout.
+
+        :param owner: who the validation query (``REQCONN_VALIDATE_IDLE``) runs for.
         """
         deadline = time.monotonic() + self.settings.timeout
         for _ in range(self.settings.max_size):
             conn: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
-            own(conn, owner)
             if not server_gone(conn) and (
-                self.settings.validate_idle is None or self._validated(conn)
+                self.settings.validate_idle is None or self._validated(conn, owner)
             ):
                 return conn
             self.counters.add(Stat.DEAD_DISCARDED)
@@ -236,16 +235,16 @@ class PoolHolder:
             conn.close()
             pool.putconn(conn)  # closed: the pool replaces it
         last: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
-        own(last, owner)
         return last
 
-    def _validated(self, conn: psycopg.Connection[t.Any]) -> bool:
+    def _validated(self, conn: psycopg.Connection[t.Any], owner: Owner | None) -> bool:
         """``REQCONN_VALIDATE_IDLE``: a round trip on a connection idle that long."""
         limit = self.settings.validate_idle
         if limit is None:
             return True
         if time.monotonic() - getattr(conn, _IDLE_SINCE, 0.0) < limit:
             return True
+        own(conn, owner)  # the request's, from now on
         try:
             # an empty statement (SELECT 1 before psycopg-pool 3.2.3), in autocommit
             ConnectionPool.check_connection(conn)
