@@ -28,7 +28,7 @@ from .errors import ClientGone, PoolExhausted, ReqConnError
 from .handback import make_read_only
 from .lease import Lease, ReleaseReason, RequestLeases
 from .lost import database_unavailable, lost_lease
-from .middleware import body_may_use_connection
+from .middleware import SERVING_THREAD, body_may_use_connection
 from .names import DEFAULT_POOL, CancelReason, Stat
 from .owner import current_owner
 from .probes import probe_for
@@ -121,6 +121,7 @@ def checkout(
         site=checkout_site,
         quiet_exhaustion=quiet_exhaustion,
         owner=req,
+        thread_id=environ.get(SERVING_THREAD),
     )
     req.leases[name] = lease
     if settings.check_client and lease.wait_time > _RECHECK_AFTER_WAIT and probe.gone(eof):

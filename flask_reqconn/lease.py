@@ -123,6 +123,7 @@ class Lease:
         path: str = "",
         endpoint: str | None = None,
         owner: Owner | None = None,
+        thread_id: int | None = None,
     ) -> None:
         self._holder = holder
         #: who may use the connection (:attr:`LeasedConnection.owner`)
@@ -134,7 +135,8 @@ class Lease:
         self.method = method
         self.path = path
         self.endpoint = endpoint
-        self.thread_id = threading.get_ident()
+        #: the thread serving the request (given by the checkout), else this one
+        self.thread_id = threading.get_ident() if thread_id is None else thread_id
         self.requested_at = time.monotonic()
         self.checked_out_at = 0.0
         #: seconds spent waiting for the pool (set at checkout)

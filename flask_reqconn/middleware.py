@@ -26,6 +26,7 @@ import time
 import types
 import typing as t
 from collections.abc import Iterable, Iterator
+from threading import get_ident
 
 from psycopg.errors import InFailedSqlTransaction, QueryCanceled
 from werkzeug.wsgi import ClosingIterator
@@ -47,6 +48,11 @@ if t.TYPE_CHECKING:
 
 #: the documented name of the client-gone INFO lines
 logger = logging.getLogger("flask_reqconn.extension")
+
+#: The environ key of the thread serving the request (the WSGI server's), recorded by
+#: :class:`LeaseGuard`: an ``async def`` view runs in asgiref's thread, and its leases
+#: still name this one (leak reports, ``stats()`` holders).
+SERVING_THREAD = "flask_reqconn.thread"
 
 #: What a generator raises when its client left: the cancelled query, a query on the
 #: connection the cancel left in error, ``get_conn()`` after the cancel (or
@@ -143,6 +149,7 @@ class LeaseGuard:
         self, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
         state = self._state
+        environ[SERVING_THREAD] = get_ident()
         if self._deferred:
             self._deferred.run()
         if environ.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in environ:

@@ -181,6 +181,7 @@ class PoolHolder:
         site: Callable[[], str | None] | None = None,
         quiet_exhaustion: bool = False,
         owner: Owner | None = None,
+        thread_id: int | None = None,
     ) -> Lease:
         """Wait for a connection and return it as an active :class:`Lease`.
 
@@ -188,13 +189,17 @@ class PoolHolder:
             connection was taken.
         :param owner: who may use the connection (the request's leases), see
             :class:`~flask_reqconn.lease.LeasedConnection`.
+        :param thread_id: the thread serving the request, if the checkout runs in
+            another (an ``async def`` view's, in asgiref's thread); default: this one.
         :raises PoolExhausted: when no connection came within the timeout or
             the wait queue is full.
         """
         if self._deferred:
             self._deferred.run()
         pool = self.pool
-        lease = Lease(self, method=method, path=path, endpoint=endpoint, owner=owner)
+        lease = Lease(
+            self, method=method, path=path, endpoint=endpoint, owner=owner, thread_id=thread_id
+        )
         if self.leak_threshold is not None:
             lease.checkout_site = site() if site is not None else None
         try:

@@ -27,7 +27,9 @@ def checkout_site() -> str | None:
     """The app's frames inside the view (innermost first), else the view itself.
 
     The view is named for an eager checkout, which runs before the view: its
-    definition is the best guess of who will use the connection.
+    definition is the best guess of who will use the connection. An ``async def``
+    view's coroutine runs in asgiref's thread, where Flask's dispatch is not up the
+    stack: its frames are all the walk finds.
     """
     app = current_app
     top = app.import_name.partition(".")[0]
@@ -48,6 +50,8 @@ def checkout_site() -> str | None:
         if code is view_code or module == top or module.startswith(prefix):
             found.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}")
         frame = frame.f_back  # type: ignore[assignment]
+    if found:  # no dispatch on this thread: an async view's coroutine, in asgiref's thread
+        return " <- ".join(found[:_MAX_SITES])
     if view_code is None:
         return None
     name = getattr(view, "__qualname__", "?")

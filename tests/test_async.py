@@ -5,7 +5,8 @@ in a short-lived thread of asgiref's with the request's context copied, while th
 server's thread waits. Eager checkout takes the connection in ``before_request`` (the
 server's thread), lazy checkout in the coroutine (asgiref's); either way it is the
 request's, comes back at teardown, is answered 499 for a departed client before and after
-the wait for the pool, and has its query cancelled when the client leaves.
+the wait for the pool, and has its query cancelled when the client leaves. The leak
+report and the stats name the thread serving the request, not asgiref's.
 
 The end-to-end tests run tests/apps/async_app.py under real gunicorn (sync and gthread).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -94,6 +96,42 @@ def test_async_view_gets_the_request_connection_and_teardown_returns_it(
     s = state_of(app).stats()
     assert s["checked_out"] == 0
     assert s["checkouts"] == 3 and released(s) == {"teardown": 3}
+
+
+def test_async_view_leak_report_names_the_thread_serving_the_request(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lazy checkout runs in asgiref's thread; the report names the server's."""
+    app: Flask = make_app(checkout="lazy", leak_threshold=0.2)
+    seen: dict[str, Any] = {}
+
+    @app.get("/report")
+    async def report() -> str:
+        conn = get_conn()
+        seen["coroutine"] = threading.get_ident()
+        conn.execute("select pg_sleep(1.5)")  # a running watcher takes up to 1 s to tick
+        return "done"
+
+    def watch_holders() -> None:
+        seen["holders"] = pg.wait_until(
+            lambda: state_of(app).stats()["pools"]["default"]["holders"],
+            timeout=20,
+            interval=0.02,
+        )
+
+    watcher = threading.Thread(target=watch_holders)
+    with caplog.at_level("WARNING", logger="flask_reqconn"):
+        watcher.start()
+        assert app.test_client().get("/report").status_code == 200
+        watcher.join(30)
+    warnings = [r.getMessage() for r in caplog.records if "threshold 0.2 s" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    serving = threading.get_ident()  # the test client serves the request in this thread
+    assert seen["coroutine"] != serving
+    assert f"thread {serving})" in warnings[0], warnings[0]
+    assert seen["holders"][0]["thread"] == serving
+    # the site is the coroutine's line, not the view's definition (an eager guess)
+    assert re.search(r"checked out at test_async\.py:\d+ in report;", warnings[0]), warnings[0]
 
 
 def test_async_view_connection_kept_past_its_request_refuses_later_use(
@@ -239,6 +277,35 @@ def test_async_view_connection_kept_past_its_request_refuses_use_in_a_later_requ
     assert status == 200
     assert json.loads(body)["refused"].startswith("this connection was handed back by GET /keep")
     assert rows(pg_admin, table) == []
+    assert_recovered(server, pg_admin, appname)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "checkout"),
+    [
+        pytest.param({"worker_class": "gthread", "threads": 4}, "lazy", id="gthread-lazy"),
+        pytest.param({"worker_class": "gthread", "threads": 4}, "eager", id="gthread-eager"),
+        pytest.param({"worker_class": "sync"}, "lazy", id="sync-lazy"),
+    ],
+)
+def test_async_view_leak_report_under_gunicorn_names_the_worker_thread_not_asgirefs(
+    spawn: Any, pg_dsn: str, pg_admin: Any, kind: dict[str, Any], checkout: str
+) -> None:
+    server, appname = start(spawn, pg_dsn, checkout=checkout,
+                            env={"RC_LEAK_THRESHOLD": "0.3", "RC_LOG": "WARNING"},
+                            **kind)  # fmt: skip
+    status, headers, body = servers.http_get(server.url + "/hold?s=1")
+    assert status == 200
+    serving = int(headers["x-serving-thread"])
+    coroutine = json.loads(body)["coroutine_thread"]
+    assert serving != coroutine  # the view ran in asgiref's thread
+    reports = pg.wait_until(
+        lambda: re.findall(r"threshold 0\.3 s\) by GET /hold \(endpoint 'hold', thread (\d+)\)",
+                           server.log_text()),
+        timeout=20, message="the leak WARNING",
+    )  # fmt: skip
+    assert reports == [str(serving)]
     assert_recovered(server, pg_admin, appname)
 
 
