@@ -6,8 +6,8 @@ request. It leaks one pool connection each time a client stops reading the
 ``/feed`` stream before the end:
 
 * the stream needs the connection after the view has returned, so
-  ``give_back`` leaves streamed responses alone and the generator gives the
-  connection back itself, after its last line;
+  ``give_back`` leaves the streams' connections alone and the generator gives
+  the connection back itself, after its last line;
 * when the client goes away, the WSGI server's next write fails and it closes
   the generator: ``GeneratorExit`` is raised at the ``yield``, and the
   ``putconn`` after the loop never runs. The pool still counts the
@@ -19,6 +19,18 @@ request. It leaks one pool connection each time a client stops reading the
 Once ``POOL_SIZE`` streams have been dropped the pool is empty: every request,
 ``/health`` included, waits for a connection and fails after ``POOL_TIMEOUT``
 seconds.
+
+It also lets clients that stall take its connections, because the connection is
+taken in ``before_request``, before anything else happens:
+
+* ``POST /upload`` reads its body in the view. The WSGI server reads the body
+  as the view asks for it, so a client that sends its headers and then one byte
+  a second, or nothing at all, holds a pool connection for as long as it likes;
+  a handful of them empty the pool;
+* ``/export`` streams a large body (``EXPORT_CHUNKS`` lines of ``EXPORT_PAD``
+  bytes, a query for each): a client that reads the first lines and then stops
+  reading blocks the server's writes, and the stream holds its connection for as
+  long as the client keeps the socket open (then it is lost, as above).
 
 Configured from the environment: ``DATABASE_URL`` (required), ``POOL_SIZE``
 (default 2) and ``POOL_TIMEOUT`` (seconds to wait for a connection, default 5).
@@ -45,6 +57,9 @@ from psycopg_pool import ConnectionPool
 #: Lines per ``/feed`` stream, and the pause between them.
 FEED_TICKS = 50
 FEED_EVERY = 0.02
+#: Lines of an ``/export`` and the padding of each: 12.8 MB, more than socket buffers hold.
+EXPORT_CHUNKS = 400
+EXPORT_PAD = 32 * 1024
 
 _pool: ConnectionPool[psycopg.Connection[Any]] | None = None
 _pool_lock = threading.Lock()
@@ -83,7 +98,7 @@ def create_app() -> Flask:
     @app.after_request
     def give_back(response: Response) -> Response:
         # A streamed body still needs the connection: the stream gives it back.
-        if not response.is_streamed:
+        if not g.get("stream_gives_back"):
             conn = g.pop("conn", None)
             if conn is not None:
                 get_pool().putconn(conn)
@@ -98,6 +113,7 @@ def create_app() -> Flask:
     def feed() -> Response:
         pool = get_pool()
         conn = g.conn
+        g.stream_gives_back = True
 
         def ticks() -> Iterator[str]:
             for i in range(FEED_TICKS):
@@ -107,6 +123,26 @@ def create_app() -> Flask:
             pool.putconn(conn)  # never reached when the client leaves early
 
         return Response(ticks(), mimetype="text/event-stream")
+
+    @app.post("/upload")
+    def upload() -> dict[str, Any]:
+        data = request.get_data()  # the connection is already taken while this waits
+        row = g.conn.execute("SELECT %s::int, pg_backend_pid()", (len(data),)).fetchone()
+        return {"size": row[0], "backend": row[1]}
+
+    @app.get("/export")
+    def export() -> Response:
+        pool = get_pool()
+        conn = g.conn
+        g.stream_gives_back = True
+
+        def lines() -> Iterator[str]:
+            for i in range(EXPORT_CHUNKS):
+                row = conn.execute("SELECT clock_timestamp()").fetchone()
+                yield f"{i},{row[0].isoformat()},{'x' * EXPORT_PAD}\n"
+            pool.putconn(conn)  # never reached when the client leaves early
+
+        return Response(lines(), mimetype="text/csv")
 
     @app.get("/health")
     def health() -> str:

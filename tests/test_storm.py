@@ -34,6 +34,7 @@ from flask_reqconn.storm import (
 )
 from flask_reqconn.storm.cli import ProgressPrinter
 from flask_reqconn.storm.client import resolve
+from flask_reqconn.storm.report import result_json
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "tests.apps.stormtarget"
@@ -366,6 +367,11 @@ def test_allow_remote_lifts_the_guard() -> None:
         ({"normal_concurrency": 0}, "normal_concurrency"),
         ({"max_seconds": 0}, "max_seconds"),
         ({"abort_styles": ("stream",)}, "stream_path"),
+        ({"abort_styles": ("stop-reading",)}, "stream_path"),
+        ({"body_size": 1}, "body_size"),
+        ({"stall_count": 0}, "stall_count"),
+        ({"probe_timeout": 0}, "probe_timeout"),
+        ({"pool_size": 0}, "pool_size"),
         ({"abort_styles": ("nope",)}, "unknown abort style"),
         ({"dsn": "dbname=x"}, "application_name"),
     ],
@@ -375,9 +381,43 @@ def test_config_rejects_bad_values(kwargs: dict[str, Any], message: str) -> None
         StormConfig("http://127.0.0.1/", **kwargs)
 
 
+def test_stall_styles_run_in_their_own_phase_and_stalled_names_those_that_apply() -> None:
+    from flask_reqconn.storm.cli import _expand_styles
+
+    config = StormConfig(
+        "http://127.0.0.1/", abort_styles=("rst", "slow-body", "body-reset", "stop-reading"),
+        stream_path="/export",
+    )  # fmt: skip
+    assert config.quick_styles == ("rst", "body-reset")
+    assert config.stall_styles == ("slow-body", "stop-reading")
+    assert StormConfig("http://127.0.0.1/").stall_styles == ()  # not by default
+    assert _expand_styles(("stalled",), None) == ("slow-body", "stalled-body")
+    assert _expand_styles(("close", "stalled", "slow-body"), "/s") == (
+        "close", "slow-body", "stalled-body", "stop-reading",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "saw", "words"),
+    [
+        ({"held": True, "answered": 3}, True, "the app holds a connection"),
+        ({"held": False, "answered": 3}, True, "answered 3 of the 4 requests reset"),
+        ({"held": False, "answered": 0}, False, "your proxy buffers request bodies"),
+        ({"held": False, "answered": None}, None, "or the app reads them before"),
+        ({"held": None, "answered": None, "stats": False}, None, "add --stats-url"),
+    ],
+)
+def test_front_end_finding(kwargs: dict[str, Any], saw: bool | None, words: str) -> None:
+    from flask_reqconn.storm.report import front_end_finding
+
+    found = front_end_finding(**{"body_clients": 4, "bodies_reset": 4, "stats": True, **kwargs})
+    assert found[0] is saw and words in found[1]
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["http://127.0.0.1/", "--normal-count", "many"]) == 2
     assert main(["http://127.0.0.1/", "--abort-styles", "close,bogus"]) == 2
+    assert main(["http://127.0.0.1/", "--abort-styles", "stop-reading", "-q"]) == 2
     assert main(["http://127.0.0.1/", "--final-count", str(MAX_REQUESTS_PER_PHASE + 1)]) == 2
     assert main(["ftp://127.0.0.1/", "-q"]) == 2
     assert main(["--help"]) == 0
@@ -561,6 +601,7 @@ def test_nothing_listening_stops_early_and_no_early_stop_runs_the_final_load(
     full = json.loads(capsys.readouterr().out)
     assert full["config"]["early_stop"] is False and full["stopped_early"] is None
     assert full["final"]["errors"] == {"ERR:ConnectionRefused": 3}
+    assert full["stall"] is None  # no stall style chosen
     assert "stopped early" not in full["verdict"] and "final load 0/3 2xx" in full["verdict"]
 
 
@@ -680,3 +721,150 @@ def test_reference_page_documents_every_option() -> None:
         for opt in (*param.opts, *param.secondary_opts)
     }
     assert expected and documented == expected
+
+
+# -- clients that stall, against the example apps under gunicorn gthread -------------------
+
+# The naive app takes its connection in before_request and reads the body in its view;
+# flask-reqconn's reads the body first. A pool of 2, gunicorn gthread with 8 threads.
+STALL_POOL = 2
+STALL_STORM: dict[str, Any] = {
+    "normal_count": 4, "normal_concurrency": 2, "abort_count": 0, "final_count": 4,
+    "final_concurrency": 2, "final_timeout": 8.0, "body_path": "/upload",
+    "stream_path": "/export", "stall_seconds": 6.0, "probe_interval": 0.2,
+    "probe_timeout": 10.0, "stats_url": "/stats", "health_path": "/health",
+    "health_timeout": 8.0, "drain_timeout": 8.0, "max_seconds": 120.0,
+}  # fmt: skip
+
+
+def _example(spawn: Any, pg_dsn: str, module: str, env: dict[str, str] | None = None) -> Any:
+    from flask_reqconn.testing.postgres import unique_name, with_conninfo
+
+    appname = unique_name("storm_stall")
+    return spawn(
+        "gunicorn", f"examples.{module}:create_app()", worker_class="gthread", threads=8,
+        graceful_timeout=2,
+        env={"DATABASE_URL": with_conninfo(pg_dsn, application_name=appname),
+             "POOL_SIZE": str(STALL_POOL), "POOL_TIMEOUT": "5", **(env or {})},
+    )  # fmt: skip
+
+
+# (style, stalled clients): the body styles outnumber the pool; two readers that stop
+# are as many as the pool, taken back by REQCONN_MAX_HOLD=1 in flask-reqconn's app.
+STALLS = [("slow-body", 3), ("stalled-body", 3), ("stop-reading", STALL_POOL)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("style", "clients"), STALLS, ids=[s for s, _ in STALLS])
+def test_stalled_clients_starve_the_naive_app(
+    spawn: Any, pg_dsn: str, style: str, clients: int
+) -> None:
+    server = _example(spawn, pg_dsn, "naive_app")
+    result = run_storm(StormConfig(
+        server.url + "/", abort_styles=(style,), stall_count=clients, **STALL_STORM
+    ))  # fmt: skip
+
+    report = format_report(result)
+    assert not result.ok, report
+    stall = result.stall
+    assert stall is not None, report
+    assert stall.clients.styles.get(style, 0) >= clients, report
+    # Once the attack is in, a probe waits the pool's 5 s and gets the naive app's 500
+    # (PoolTimeout); one that came while the pool was still opening its second
+    # connection may get through.
+    assert stall.probes.statuses.get(500, 0) >= 1, report
+    assert stall.probes.ok_count <= stall.probes.requests - 1, report
+    assert stall.pool_size == STALL_POOL and stall.stuck, report
+    assert min(stall.checked_out) >= STALL_POOL - 1 and max(stall.checked_out) == STALL_POOL
+    assert "starve the app" in result.verdict
+    assert f"checked_out stuck at the pool size ({STALL_POOL})" in result.verdict
+    if style != "stop-reading":
+        assert stall.app_saw_bodies is True
+        assert "the app holds a connection while a request body arrives" in result.verdict
+    else:  # the dropped streams never gave their connections back
+        (reading,) = result.leaks
+        assert reading.after_drain == STALL_POOL, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("style", "clients"), STALLS, ids=[s for s, _ in STALLS])
+def test_stalled_clients_do_not_starve_flask_reqconn(
+    spawn: Any, pg_dsn: str, style: str, clients: int
+) -> None:
+    server = _example(spawn, pg_dsn, "reqconn_app", env={"MAX_HOLD": "1"})
+    result = run_storm(StormConfig(
+        server.url + "/", abort_styles=(style,), stall_count=clients, **STALL_STORM
+    ))  # fmt: skip
+
+    report = format_report(result)
+    assert result.ok, report
+    stall = result.stall
+    assert stall is not None
+    assert stall.probes.requests >= 5 and stall.probes.ok_count == stall.probes.requests
+    assert stall.probes.max_ms is not None and stall.probes.max_ms < 5000, report  # pool wait
+    assert stall.pool_size == STALL_POOL and not stall.stuck, report
+    if style == "stop-reading":
+        assert stall.clients.statuses == {200: clients}, report  # both streams had begun
+    else:
+        assert max(stall.checked_out) <= 1, report  # a probe's, at most
+        assert stall.bodies_reset >= clients, report
+        assert stall.answered_by_app is not None and stall.answered_by_app >= 1, report
+        assert stall.app_saw_bodies is True
+        assert "held no connection while they arrived" in result.verdict
+    assert [(r.after_drain, r.at_end) for r in result.leaks] == [(0, 0)], report
+    assert "Traceback" not in server.log_text()
+    data = json.loads(json.dumps(result_json(result)))  # the --json output
+    assert data["stall"]["front_end"] == stall.front_end
+    assert data["stall"]["probes"]["statuses"] == {"200": stall.probes.requests}
+
+
+@pytest.mark.slow
+def test_body_reset_is_a_499_for_flask_reqconn_and_a_500_traceback_for_the_naive_app(
+    spawn: Any, pg_dsn: str
+) -> None:
+    """Half a body, then a reset. Neither app loses a connection (the naive one answers
+    500 and gives it back), so both pass the storm; only their logs differ."""
+    servers = {
+        name: _example(spawn, pg_dsn, f"{name}_app") for name in ("naive", "reqconn")
+    }
+    config = {**STALL_STORM, "abort_count": 6, "abort_concurrency": 3, "body_interval": 0.2}
+    for server in servers.values():
+        result = run_storm(StormConfig(server.url + "/", abort_styles=("body-reset",), **config))
+        assert result.ok, format_report(result)
+        assert result.abort.styles == {"body-reset": 6} and result.abort.aborted == 6
+        assert result.stall is None
+    stats = _get_json(servers["reqconn"].url + "/stats")
+    assert stats["client_gone"] == 6 and stats["checked_out"] == 0
+    assert "Traceback" not in servers["reqconn"].log_text()
+    naive_log = servers["naive"].log_text()
+    assert naive_log.count("Exception on /upload [POST]") == 6
+    assert "ConnectionResetError" in naive_log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["naive_app", "reqconn_app"])
+def test_a_proxy_that_buffers_bodies_is_named_and_keeps_slow_uploads_off_the_app(
+    spawn: Any, pg_dsn: str, module: str
+) -> None:
+    from tests.bufferproxy import buffering_proxy
+
+    server = _example(spawn, pg_dsn, module)
+    with buffering_proxy(server.url) as proxy:
+        result = run_storm(StormConfig(
+            proxy.url + "/", abort_styles=("slow-body", "stalled-body"), stall_count=3,
+            **STALL_STORM,
+        ))  # fmt: skip
+        dropped = proxy.dropped
+
+    report = format_report(result)
+    assert result.ok, report  # behind the proxy, even the naive app keeps answering
+    stall = result.stall
+    assert stall is not None and stall.bodies_reset >= 3, report
+    assert dropped >= stall.bodies_reset  # not one of them reached the app
+    assert max(stall.checked_out) <= 1, report
+    if module == "reqconn_app":  # its client_gone counter did not move: a proxy buffers
+        assert stall.answered_by_app == 0 and stall.app_saw_bodies is False, report
+        assert "your proxy buffers request bodies" in result.verdict
+    else:  # no such counter: the storm cannot tell the proxy from an app that reads first
+        assert stall.answered_by_app is None and stall.app_saw_bodies is None, report
+        assert "held no connection while the slow bodies arrived" in result.verdict

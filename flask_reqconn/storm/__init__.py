@@ -1,12 +1,17 @@
 """Abort storm: check that an HTTP app survives clients that hang up mid-request.
 
-The storm runs five steps against one URL of *your* running server (any HTTP/1.1
+The storm runs these steps against one URL of *your* running server (any HTTP/1.1
 server, not only one using flask-reqconn):
 
 1. **normal** load: ``normal_count`` GETs, ``normal_concurrency`` at a time;
 2. **abort** load: ``abort_count`` requests that the client drops on purpose, mixing the
    styles in :data:`ABORT_STYLES` (send then close at once; close after ``abort_delay``;
-   close with a TCP reset; read the first chunk of ``stream_path`` then drop it);
+   close with a TCP reset; read the first chunk of ``stream_path`` then drop it; send
+   half a body then reset);
+2b. **stall**, only when a style of :data:`STALL_STYLES` is chosen: ``stall_count``
+   clients that send a body slowly, stop sending it, or stop reading a stream, for
+   ``stall_seconds``, while probes GET the URL and must keep getting 2xx, and the stats
+   oracle must not sit at the pool size;
 3. **drain**: a pause for in-flight work, or, with a leak oracle, polling it until nothing
    is checked out (or ``drain_timeout`` passes);
 4. **health**: one GET of ``health_path`` (default: the URL) that must answer 2xx within
@@ -33,9 +38,10 @@ From Python::
     assert result.ok, result.verdict
 
 The parts: :mod:`~flask_reqconn.storm.config` (options and limits), ``client`` (raw-socket
-HTTP and the loopback guard), ``phases`` (the runner and the five phases), ``oracles``,
-``report`` (verdict and table), ``cli`` (the click command) and ``__main__``. Import the
-public names from this package; the modules are internal.
+HTTP and the loopback guard), ``phases`` (the runner, the stall phase, and all phases in
+order), ``oracles``, ``report`` (verdict, table and the front-end finding), ``cli`` (the
+click command) and ``__main__``. Import the public names from this package; the modules
+are internal.
 
 .. versionadded:: 0.1
 """
@@ -48,22 +54,32 @@ from .config import (
     MAX_CONCURRENCY,
     MAX_REQUESTS_PER_PHASE,
     MAX_SECONDS,
+    STALL_STYLES,
     StormConfig,
     StormError,
 )
 from .phases import run_storm
 from .report import format_report
-from .results import LeakReading, PhaseResult, Progress, ProgressCallback, StormResult
+from .results import (
+    LeakReading,
+    PhaseResult,
+    Progress,
+    ProgressCallback,
+    StallResult,
+    StormResult,
+)
 
 __all__ = [
     "ABORT_STYLES",
     "MAX_CONCURRENCY",
     "MAX_REQUESTS_PER_PHASE",
     "MAX_SECONDS",
+    "STALL_STYLES",
     "LeakReading",
     "PhaseResult",
     "Progress",
     "ProgressCallback",
+    "StallResult",
     "StormConfig",
     "StormError",
     "StormResult",

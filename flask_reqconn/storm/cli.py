@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import click
 
-from .config import ABORT_STYLES, MAX_SECONDS, StormConfig, StormError
+from .config import ABORT_STYLES, MAX_SECONDS, STALL_STYLES, StormConfig, StormError
 from .phases import run_storm
 from .report import format_report, result_json
 from .results import Progress
@@ -29,9 +29,12 @@ EXIT_INTERRUPTED = 130
 
 _DESCRIPTION = (
     "Abort storm against URL, a running app on this machine: normal load, then aborted load,"
-    " then a health check and a final load that must all be 2xx and, with a leak oracle,"
-    " zero connections left checked out. Exit status: 0 ok, 1 failed, 2 usage error."
+    " then (with --abort-styles stalled) clients that stall while probes must keep getting"
+    " 2xx, then a health check and a final load that must all be 2xx and, with a leak"
+    " oracle, zero connections left checked out. Exit status: 0 ok, 1 failed, 2 usage error."
 )
+#: The --abort-styles word for every stall style that applies.
+STALLED = "stalled"
 
 
 class ProgressPrinter:
@@ -82,7 +85,20 @@ _OPTIONS: tuple[tuple[str, str, type[int] | type[float] | None, str], ...] = (
     ("aborted load", "abort_concurrency", int, "client threads"),
     ("aborted load", "abort_timeout", float, "seconds per abort (connect, send, first chunk)"),
     ("aborted load", "abort_delay", float, "seconds before closing in the 'delay' style"),
-    ("aborted load", "stream_path", None, "streamed URL or path for the 'stream' style"),
+    ("aborted load", "stream_path", None,
+     "streamed URL or path for the 'stream' and 'stop-reading' styles"),
+    ("aborted load", "body_path", None,
+     "URL or path the body styles POST to (default: the target URL)"),
+    ("aborted load", "body_size", int, "Content-Length the body styles announce"),
+    ("aborted load", "body_interval", float,
+     "seconds between the bytes of 'slow-body', and before 'body-reset' resets"),
+    ("stalled clients", "stall_count", int, "clients that stall, all at once"),
+    ("stalled clients", "stall_seconds", float, "how long they stay"),
+    ("stalled clients", "probe_interval", float, "pause between probes of the target URL"),
+    ("stalled clients", "probe_timeout", float,
+     "seconds per probe (above the app's pool timeout)"),
+    ("stalled clients", "pool_size", int,
+     "the app's pool size (default: pool_max in the stats JSON)"),
     ("drain", "drain_pause", float, "seconds to wait after the aborts without a leak oracle"),
     ("drain", "drain_timeout", float, "longest wait for the oracle to read 0 (twice)"),
     ("health check", "health_path", None, "URL or path (default: the target URL)"),
@@ -114,9 +130,23 @@ def _parse_styles(_ctx: click.Context, _param: click.Parameter, value: Any) -> A
     if value is None:
         return ()
     styles = tuple(s.strip() for s in value.split(",") if s.strip())
-    if not styles or any(s not in ABORT_STYLES for s in styles):
-        raise click.BadParameter(f"choose a comma-separated subset of {','.join(ABORT_STYLES)}")
+    if not styles or any(s not in (*ABORT_STYLES, STALLED) for s in styles):
+        raise click.BadParameter(
+            f"choose a comma-separated subset of {','.join(ABORT_STYLES)} ({STALLED}: every"
+            " stall style that applies)"
+        )
     return styles
+
+
+def _expand_styles(styles: tuple[str, ...], stream_path: str | None) -> tuple[str, ...]:
+    """``stalled`` -> the stall styles (``stop-reading`` only with a stream path)."""
+    out: list[str] = []
+    for style in styles:
+        chosen = [
+            s for s in STALL_STYLES if s != "stop-reading" or stream_path
+        ] if style == STALLED else [style]  # fmt: skip
+        out.extend(s for s in chosen if s not in out)
+    return tuple(out)
 
 
 def _params() -> tuple[list[click.Parameter], dict[str, str]]:
@@ -141,8 +171,9 @@ def _params() -> tuple[list[click.Parameter], dict[str, str]]:
         if name == "abort_delay":
             add(section, click.Option(
                 ["--abort-styles", "abort_styles"], metavar="STYLES", callback=_parse_styles,
-                help=f"comma-separated subset of {','.join(ABORT_STYLES)}"
-                " [default: all that apply]",
+                help=f"comma-separated subset of {','.join(ABORT_STYLES)}, or {STALLED}"
+                " for every stall style that applies  [default: close,delay,rst and, with"
+                " --stream-path, stream]",
             ))
         if name == "health_timeout":
             add(section, click.Option(
@@ -186,6 +217,7 @@ class _StormCommand(click.Command):
 
 def _storm(*, quiet: bool, as_json: bool, **values: Any) -> None:
     ctx = click.get_current_context()
+    values["abort_styles"] = _expand_styles(values["abort_styles"], values["stream_path"])
     try:
         config = StormConfig(**values)
     except ValueError as exc:

@@ -1,14 +1,16 @@
 """A minimal HTTP/1.1 client on raw sockets, and the loopback guard.
 
 The storm needs what HTTP libraries hide: closing a connection right after sending, with a
-TCP reset, or after the first chunk of a stream. Every request sends ``Connection: close``
-and is bounded by a deadline.
+TCP reset, or after the first chunk of a stream; sending a body one byte at a time, or
+part of it and then nothing; reading a stream no further. Every request sends
+``Connection: close`` and is bounded by a deadline.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import select
 import socket
 import struct
 import time
@@ -102,6 +104,25 @@ def request_bytes(target: Target, headers: Sequence[tuple[str, str]]) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
+def post_head_bytes(
+    target: Target, headers: Sequence[tuple[str, str]], length: int
+) -> bytes:
+    """The head of a ``POST`` of *target* announcing a body of *length* bytes."""
+    lines = [
+        f"POST {target.path} HTTP/1.1",
+        f"Host: {target.host_header}",
+        f"User-Agent: {USER_AGENT}",
+        "Accept: */*",
+        "Content-Type: application/octet-stream",
+        f"Content-Length: {length}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers),
+        "",
+        "",
+    ]
+    return "\r\n".join(lines).encode("latin-1")
+
+
 class ProtocolError(Exception):
     """A response that is not HTTP/1.x or ends early; *kind* names it in the report."""
 
@@ -117,9 +138,11 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-def _connect(target: Target, deadline: float) -> socket.socket:
+def _connect(target: Target, deadline: float, rcvbuf: int | None = None) -> socket.socket:
     sock = socket.socket(target.family, socket.SOCK_STREAM)
     try:
+        if rcvbuf is not None:  # before connect, so that the advertised window is small
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.settimeout(_remaining(deadline))
         sock.connect(target.sockaddr)
     except BaseException:
@@ -258,6 +281,8 @@ class Outcome:
     error: str | None = None
     aborted: bool = False
     style: str | None = None
+    #: the client reset its connection before it had sent its whole body
+    reset_mid_body: bool = False
 
 
 def timed_get(target: Target, request: bytes, timeout: float, deadline: float) -> Outcome:
@@ -276,7 +301,11 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 def aborted_request(
     target: Target, request: bytes, style: str, delay: float, deadline: float
 ) -> Outcome:
-    """Send the request and drop the connection the way *style* says (:data:`ABORT_STYLES`)."""
+    """Send the request and drop the connection the way *style* says (:data:`ABORT_STYLES`).
+
+    ``body-reset``: *request* is a POST's head and part of its body; *delay* later the
+    connection is reset.
+    """
     start = time.monotonic()
     status: int | None = None
     try:
@@ -285,7 +314,9 @@ def aborted_request(
             sock.sendall(request)
             if style == "delay":
                 time.sleep(delay)
-            elif style == "rst":
+            elif style in ("rst", "body-reset"):
+                if style == "body-reset":
+                    time.sleep(min(delay, _remaining(deadline)))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             elif style == "stream":
                 reader = _Reader(sock, deadline)
@@ -297,3 +328,82 @@ def aborted_request(
             (time.monotonic() - start) * 1000, status, _error_name(exc), style=style
         )
     return Outcome((time.monotonic() - start) * 1000, status, aborted=True, style=style)
+
+
+#: The receive buffer of a ``stop-reading`` client: the server's sends block soon.
+STOP_READING_RCVBUF = 4096
+#: Body bytes a ``stalled-body`` client sends before it stops.
+STALLED_BODY_BYTES = 10
+
+
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def _answer(sock: socket.socket, deadline: float) -> int:
+    """The status of a response the server sent while the client was still sending."""
+    return _read_head(_Reader(sock, deadline))[0]
+
+
+def stalled_request(
+    target: Target,
+    request: bytes,
+    style: str,
+    *,
+    body_size: int,
+    body_interval: float,
+    window_end: float,
+) -> Outcome:
+    """One request of the stall phase (:data:`~flask_reqconn.storm.config.STALL_STYLES`),
+    held until *window_end* at the latest.
+
+    ``slow-body`` and ``stalled-body``: *request* is a POST's head announcing *body_size*
+    bytes; ``slow-body`` then sends one byte every *body_interval*, ``stalled-body``
+    :data:`STALLED_BODY_BYTES` and then nothing. When the server answers meanwhile (a 408,
+    or a buffering proxy's answer), the outcome has its status; at *window_end* the
+    connection is reset (``reset_mid_body``). ``stop-reading``: *request* is a GET of a
+    stream; the head and the first bytes are read, then nothing more until *window_end*.
+    """
+    start = time.monotonic()
+    status: int | None = None
+    reset_mid_body = False
+    try:
+        rcvbuf = STOP_READING_RCVBUF if style == "stop-reading" else None
+        with _connect(target, window_end, rcvbuf) as sock:
+            sock.settimeout(_remaining(window_end))
+            if style == "stop-reading":
+                sock.sendall(request)
+                reader = _Reader(sock, window_end)
+                status, _headers = _read_head(reader)
+                if not reader.buf:
+                    reader.fill()
+                time.sleep(max(0.0, window_end - time.monotonic()))  # reads nothing more
+                return Outcome((time.monotonic() - start) * 1000, status, aborted=True,
+                               style=style)  # fmt: skip
+            first = 0 if style == "slow-body" else min(STALLED_BODY_BYTES, body_size - 1)
+            sock.sendall(request + b"x" * first)
+            sent = first
+            while True:
+                left = window_end - time.monotonic()
+                if left <= 0:
+                    break
+                pause = left if style == "stalled-body" else min(body_interval, left)
+                readable, _, _ = select.select([sock], [], [], pause)
+                if readable:  # the server answered (or closed) before the body was in
+                    status = _answer(sock, min(time.monotonic() + 2.0, window_end + 2.0))
+                    return Outcome((time.monotonic() - start) * 1000, status, style=style)
+                if style == "slow-body" and time.monotonic() < window_end:
+                    sock.sendall(b"x")
+                    sent += 1
+                    if sent == body_size:
+                        reader = _Reader(sock, window_end)
+                        status, headers = _read_head(reader)
+                        _read_body(reader, status, headers, None)
+                        return Outcome((time.monotonic() - start) * 1000, status, style=style)
+            _reset(sock)
+            reset_mid_body = True
+    except (OSError, ProtocolError) as exc:
+        return Outcome((time.monotonic() - start) * 1000, status, _error_name(exc),
+                       style=style, reset_mid_body=reset_mid_body)  # fmt: skip
+    return Outcome((time.monotonic() - start) * 1000, status, aborted=True, style=style,
+                   reset_mid_body=reset_mid_body)  # fmt: skip

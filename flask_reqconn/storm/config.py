@@ -5,10 +5,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-#: Abort styles: ``close`` (send the request, close at once), ``delay`` (close after
-#: ``abort_delay``), ``rst`` (close with ``SO_LINGER`` 0, so the peer gets a TCP reset) and
-#: ``stream`` (GET ``stream_path``, read the first body bytes, drop the connection).
-ABORT_STYLES = ("close", "delay", "rst", "stream")
+#: Abort styles. Clients that leave, in the abort phase: ``close`` (send the request, close
+#: at once), ``delay`` (close after ``abort_delay``), ``rst`` (close with ``SO_LINGER`` 0, so
+#: the peer gets a TCP reset), ``stream`` (GET ``stream_path``, read the first body bytes,
+#: drop the connection) and ``body-reset`` (POST ``body_path``: the head and half the body,
+#: then a reset). Clients that stay and stall, in the stall phase (:data:`STALL_STYLES`):
+#: ``slow-body``, ``stalled-body`` and ``stop-reading``.
+ABORT_STYLES = (
+    "close", "delay", "rst", "stream", "body-reset", "slow-body", "stalled-body", "stop-reading",
+)  # fmt: skip
+#: The styles of the stall phase: ``slow-body`` (POST ``body_path`` with a
+#: ``Content-Length`` of ``body_size``, then one byte every ``body_interval``),
+#: ``stalled-body`` (the head and a few bytes, then nothing) and ``stop-reading`` (GET
+#: ``stream_path``, read the first chunk, then keep the connection open without reading).
+#: Each stays for ``stall_seconds`` while probes check that the app still answers.
+STALL_STYLES = ("slow-body", "stalled-body", "stop-reading")
+#: The styles that send a request body (to ``body_path``).
+BODY_STYLES = ("body-reset", "slow-body", "stalled-body")
 
 #: Hard cap on the requests of one phase.
 MAX_REQUESTS_PER_PHASE = 100_000
@@ -16,6 +29,8 @@ MAX_REQUESTS_PER_PHASE = 100_000
 MAX_CONCURRENCY = 512
 #: Hard cap on ``max_seconds``.
 MAX_SECONDS = 3600.0
+#: Hard cap on ``body_size``.
+MAX_BODY_SIZE = 64 * 1024 * 1024
 
 
 class StormError(ValueError):
@@ -39,10 +54,23 @@ class StormConfig:
     :param abort_count: requests that the client drops.
     :param abort_concurrency: their client threads.
     :param abort_styles: styles to mix, round-robin (:data:`ABORT_STYLES`); empty means
-        ``close``, ``delay``, ``rst`` and, if ``stream_path`` is set, ``stream``.
+        ``close``, ``delay``, ``rst`` and, if ``stream_path`` is set, ``stream``. The
+        :data:`STALL_STYLES` among them run in a phase of their own, after the aborts.
     :param abort_delay: how long the ``delay`` style waits before it closes.
     :param abort_timeout: time per aborted request (connect, send, first chunk).
-    :param stream_path: a streamed response, for the ``stream`` style.
+    :param stream_path: a streamed response, for the ``stream`` and ``stop-reading`` styles;
+        for ``stop-reading`` it must be longer than the socket buffers (several MB).
+    :param body_path: where the body styles POST (default: ``url``).
+    :param body_size: the ``Content-Length`` the body styles announce.
+    :param body_interval: the pause between the bytes of ``slow-body``.
+    :param stall_count: clients of the stall phase, all at once, round-robin over the
+        stall styles chosen.
+    :param stall_seconds: how long they stay; probes run meanwhile.
+    :param probe_interval: the pause between two probes (GETs of ``url``) during the stall.
+    :param probe_timeout: time per probe; keep it above the app's pool timeout, so that the
+        app's own answer (a 503) is seen rather than a client timeout.
+    :param pool_size: the app's pool size, to tell whether ``checked_out`` is stuck at it
+        during the stall (default: ``pool_max`` from the stats JSON, when it has one).
     :param drain_pause: the wait after the aborts, without a leak oracle.
     :param drain_timeout: the longest wait for the oracles to read 0 twice in a row, after
         the aborts and again after the final load.
@@ -76,6 +104,14 @@ class StormConfig:
     abort_delay: float = 0.001
     abort_timeout: float = 5.0
     stream_path: str | None = None
+    body_path: str | None = None
+    body_size: int = 1000
+    body_interval: float = 0.5
+    stall_count: int = 6
+    stall_seconds: float = 10.0
+    probe_interval: float = 0.2
+    probe_timeout: float = 10.0
+    pool_size: int | None = None
     drain_pause: float = 1.0
     drain_timeout: float = 10.0
     health_path: str | None = None
@@ -97,13 +133,15 @@ class StormConfig:
             value = getattr(self, name)
             if not 0 <= value <= MAX_REQUESTS_PER_PHASE:
                 raise ValueError(f"{name} must be 0..{MAX_REQUESTS_PER_PHASE}, got {value}")
-        for name in ("normal_concurrency", "abort_concurrency", "final_concurrency"):
+        for name in ("normal_concurrency", "abort_concurrency", "final_concurrency",
+                     "stall_count"):
             value = getattr(self, name)
             if not 1 <= value <= MAX_CONCURRENCY:
                 raise ValueError(f"{name} must be 1..{MAX_CONCURRENCY}, got {value}")
         for name in (
             "normal_timeout", "abort_timeout", "health_timeout", "final_timeout",
-            "drain_timeout", "max_seconds",
+            "drain_timeout", "max_seconds", "body_interval", "stall_seconds",
+            "probe_interval", "probe_timeout",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -119,8 +157,13 @@ class StormConfig:
                 raise ValueError(
                     f"unknown abort style {style!r}; choose from {', '.join(ABORT_STYLES)}"
                 )
-        if "stream" in self.abort_styles and not self.stream_path:
-            raise ValueError("abort style 'stream' needs stream_path (--stream-path)")
+        for style in ("stream", "stop-reading"):
+            if style in self.abort_styles and not self.stream_path:
+                raise ValueError(f"abort style {style!r} needs stream_path (--stream-path)")
+        if not 2 <= self.body_size <= MAX_BODY_SIZE:
+            raise ValueError(f"body_size must be 2..{MAX_BODY_SIZE} bytes, got {self.body_size}")
+        if self.pool_size is not None and self.pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1, got {self.pool_size}")
         if (self.dsn is None) != (self.application_name is None):
             raise ValueError(
                 "the pg_stat_activity oracle needs both dsn (--dsn) and "
@@ -134,8 +177,19 @@ class StormConfig:
 
     @property
     def effective_abort_styles(self) -> tuple[str, ...]:
-        """The styles the abort phase cycles through."""
+        """The styles chosen: ``abort_styles``, or by default ``close``, ``delay``, ``rst``
+        and, with ``stream_path``, ``stream`` (the body and stall styles only when named)."""
         if self.abort_styles:
             return self.abort_styles
         base = ("close", "delay", "rst")
         return (*base, "stream") if self.stream_path else base
+
+    @property
+    def quick_styles(self) -> tuple[str, ...]:
+        """The styles of the abort phase (clients that leave)."""
+        return tuple(s for s in self.effective_abort_styles if s not in STALL_STYLES)
+
+    @property
+    def stall_styles(self) -> tuple[str, ...]:
+        """The styles of the stall phase (clients that stay); empty: no stall phase."""
+        return tuple(s for s in self.effective_abort_styles if s in STALL_STYLES)

@@ -47,20 +47,59 @@ def _lookup(data: object, path: Sequence[str]) -> object:
     return data
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def int_in_json(data: object, key: str) -> int | None:
+    """The integer at dotted ``key``; for a key missing at the top level, the sum over
+    ``data["pools"][*][key]`` (the dotted path inside each pool); ``None`` if neither."""
+    path = key.split(".")
+    value = _lookup(data, path)
+    if value is _MISSING and isinstance(data, dict):
+        pools = data.get("pools")
+        if isinstance(pools, dict) and pools:
+            values = [_lookup(pool, path) for pool in pools.values()]
+            if all(_is_int(v) for v in values):
+                return sum(v for v in values if isinstance(v, int))
+    return value if isinstance(value, int) and _is_int(value) else None
+
+
 def _checked_out_from_json(data: object, key: str) -> int:
     """The integer at dotted ``key``; for a plain key, fall back to the sum over
     ``data["pools"][*][key]``."""
     path = key.split(".")
     value = _lookup(data, path)
-    if value is _MISSING and len(path) == 1 and isinstance(data, dict):
-        pools = data.get("pools")
-        if isinstance(pools, dict) and pools:
-            values = [_lookup(pool, path) for pool in pools.values()]
-            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                return sum(v for v in values if isinstance(v, int))
-    if isinstance(value, int) and not isinstance(value, bool):
+    if value is _MISSING and len(path) == 1:
+        summed = int_in_json(data, key)
+        if summed is not None:
+            return summed
+    if isinstance(value, int) and _is_int(value):
         return value
     raise ValueError(f"no integer at key {key!r} in the stats JSON (set --stats-key)")
+
+
+def pool_max_in_json(data: object) -> int | None:
+    """The pool size a stats JSON states: ``pool_max`` at the top, in ``pool`` (psycopg_pool's
+    ``get_stats()``), or summed over ``pools.<name>.pool`` (flask-reqconn's stats)."""
+    for key in ("pool_max", "pool.pool_max"):
+        value = int_in_json(data, key)
+        if value:
+            return value
+    return None
+
+
+#: Counters of requests the app answered because their client stalled or left mid-body
+#: (flask-reqconn's stats: 408 and 499).
+GONE_KEYS = ("client_gone", "stalled")
+
+
+def gone_in_json(data: object) -> int | None:
+    """The sum of :data:`GONE_KEYS` in a stats JSON, ``None`` if it has none of them."""
+    values = [int_in_json(data, key) for key in GONE_KEYS]
+    if all(v is None for v in values):
+        return None
+    return sum(v for v in values if v is not None)
 
 
 class StatsOracle:
@@ -77,12 +116,20 @@ class StatsOracle:
         self.name = key
         self.label = f"{key} at {target.url}"
 
-    def read(self) -> int:
+    def read_json(self) -> object:
+        """The whole JSON document."""
         body = bytearray()
         status = http_get(self.target, self.request, time.monotonic() + self.timeout, body)
         if not 200 <= status < 300:
             raise ValueError(f"stats URL answered {status}")
-        return _checked_out_from_json(json.loads(bytes(body)), self.key)
+        return json.loads(bytes(body))
+
+    def count(self, data: object) -> int:
+        """The checked-out count in *data*, a document :meth:`read_json` returned."""
+        return _checked_out_from_json(data, self.key)
+
+    def read(self) -> int:
+        return self.count(self.read_json())
 
     def close(self) -> None:
         pass

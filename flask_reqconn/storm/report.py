@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import StormConfig
-from .results import LeakReading, PhaseResult, StormResult
+from .results import LeakReading, PhaseResult, StallResult, StormResult
 
 
 def _counts(counts: dict[Any, int]) -> str:
@@ -34,6 +34,83 @@ def server_dead(health: PhaseResult) -> str | None:
     return None
 
 
+#: What the stall phase found out about the front end, by case.
+PROXY_BUFFERS = (
+    "the app never saw the slow request bodies (none of the {reset} requests reset"
+    " mid-body reached it): your proxy buffers request bodies"
+)
+APP_HOLDS = (
+    "the app holds a connection while a request body arrives: nothing in front buffers"
+    " request bodies, so slow uploads take the pool"
+)
+APP_READS_FIRST = (
+    "the app sees slow request bodies itself (it answered {answered} of the {reset}"
+    " requests reset mid-body) and held no connection while they arrived"
+)
+NO_CONNECTION_HELD = (
+    "the app held no connection while the slow bodies arrived: your proxy buffers request"
+    " bodies, or the app reads them before it takes a connection (its stats have no"
+    " client_gone counter to tell which)"
+)
+UNKNOWN = "unknown: add --stats-url to see whether slow request bodies reach the app"
+
+
+def front_end_finding(
+    *, body_clients: int, bodies_reset: int, answered: int | None, held: bool | None,
+    stats: bool,
+) -> tuple[bool | None, str]:
+    """Whether the app saw the stall phase's slow bodies, and that in words.
+
+    :param answered: how many more 499/408 the app counted after the stall (``None``: no
+        such counters).
+    :param held: the checked-out count rose with the body clients (``None``: no readings).
+    """
+    if not body_clients:
+        return None, ""
+    if not stats:
+        return None, UNKNOWN
+    if held:
+        return True, APP_HOLDS
+    if answered is not None and bodies_reset:
+        if answered > 0:
+            return True, APP_READS_FIRST.format(answered=answered, reset=bodies_reset)
+        return False, PROXY_BUFFERS.format(reset=bodies_reset)
+    if held is False:
+        return None, NO_CONNECTION_HELD
+    return None, UNKNOWN
+
+
+def _stall_problems(stall: StallResult, config: StormConfig) -> list[str]:
+    problems: list[str] = []
+    probes = stall.probes
+    clients = f"{stall.clients.planned} stalled clients ({_counts(stall.clients.styles)})"
+    if probes.requests == 0:
+        problems.append(f"no probe got through during the stall of {clients}")
+    elif probes.ok_count < probes.requests:
+        bad: dict[Any, int] = {k: v for k, v in probes.statuses.items() if not 200 <= k < 300}
+        bad.update(probes.errors)
+        why = ""
+        if not stall.stuck and stall.pool_size is not None and stall.checked_out and (
+            max(stall.checked_out) < stall.pool_size
+        ):
+            why = (
+                "; checked_out stayed below the pool size, so the server ran out of threads"
+                " or workers, not connections"
+            )
+        problems.append(
+            f"probes during the stall {probes.ok_count}/{probes.requests} 2xx"
+            f" ({_counts(bad)}, timeout {config.probe_timeout:g} s): {clients} starve the"
+            f" app{why}"
+        )
+    if stall.stuck:
+        problems.append(
+            f"checked_out stuck at the pool size ({stall.pool_size}) for the last"
+            f" {_fmt(stall.stuck_seconds)} s of the {stall.seconds:.1f} s stall: stalled"
+            " clients hold the pool's connections"
+        )
+    return problems
+
+
 def judge(
     config: StormConfig,
     health: PhaseResult,
@@ -41,12 +118,16 @@ def judge(
     readings: Sequence[LeakReading],
     deadline_hit: bool,
     stopped_early: str | None = None,
+    stall: StallResult | None = None,
 ) -> tuple[bool, str]:
     """The verdict: ``(ok, text)``, the text starting with ``OK:`` or ``FAIL:`` and giving
-    every reason for a failure."""
+    every reason for a failure; with a stall phase, what it found about the front end
+    last."""
     problems: list[str] = []
     if deadline_hit:
         problems.append(f"stopped by the {config.max_seconds:g} s deadline (--max-seconds)")
+    if stall is not None:
+        problems.extend(_stall_problems(stall, config))
     if health.ok_count != 1:
         seen = _counts(health.statuses) or _counts(health.errors) or "not sent"
         problems.append(f"health check failed ({seen}, timeout {config.health_timeout:g} s)")
@@ -80,17 +161,23 @@ def judge(
             " app lost is closed by the garbage collector and leaves pg_stat_activity while"
             " the pool still counts it; add --stats-url to read the pool's own count"
         )
+    front_end = [f"front end: {stall.front_end}"] if stall is not None and stall.front_end else []
     if problems:
-        return False, "FAIL: " + "; ".join(problems)
+        return False, "FAIL: " + "; ".join([*problems, *front_end])
     parts = [
         f"health {next(iter(health.statuses), '?')} in {_fmt(health.p50_ms)} ms",
         f"final {final.ok_count}/{final.planned} 2xx",
     ]
+    if stall is not None:
+        parts.append(
+            f"probes during the stall {stall.probes.ok_count}/{stall.probes.requests} 2xx"
+            f" (slowest {_fmt(stall.probes.max_ms)} ms)"
+        )
     if readings:
         parts.extend(f"{reading.name} 0 after drain and at end" for reading in readings)
     else:
         parts.append("no leak oracle (add --stats-url or --dsn/--application-name)")
-    return True, "OK: " + "; ".join(parts)
+    return True, "OK: " + "; ".join([*parts, *front_end])
 
 
 def format_report(result: StormResult) -> str:
@@ -124,6 +211,23 @@ def format_report(result: StormResult) -> str:
     ]
     if result.abort.styles:
         lines.append(f"abort styles: {_counts(result.abort.styles)}")
+    stall = result.stall
+    if stall is not None:
+        line = (
+            f"stall: {stall.clients.planned} clients for {stall.seconds:.1f} s"
+            f" ({_counts(stall.clients.styles)} requests)"
+        )
+        if stall.checked_out:
+            pool = f" of {stall.pool_size}" if stall.pool_size is not None else ""
+            line += (
+                f"; checked_out during it {min(stall.checked_out)}-{max(stall.checked_out)}"
+                f"{pool}"
+            )
+            if stall.stuck_seconds:
+                line += f", at the pool size for the last {stall.stuck_seconds:.1f} s"
+        lines.append(line)
+        if stall.front_end:
+            lines.append(f"front end: {stall.front_end}")
     lines.append(f"drain: {result.drain_seconds:.1f} s; total {result.seconds:.1f} s")
     for reading in result.leaks:
         line = (

@@ -16,7 +16,8 @@ class Progress:
     ``finished=True`` at its end. ``drain`` and ``settle`` (waits, no requests) have
     ``total == 0``. Phases skipped by an early stop send nothing.
 
-    :ivar phase: ``normal``, ``abort``, ``drain``, ``health``, ``final`` or ``settle``.
+    :ivar phase: ``normal``, ``abort``, ``stall`` (only with a stall style), ``drain``,
+        ``health``, ``final`` or ``settle``.
     :ivar done: requests of the phase that have ended.
     :ivar total: requests planned.
     :ivar finished: the phase is over.
@@ -44,7 +45,8 @@ class ProgressCallback(Protocol):
 class PhaseResult:
     """What one request phase saw.
 
-    :ivar name: the phase: ``normal``, ``abort``, ``health`` or ``final``.
+    :ivar name: the phase: ``normal``, ``abort``, ``health`` or ``final``; ``stall`` and
+        ``probes`` for the stall phase's clients and probes.
     :ivar planned: requests it was to send.
     :ivar requests: requests started.
     :ivar statuses: HTTP status -> count. In the abort phase, the statuses the ``stream``
@@ -124,6 +126,49 @@ class LeakReading:
 
 
 @dataclass
+class StallResult:
+    """What the stall phase saw: clients that stay and stall, and the app meanwhile.
+
+    :ivar clients: the stalled clients' requests (``styles``: requests per style;
+        ``statuses``: answers some got before they gave up, such as 408; ``aborted``:
+        requests held to the end of the stall).
+    :ivar probes: GETs of the URL sent one after another during the stall; each must
+        answer 2xx within ``probe_timeout``.
+    :ivar seconds: how long the stalled clients stayed.
+    :ivar pool_size: the pool size the checked-out count was compared with (``None``:
+        unknown).
+    :ivar checked_out: the stats oracle's readings during the stall, in order.
+    :ivar stuck_seconds: how long ``checked_out`` sat at ``pool_size`` up to the end of
+        the stall (``None`` without both).
+    :ivar stuck: it sat there for at least half of the stall: connections that do not
+        come back while clients stall.
+    :ivar body_clients: clients that sent request bodies (``slow-body``, ``stalled-body``).
+    :ivar bodies_reset: of their requests, those reset before the whole body was sent.
+    :ivar answered_by_app: how many more requests the app counted as ``client_gone`` or
+        ``stalled`` (499 or 408) after the stall than before (``None``: the stats have
+        no such counters).
+    :ivar app_saw_bodies: whether the app saw the slow bodies at all: ``False`` means a
+        proxy in front buffers them; ``None``: cannot tell.
+    :ivar front_end: that finding in words.
+
+    .. versionadded:: 0.1
+    """
+
+    clients: PhaseResult
+    probes: PhaseResult
+    seconds: float = 0.0
+    pool_size: int | None = None
+    checked_out: list[int] = field(default_factory=list)
+    stuck_seconds: float | None = None
+    stuck: bool = False
+    body_clients: int = 0
+    bodies_reset: int = 0
+    answered_by_app: int | None = None
+    app_saw_bodies: bool | None = None
+    front_end: str = ""
+
+
+@dataclass
 class StormResult:
     """The outcome of :func:`run_storm`. ``verdict`` starts with ``OK:`` or ``FAIL:``.
 
@@ -138,6 +183,7 @@ class StormResult:
     :ivar stopped_early: why the storm stopped after the health check (see
         :ref:`storm-early-stop`), else ``None``. The final load was then not sent
         (``final.requests`` is 0) and the oracles were not read at the end.
+    :ivar stall: the stall phase (:ref:`storm-stall`), ``None`` without a stall style.
 
     .. versionadded:: 0.1
     """
@@ -154,8 +200,10 @@ class StormResult:
     ok: bool
     verdict: str
     stopped_early: str | None = None
+    stall: StallResult | None = None
 
     @property
     def phases(self) -> list[PhaseResult]:
         """The request phases in the order they ran."""
-        return [self.normal, self.abort, self.health, self.final]
+        stall = [self.stall.clients, self.stall.probes] if self.stall else []
+        return [self.normal, self.abort, *stall, self.health, self.final]
