@@ -13,8 +13,14 @@ clients that hang up, including ones that drop the ``/feed`` stream after its
 first line, a health check, a final load), and prints both reports and the
 two verdicts side by side.
 
+Then, on a fresh pair of servers, clients that stay and stall: the same storm's
+stall phase (``slow-body`` and ``stalled-body`` uploads to ``/upload``, a
+reader that stops reading ``/export``) while probes GET ``/``; again both
+reports and the verdicts side by side.
+
 Exit status 0 when the demo shows what it should (the naive app loses its
-connections, flask-reqconn loses none), 1 otherwise, 130 when interrupted.
+connections, and stalled clients starve it; flask-reqconn loses none and keeps
+answering), 1 otherwise, 130 when interrupted.
 Every process it starts is stopped by its PID, and the throwaway database is
 removed, on any exit; a watchdog process does it even if the demo is killed.
 """
@@ -176,6 +182,36 @@ def storm_config(server: Server, dsn: str, application_name: str, abort_count: i
     )
 
 
+#: The stall storm: two slow uploads, two stalled ones and a reader that stops, against a
+#: pool of 2 and 8 threads (five of them held by the stalled clients).
+STALL_STYLES = ("slow-body", "stalled-body", "stop-reading")
+STALL_CLIENTS = 5
+
+
+def stall_config(server: Server, seconds: float) -> StormConfig:
+    """The storm of clients that stall: no aborts, a stall phase of *seconds*."""
+    return StormConfig(
+        server.url + "/",
+        normal_count=20,
+        normal_concurrency=4,
+        abort_count=0,
+        abort_styles=STALL_STYLES,
+        body_path="/upload",
+        stream_path="/export",
+        stall_count=STALL_CLIENTS,
+        stall_seconds=seconds,
+        probe_timeout=10.0,
+        drain_timeout=3.0,
+        health_path="/health",
+        health_timeout=3.0,
+        final_count=10,
+        final_concurrency=5,
+        final_timeout=5.0,
+        stats_url="/stats",
+        max_seconds=90.0,
+    )
+
+
 def progress_for(name: str) -> Any:
     def progress(event: Progress) -> None:
         if event.done == 0 and not event.finished:
@@ -265,6 +301,64 @@ def side_by_side(outcomes: list[Outcome]) -> str:
     )
 
 
+def _probes(result: StormResult) -> str:
+    stall = result.stall
+    if stall is None:
+        return "-"
+    probes = stall.probes
+    bad = [*(f"{k}:{v}" for k, v in probes.statuses.items() if not 200 <= k < 300),
+           *(f"{k}:{v}" for k, v in probes.errors.items())]  # fmt: skip
+    text = f"{probes.ok_count}/{probes.requests} 2xx"
+    if bad:
+        text += f" ({' '.join(bad)})"
+    if probes.max_ms is not None:
+        slowest = probes.max_ms
+        text += f", slowest {slowest / 1000:.1f} s" if slowest >= 1000 else (
+            f", slowest {slowest:.0f} ms"
+        )
+    return text
+
+
+def _held(result: StormResult) -> str:
+    stall = result.stall
+    if stall is None or not stall.checked_out:
+        return "?"
+    of = f" of {stall.pool_size}" if stall.pool_size else ""
+    text = f"{min(stall.checked_out)}-{max(stall.checked_out)}{of}"
+    return text + (f", stuck for {stall.stuck_seconds:.1f} s" if stall.stuck else "")
+
+
+def _front_end(result: StormResult) -> str:
+    stall = result.stall
+    if stall is None or stall.app_saw_bodies is None:
+        return "?"
+    if stall.app_saw_bodies is False:
+        return "a proxy buffers them"
+    held = stall.front_end.startswith("the app holds")
+    return "reach the app, hold a connection" if held else "reach the app, hold nothing"
+
+
+def _after_drain(result: StormResult) -> str:
+    reading = next((r for r in result.leaks if r.source == "stats"), None)
+    return "?" if reading is None or reading.after_drain is None else str(reading.after_drain)
+
+
+def stall_side_by_side(outcomes: list[Outcome]) -> str:
+    """The stall storm's table: probes, the pool meanwhile, the front end, the verdict."""
+    rows = [
+        ("", *(o.name for o in outcomes)),
+        ("probes of / during the stall", *(_probes(o.result) for o in outcomes)),
+        ("checked_out during the stall", *(_held(o.result) for o in outcomes)),
+        ("slow request bodies", *(_front_end(o.result) for o in outcomes)),
+        ("checked out after the drain", *(_after_drain(o.result) for o in outcomes)),
+        ("storm verdict", *("OK" if o.result.ok else "FAIL" for o in outcomes)),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    )
+
+
 def explain(naive: Outcome, fixed: Outcome) -> list[str]:
     lines = []
     if naive.leaked:
@@ -322,7 +416,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--abort-count", type=_positive, default=40,
         help="aborted requests, a quarter of them /feed stream drops (default: 40)",
     )  # fmt: skip
+    parser.add_argument(
+        "--stall-seconds", type=float, default=8.0,
+        help="how long the stalled clients stay (default: 8; 0 skips the stall storm)",
+    )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def start_pair(
+    label: str, dsn: str, tag: str, args: argparse.Namespace, log_dir: Path,
+    watchdog: Watchdog, stack: contextlib.ExitStack,
+) -> list[tuple[Server, str]]:
+    """Both apps under gunicorn; each with its own ``application_name``."""
+    servers = []
+    for name, app in APPS:
+        appname = f"demo-{name}-{label}-{tag}"
+        env = {
+            "DATABASE_URL": make_conninfo(dsn, application_name=appname),
+            "POOL_SIZE": str(args.pool_size),
+            "POOL_TIMEOUT": "5",  # flask-reqconn's default REQCONN_TIMEOUT, for both
+        }
+        say(f"starting gunicorn ({args.worker_class}) for the {name} app")
+        servers.append((start_gunicorn(name, app, env, args, log_dir, watchdog, stack), appname))
+    return servers
+
+
+def stall_storms(
+    dsn: str, tag: str, args: argparse.Namespace, log_dir: Path, watchdog: Watchdog
+) -> list[Outcome]:
+    """The stall storm against a fresh pair of servers, stopped when it is over."""
+    outcomes = []
+    with contextlib.ExitStack() as stack:
+        servers = start_pair("stall", dsn, tag, args, log_dir, watchdog, stack)
+        for server, appname in servers:
+            result = run_storm(
+                stall_config(server, args.stall_seconds), progress=progress_for(server.name)
+            )
+            outcomes.append(Outcome(server.name, appname, result))
+    return outcomes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -337,18 +468,9 @@ def run(args: argparse.Namespace) -> int:
         stack.callback(shutil.rmtree, log_dir, True)
         dsn = stack.enter_context(postgres())
 
-        servers = []
-        for name, app in APPS:
-            appname = f"demo-{name}-{tag}"
-            env = {
-                "DATABASE_URL": make_conninfo(dsn, application_name=appname),
-                "POOL_SIZE": str(args.pool_size),
-                "POOL_TIMEOUT": "5",  # flask-reqconn's default REQCONN_TIMEOUT, for both
-            }
-            say(f"starting gunicorn ({args.worker_class}) for the {name} app")
-            servers.append(
-                (start_gunicorn(name, app, env, args, log_dir, watchdog, stack), appname)
-            )
+        pair = contextlib.ExitStack()
+        stack.enter_context(pair)
+        servers = start_pair("abort", dsn, tag, args, log_dir, watchdog, pair)
         say(
             f"both apps up: 1 worker, {args.worker_class}"
             + (f" with {args.threads} threads" if args.worker_class == "gthread" else "")
@@ -378,19 +500,52 @@ def run(args: argparse.Namespace) -> int:
         for line in explain(naive, fixed):
             print(line)
         print()
+        pair.close()  # the abort storm's servers: stopped before the next pair starts
+
+        stalled: list[Outcome] = []
+        if args.stall_seconds > 0:
+            stalled = stall_storms(dsn, tag, args, log_dir, watchdog)
+            for outcome in stalled:
+                print(f"=== clients that stall, against the {outcome.name} app ===")
+                print(storm_report(outcome.result))
+                print()
+            print(
+                f"=== side by side: {STALL_CLIENTS} clients that stall for"
+                f" {args.stall_seconds:g} s (slow and stalled uploads, a reader that stops)"
+                " ==="
+            )
+            print(stall_side_by_side(stalled))
+            print()
+            for outcome in stalled:
+                if outcome.result.stall is not None:
+                    print(f"{outcome.name}: {outcome.result.stall.front_end}.")
+            print()
 
     naive_leaks = not naive.result.ok and (
         (naive.leaked or 0) > 0 or (naive.leaked is None and naive.result.health.ok_count == 0)
     )
     fixed_clean = fixed.result.ok and fixed.leaked == 0
-    if naive_leaks and fixed_clean:
-        print("demo: as expected, the naive app leaked and flask-reqconn did not.")
-        return 0
     problems = []
     if not naive_leaks:
         problems.append("the naive app did not show its leak")
     if not fixed_clean:
         problems.append("the flask-reqconn app did not pass the storm")
+    if stalled:
+        naive_stall, fixed_stall = (o.result for o in stalled)
+        starved = naive_stall.stall is not None and (
+            naive_stall.stall.probes.ok_count < naive_stall.stall.probes.requests
+        )
+        if naive_stall.ok or not starved:
+            problems.append("stalled clients did not starve the naive app")
+        if not fixed_stall.ok:
+            problems.append("the flask-reqconn app did not pass the stall storm")
+    if not problems:
+        print(
+            "demo: as expected, the naive app leaked"
+            + (" and stalled clients starved it;" if stalled else ",")
+            + " flask-reqconn did not."
+        )
+        return 0
     print(f"demo: unexpected outcome: {'; '.join(problems)}")
     return 1
 
