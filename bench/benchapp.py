@@ -26,6 +26,10 @@ Endpoints, identical in every variant that has them:
 ``/read``     one indexed lookup (unique index on ``sku``) of a random seeded row, as JSON
 ``/nodb``     no database at all
 ``/stream``   (bare and flask-reqconn variants) a short streamed body that queries
+``/upload``   (bare and flask-reqconn variants) ``POST``: reads the body, then one query
+              with its size; bare reads it inside ``with pool.connection()``, as a view
+              wrapped whole in the block does
+``/upload-first``  (bare) the same, the body read before the block
 ``/stats``    (flask-reqconn variants) ``ReqConn.stats()`` of the worker that answers
 """
 
@@ -36,9 +40,10 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Flask, Response, jsonify, stream_with_context
+from flask import Flask, Response, jsonify, request, stream_with_context
 
 SELECT1_SQL = "SELECT 1"
+UPLOAD_SQL = "SELECT %s::int"
 READ_SQL = "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = %s"
 READ_SQL_SQLA = "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = :sku"
 APPLICATION_NAME_PREFIX = "bench_"
@@ -187,6 +192,20 @@ def _bare(app: Flask, dsn: str, appname: str, pool_size: int, random_sku: Any) -
 
         return Response(body(), mimetype="text/plain")
 
+    @app.post("/upload")
+    def upload() -> str:
+        with pool.connection() as conn:
+            size = len(request.get_data())
+            row = conn.execute(UPLOAD_SQL, (size,)).fetchone()
+        return str(row[0]) if row else ""
+
+    @app.post("/upload-first")
+    def upload_first() -> str:
+        size = len(request.get_data())
+        with pool.connection() as conn:
+            row = conn.execute(UPLOAD_SQL, (size,)).fetchone()
+        return str(row[0]) if row else ""
+
 
 def _reqconn(
     app: Flask,
@@ -234,6 +253,12 @@ def _reqconn(
                 yield f"{row[1] if row else '-'}\n"
 
         return Response(stream_with_context(body()), mimetype="text/plain")
+
+    @app.post("/upload")
+    def upload() -> str:
+        size = len(request.get_data())
+        row = get_conn().execute(UPLOAD_SQL, (size,)).fetchone()
+        return str(row[0]) if row else ""
 
     @app.get("/stats")
     @reqconn.exempt

@@ -18,7 +18,11 @@ Steps, all against one throwaway PostgreSQL (:mod:`flask_reqconn.testing`;
    its own port, each variant with the same pool size; load from a separate process,
    variants interleaved over several rounds (the order rotates every round);
 3. storm: 64 clients of normal load, with and without 1000 aborted requests at the same
-   time; then leak checks through ``/stats`` of every worker and ``pg_stat_activity``.
+   time; then leak checks through ``/stats`` of every worker and ``pg_stat_activity``;
+4. stall: 8 clients of normal load on ``/read``, calm and while clients that stall
+   (``stallload.py``: slow and stalled uploads, more of them than the pool has
+   connections) attack an upload, against bare psycopg_pool (the body read inside and
+   before ``with pool.connection()``) and flask-reqconn's eager checkout.
 
 Results go to ``bench/results/`` (``latest.json``, ``latest.txt``, ``latest.rst`` and the
 cProfile dumps).
@@ -188,10 +192,11 @@ def machine_info(dsn: str, wrk: str | None) -> dict[str, Any]:
 
 
 def start_server(variant: str, worker_class: str, dsn: str, pool_size: int, rows: int,
-                 log_dir: Path) -> Any:
+                 log_dir: Path, threads: int | None = None) -> Any:
     from flask_reqconn.testing import gunicorn
 
-    workers, threads, _conns = SERVERS[worker_class]
+    workers, default_threads, _conns = SERVERS[worker_class]
+    threads = threads or default_threads
     return gunicorn(
         "benchapp:create_app()",
         worker_class=worker_class,
@@ -210,11 +215,13 @@ def start_server(variant: str, worker_class: str, dsn: str, pool_size: int, rows
 
 @contextlib.contextmanager
 def running(variants: Sequence[str], worker_class: str, dsn: str, pool_size: int, rows: int,
-            log_dir: Path) -> Iterator[dict[str, Any]]:
+            log_dir: Path, threads: int | None = None) -> Iterator[dict[str, Any]]:
     started: dict[str, Any] = {}
     try:
         for variant in variants:
-            started[variant] = start_server(variant, worker_class, dsn, pool_size, rows, log_dir)
+            started[variant] = start_server(
+                variant, worker_class, dsn, pool_size, rows, log_dir, threads
+            )
         yield started
     finally:
         for server in started.values():
@@ -533,6 +540,113 @@ def storm_under_load(dsn: str, admin_dsn: str, *, variants: Sequence[str], round
 
 
 # --------------------------------------------------------------------------------------
+# Step 4: clients that stall
+# --------------------------------------------------------------------------------------
+
+#: (case, variant, the upload the stalled clients attack)
+STALL_CASES = [
+    ("bare, body read in the block", "bare", "/upload"),
+    ("bare, body read first", "bare", "/upload-first"),
+    ("reqconn eager", "eager", "/upload"),
+]
+#: gthread threads for the stall step: room for the load and the stalled clients both,
+#: so that the pool, not the threads, is what the attack can exhaust.
+STALL_THREADS = 16
+STALL_LOAD_CONNECTIONS = 8
+
+
+def stalled_under_load(dsn: str, admin_dsn: str, *, rounds: int, duration: int, clients: int,
+                       pool_size: int, rows: int, log_dir: Path,
+                       force_python: bool) -> dict[str, Any]:
+    """Normal load on ``/read``, calm and while *clients* stalled uploads attack, per case."""
+    from loadgen import run_load
+
+    out: dict[str, Any] = {
+        "clients": clients, "duration": duration, "rounds": rounds, "workers": 1,
+        "threads": STALL_THREADS, "pool_size": pool_size,
+        "connections": STALL_LOAD_CONNECTIONS, "cases": {},
+    }  # fmt: skip
+    say(f"stall: starting gthread servers ({STALL_THREADS} threads) for bare and eager")
+    with running(["bare", "eager"], "gthread", dsn, pool_size, rows, log_dir,
+                 threads=STALL_THREADS) as srv:  # fmt: skip
+        for server in srv.values():
+            warm(server, ["/read"])
+        runs: dict[str, dict[str, list[Any]]] = {
+            case: {"calm": [], "stalled": [], "attack": [], "settle": []}
+            for case, _v, _p in STALL_CASES
+        }
+        for r in range(rounds):
+            for case, variant, path in STALL_CASES if r % 2 == 0 else STALL_CASES[::-1]:
+                server = srv[variant]
+                url = f"{server.url}/read"
+                calm = run_load(url, connections=STALL_LOAD_CONNECTIONS, duration=duration,
+                                force_python=force_python)  # fmt: skip
+                attack_proc = subprocess.Popen(
+                    [sys.executable, str(BENCH / "stallload.py"), server.url + path,
+                     "--clients", str(clients), "--seconds", str(duration + 2)],
+                    stdout=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                try:
+                    time.sleep(1.0)  # the stalled clients in, their requests started
+                    stalled = run_load(url, connections=STALL_LOAD_CONNECTIONS,
+                                       duration=duration, force_python=force_python)
+                finally:
+                    stdout, _ = attack_proc.communicate(timeout=duration + 90)
+                runs[case]["calm"].append(calm)
+                runs[case]["stalled"].append(stalled)
+                runs[case]["attack"].append(json.loads(stdout))
+                runs[case]["settle"].append(settle(server, variant, admin_dsn))
+                say(
+                    f"stall round {r + 1}/{rounds} {case}: calm {calm['rps']:.0f} req/s,"
+                    f" stalled {stalled['rps']:.0f} req/s, p99 {stalled['p99_ms']:.0f} ms,"
+                    f" {stalled['errors'] + stalled['non2xx']} bad;"
+                    f" attack {runs[case]['attack'][-1]['outcomes']}"
+                )
+        for case, variant, path in STALL_CASES:
+            data = runs[case]
+            log = srv[variant].log_text()
+            out["cases"][case] = {
+                "variant": variant,
+                "attacked": path,
+                "calm_rps_median": statistics.median(c["rps"] for c in data["calm"]),
+                "stalled_rps_median": statistics.median(s["rps"] for s in data["stalled"]),
+                "ratio_median": statistics.median(
+                    s["rps"] / c["rps"] for c, s in zip(data["calm"], data["stalled"], strict=True)
+                ),
+                "calm_p50_ms": statistics.median(c["p50_ms"] for c in data["calm"]),
+                "calm_p99_ms": statistics.median(c["p99_ms"] for c in data["calm"]),
+                "stalled_p50_ms": statistics.median(s["p50_ms"] for s in data["stalled"]),
+                "stalled_p99_ms": statistics.median(s["p99_ms"] for s in data["stalled"]),
+                "stalled_ok": sum(s["requests"] - s["non2xx"] for s in data["stalled"]),
+                "stalled_bad": sum(s["errors"] + s["non2xx"] for s in data["stalled"]),
+                "calm_bad": sum(c["errors"] + c["non2xx"] for c in data["calm"]),
+                "leak_free": all(s["clean"] for s in data["settle"]),
+                "log_tracebacks": log.count("Traceback"),
+                "runs": data,
+            }
+    return out
+
+
+def stall_table(result: dict[str, Any], rst: bool = False) -> list[str]:
+    head = ["case", "calm req/s", "stalled req/s", "stalled ÷ calm", "calm p50 / p99 ms",
+            "stalled p50 / p99 ms", "stalled ok / failed", "leak-free"]  # fmt: skip
+    rows = []
+    for case, row in result["cases"].items():
+        stalled_lat = (
+            f"{_f(row['stalled_p50_ms'], 1)} / {_f(row['stalled_p99_ms'], 1)}"
+            if row["stalled_ok"] else "-"
+        )
+        rows.append([
+            case, _f(row["calm_rps_median"]), _f(row["stalled_rps_median"]),
+            _f(row["ratio_median"], 3),
+            f"{_f(row['calm_p50_ms'], 1)} / {_f(row['calm_p99_ms'], 1)}", stalled_lat,
+            f"{row['stalled_ok']} / {row['stalled_bad']}",
+            "yes" if row["leak_free"] else "NO",
+        ])  # fmt: skip
+    return render(head, rows, rst)
+
+
+# --------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------
 
@@ -682,6 +796,16 @@ def report(results: dict[str, Any], rst: bool = False) -> str:
             f" {st['duration']} s, {st['rounds']} rounds (gthread {st['workers']}x{st['threads']})"
         )
         lines += storm_table(st, rst)
+    if "stall" in results:
+        st = results["stall"]
+        lines.append("")
+        lines.append(
+            f"clients that stall: {st['connections']} connections of load on /read,"
+            f" {st['clients']} stalled uploads (slow-body and stalled-body, pool"
+            f" {st['pool_size']}), {st['rounds']} rounds x {st['duration']} s"
+            f" (gthread {st['workers']}x{st['threads']})"
+        )
+        lines += stall_table(st, rst)
     lines.append("")
     lines += targets(results)
     return "\n".join(lines)
@@ -701,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-storm", action="store_true")
     parser.add_argument("--skip-ablation", action="store_true")
+    parser.add_argument("--skip-stall", action="store_true")
+    parser.add_argument("--stall-clients", type=int, default=6,
+                        help="stalled uploads at once in the stall step (default 6)")
     parser.add_argument("--python-client", action="store_true", help="do not use wrk")
     parser.add_argument("--storm-variants", default="eager,eager-nocancel,bare",
                         help="comma-separated variants for the storm")
@@ -769,6 +896,13 @@ def main(argv: list[str] | None = None) -> int:
                 duration=5 if quick else 8, aborts=1000, pool_size=args.pool_size,
                 rows=args.rows, log_dir=log_dir, force_python=force_python,
             )  # fmt: skip
+        if not args.skip_stall:
+            results["stall"] = stalled_under_load(
+                dsn, admin_dsn, rounds=2 if quick else 3, duration=4 if quick else 6,
+                clients=args.stall_clients, pool_size=args.pool_size, rows=args.rows,
+                log_dir=log_dir, force_python=force_python,
+            )  # fmt: skip
+            print("\n".join(stall_table(results["stall"])), flush=True)
         results["machine"]["loadavg_end"] = os.getloadavg()
     results["seconds"] = round(time.monotonic() - began, 1)
     text = report(results)
