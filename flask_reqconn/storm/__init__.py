@@ -38,9 +38,9 @@ From Python::
     assert result.ok, result.verdict
 
 The parts: :mod:`~flask_reqconn.storm.config` (options and limits), ``client`` (raw-socket
-HTTP and the loopback guard), ``phases`` (the runner, the stall phase, and all phases in
-order), ``oracles``, ``report`` (verdict, table and the front-end finding), ``cli`` (the
-click command) and ``__main__``. Import the public names from this package; the modules
+HTTP and the loopback guard), ``phases`` (the runner and all phases in order), ``stall``
+(the stall phase), ``oracles``, ``report`` (verdict, table and the front-end finding),
+``cli`` (the click command) and ``__main__``. Import the public names from this package; the modules
 are internal.
 
 .. versionadded:: 0.1

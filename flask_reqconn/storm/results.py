@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -207,3 +209,11 @@ class StormResult:
         """The request phases in the order they ran."""
         stall = [self.stall.clients, self.stall.probes] if self.stall else []
         return [self.normal, self.abort, *stall, self.health, self.final]
+
+
+def percentile(ordered: Sequence[float], pct: float) -> float | None:
+    """The *pct* percentile of sorted values (nearest rank), in 3 decimals."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return round(ordered[rank - 1], 3)
