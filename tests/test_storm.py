@@ -339,6 +339,13 @@ def test_non_loopback_stats_url_is_refused_too() -> None:
 
 
 @pytest.mark.usefixtures("no_connect")
+def test_non_loopback_body_url_is_refused_too() -> None:
+    with pytest.raises(StormError, match="body URL.*--allow-remote"):
+        run_storm(StormConfig("http://127.0.0.1:9/", abort_styles=("slow-body",),
+                              body_path="http://192.0.2.1/upload"))  # fmt: skip
+
+
+@pytest.mark.usefixtures("no_connect")
 def test_main_exits_2_for_a_remote_target(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["http://192.0.2.1/", "-q"]) == 2
     assert "--allow-remote" in capsys.readouterr().err
