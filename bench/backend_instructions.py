@@ -109,8 +109,21 @@ def prepared_check(check_sql: str, then: str) -> Ending:
     return ending
 
 
+def sql_prepared(prepare: str, then: str) -> Ending:
+    """An ending that runs *prepare* once per connection, then *then* as one simple query."""
+
+    def ending(conn: psycopg.Connection[Any]) -> None:
+        pgconn = conn.pgconn
+        if prepare not in _PREPARED_ON.setdefault(pgconn.backend_pid, set()):
+            check(pgconn.exec_(prepare.encode()), prepare.encode())
+            _PREPARED_ON[pgconn.backend_pid].add(prepare)
+        check(pgconn.exec_(then.encode()), then.encode())
+
+    return ending
+
+
 #: the backends a named statement was prepared on
-_PREPARED_ON: dict[int, set[bytes]] = {}
+_PREPARED_ON: dict[int, set[Any]] = {}
 
 
 def check(result: Any, sql: bytes) -> None:
@@ -196,6 +209,13 @@ VARIANTS: dict[str, Variant] = {
         simple(f"{TXID}, pg_advisory_unlock_all(); ROLLBACK"),
         note=f"{TXID}, pg_advisory_unlock_all(); ROLLBACK",
     ),
+    "check-txid-locks": Variant(
+        simple(
+            f"{TXID}, EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory'"
+            " AND pid = pg_backend_pid()); ROLLBACK"
+        ),
+        note="the check and a look at pg_locks instead of the unlock",
+    ),
     "check-marker": Variant(simple(f"{OLD_CHECK}; ROLLBACK"), note="0.1's: ('...' || txid)::int"),
     "check-isnull": Variant(
         simple("SELECT 1/(txid_current_if_assigned() IS NULL)::int; ROLLBACK"),
@@ -217,6 +237,13 @@ VARIANTS: dict[str, Variant] = {
             " DISCARD SEQUENCES",
         ),
         note="prepared check, unlock, temp schema | ROLLBACK; reset without DISCARD TEMP",
+    ),
+    "sql-prepared-check": Variant(
+        sql_prepared(
+            f"PREPARE bench_handback AS {TXID}, pg_advisory_unlock_all()",
+            f"EXECUTE bench_handback; ROLLBACK; {RESET}",
+        ),
+        note="EXECUTE of a check PREPAREd by SQL once per connection; ROLLBACK; reset",
     ),
     "discard-all": Variant(
         simple(f"{TXID}; ROLLBACK", "DISCARD ALL", forget_prepared=True),
