@@ -174,6 +174,10 @@ VARIANTS: dict[str, Variant] = {
     "handback-committed": Variant(
         library(True), committed=True, note="this checkout's, after a view that committed"
     ),
+    "no-check": Variant(
+        simple(f"SELECT pg_advisory_unlock_all(); ROLLBACK; {RESET}"),
+        note="the hand-back's statements without the write check (what the check adds)",
+    ),
     # 0.1 before issue 22
     "old": Variant(
         simple(f"{OLD_CHECK}, pg_advisory_unlock_all(); ROLLBACK; {OLD_RESET}"),
