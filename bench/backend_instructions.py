@@ -404,20 +404,23 @@ def count_app(server: Server, variant: str, query: str = "select1") -> float:
 
 
 def commit_of() -> str:
-    """This checkout's commit, and whether flask_reqconn/ or bench/ differ from it."""
+    """The commit of the ``flask_reqconn`` counted, and whether its files differ from it."""
+    import flask_reqconn
+
+    root = Path(flask_reqconn.__file__).resolve().parent.parent
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "flask_reqconn", "bench"],
-            cwd=BENCH.parent,
+            ["git", "status", "--porcelain", "flask_reqconn"],
+            cwd=root,
             capture_output=True,
             text=True,
         ).stdout.strip()
     except OSError:
         return "commit unknown"
-    return f"commit {head or 'unknown'}{' (modified)' if dirty else ''}"
+    return f"flask_reqconn of {root} at {head or 'unknown'}{' (modified)' if dirty else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
