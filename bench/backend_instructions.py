@@ -166,8 +166,8 @@ RESET = (
 TXID = "SELECT txid_current_if_assigned()"
 
 VARIANTS: dict[str, Variant] = {
-    "bare": Variant(commit, note="BEGIN; SELECT 1; COMMIT (psycopg_pool's connection())"),
-    "bare-unprepared": Variant(commit, prepare=False, note="the same, SELECT 1 never prepared"),
+    "bare": Variant(commit, note="BEGIN; the query; COMMIT (psycopg_pool's connection())"),
+    "bare-unprepared": Variant(commit, prepare=False, note="the same, the query never prepared"),
     # this checkout's hand-back
     "handback": Variant(library(True), note="this checkout's clean_connection(), reset on"),
     "handback-noreset": Variant(library(False), note="this checkout's, REQCONN_RESET_SESSION off"),
@@ -420,7 +420,7 @@ def commit_of() -> str:
         ).stdout.strip()
     except OSError:
         return "commit unknown"
-    return f"flask_reqconn of {root} at {head or 'unknown'}{' (modified)' if dirty else ''}"
+    return f"flask_reqconn at {head or 'unknown'}{' (modified)' if dirty else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
