@@ -13,7 +13,7 @@ broken or left in pipeline mode is left for the pool to discard.
 
 What each statement costs PostgreSQL is counted by ``bench/backend_instructions.py``
 (see the performance page): every statement of a string is planned and run on its
-own (7,000 to 14,000 backend instructions for each utility statement, 22,000 for
+own (8,000 to 14,000 backend instructions for each utility statement, 23,000 for
 the simplest ``SELECT``), so the write check is one more column of the ``SELECT``
 that releases advisory locks anyway, in its cheapest form.
 """
