@@ -14,8 +14,8 @@ or with ``--read`` ``/read``'s indexed lookup; prepared by psycopg from its fift
 as in the apps, unless the variant says otherwise), and then the variant's ending
 (``COMMIT``, or hand-back SQL through ``PQexec``, as :mod:`flask_reqconn.handback`
 sends it). Two runs agree within about 1.5 %: other load on the machine changes the
-time, not the count (what varies is work the backend does on a timer, such as
-flushing its statistics). The server's own background processes are not counted, nor
+time, not the count (the backend's timed work, such as its statistics flushes, is a
+likely source of the rest). The server's own background processes are not counted, nor
 kernel time or cache misses.
 
 ``--apps`` also counts the benchmark apps themselves (``benchapp.py``, one pooled
