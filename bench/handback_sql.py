@@ -29,11 +29,9 @@ import time
 import pgsetup
 import psycopg
 from psycopg import generators, pq
+from psycopg.pq import TransactionStatus
 
-from flask_reqconn.handback import (
-    _ROLLBACK_CHECKING_WRITES,
-    _ROLLBACK_CHECKING_WRITES_AND_RESET,
-)
+from flask_reqconn.handback import _SQL
 
 WRITE_CHECK = "SELECT txid_current_if_assigned() IS NOT NULL"
 MARKED_BEGIN = "BEGIN; SET LOCAL reqconn.tx = 'y'"
@@ -41,12 +39,15 @@ SHORT = (
     WRITE_CHECK + ", pg_advisory_unlock_all(), current_setting('reqconn.tx', true) = 'y';"
     " ROLLBACK; DISCARD SEQUENCES"
 )
-FULL = _ROLLBACK_CHECKING_WRITES_AND_RESET
+FULL = _SQL[TransactionStatus.INTRANS, True].decode()
 #: label: (the BEGIN, the ending)
 ENDINGS: dict[str, tuple[str, str]] = {
     "COMMIT (bare pool)": ("BEGIN", "COMMIT"),
     "ROLLBACK": ("BEGIN", "ROLLBACK"),
-    "write check, ROLLBACK (RESET_SESSION=False)": ("BEGIN", _ROLLBACK_CHECKING_WRITES),
+    "write check, ROLLBACK (RESET_SESSION=False)": (
+        "BEGIN",
+        _SQL[TransactionStatus.INTRANS, False].decode(),
+    ),
     "hand-back with reset (default)": ("BEGIN", FULL),
     **{
         f"  reset without {stmt}": ("BEGIN", FULL.replace(f" {stmt};", "").replace(f"; {stmt}", ""))

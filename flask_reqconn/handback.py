@@ -8,8 +8,14 @@ transaction that wrote nothing. The statements go to libpq directly: through
 ``PQexec`` (one wait in C, one result) where psycopg itself waits in C, so the
 hand-back does not build a result object per statement. Client-side attributes
 a view may have changed (``autocommit``, ``read_only``, ``isolation_level``,
-``deferrable``, ``row_factory``) are put back. A connection that is mid-query or
-broken is left for the pool to discard.
+``deferrable``, ``row_factory``) are put back. A connection that is mid-query,
+broken or left in pipeline mode is left for the pool to discard.
+
+What each statement costs PostgreSQL is counted by ``bench/backend_instructions.py``
+(see the performance page): every statement of a string is planned and run on its
+own (8,000 to 14,000 backend instructions for each utility statement, 23,000 for
+the simplest ``SELECT``), so the write check is one more column of the ``SELECT``
+that releases advisory locks anyway, in its cheapest form.
 """
 
 from __future__ import annotations
@@ -20,50 +26,45 @@ import typing as t
 
 import psycopg
 from psycopg import generators, pq, waiting
-from psycopg.pq import DiagnosticField, ExecStatus, TransactionStatus
-from psycopg.rows import tuple_row
+from psycopg.pq import DiagnosticField, ExecStatus, PipelineStatus, TransactionStatus
 
 from .lost import is_lost
 
 logger = logging.getLogger("flask_reqconn.handback")
 
-#: Statements that undo session state; run after any rollback, in the same
-#: round trip. Startup settings (``REQCONN_SESSION_SETTINGS``,
-#: ``application_name``) survive, since ``RESET ALL`` restores them.
+#: The session reset: run after any rollback, in the same round trip. ``SET SESSION
+#: AUTHORIZATION DEFAULT`` also ends a ``SET ROLE`` (``RESET ALL`` leaves the role
+#: alone); startup settings (``REQCONN_SESSION_SETTINGS``, ``application_name``)
+#: survive, since ``RESET ALL`` restores them. Session-level advisory locks are
+#: released by ``pg_advisory_unlock_all()`` in the hand-back's ``SELECT``.
 RESET_SESSION_SQL = (
-    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *;"
-    " SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; CLOSE ALL;"
+    " DISCARD TEMP; DISCARD SEQUENCES"
 )
 #: Seconds to wait for a cancel request when a connection comes back mid-query.
 HANDBACK_CANCEL_TIMEOUT = 5.0
-#: What the write check's error says: it stops the hand-back of a transaction that
-#: wrote (an xid was assigned) before its ``ROLLBACK``. PostgreSQL logs it as
-#: ``invalid input syntax for type integer: "flask-reqconn: uncommitted writes
-#: rolled back, transaction 1234"``.
-WRITE_CHECK_MARKER = "flask-reqconn: uncommitted writes rolled back, transaction "
-#: The hand-back of an open transaction. Only the last statement's result comes
-#: back (``PQexec``), so the write check answers by failing: a transaction that
-#: wrote nothing runs to the end (rolled back, and reset); one that wrote stops at
-#: the check, and is rolled back (and reset) by a second statement. The advisory
-#: locks are released in the check, before the rollback (session-level advisory
-#: locks are not transactional).
-#: The comment leads, so that ``pg_stat_activity.query`` of an idle connection (the
-#: last statement it ran) does not read as if every request had left writes.
+#: The write check: it fails (division by zero) only if the open transaction has an
+#: ID, that is, if it wrote; ``NULL`` otherwise. PostgreSQL logs the failure with
+#: the statement, whose comment says what it means. Besides the WARNING, the answer
+#: tells whether psycopg's prepared statements may depend on a catalog change that
+#: the rollback undid.
 _WRITE_CHECK = (
-    "/* flask-reqconn hand-back: fails only if the request left uncommitted writes */"
-    f" SELECT ('{WRITE_CHECK_MARKER}' || txid_current_if_assigned())::int"
+    "/* flask-reqconn hand-back: fails if the request left uncommitted writes */"
+    " SELECT txid_current_if_assigned() / 0"
 )
-_ROLLBACK_CHECKING_WRITES = f"{_WRITE_CHECK}; ROLLBACK"
-_ROLLBACK_CHECKING_WRITES_AND_RESET = (
-    f"{_WRITE_CHECK}, pg_advisory_unlock_all(); ROLLBACK;"
-    " CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *;"
-    " DISCARD TEMP; DISCARD SEQUENCES"
-)
-_ROLLBACK_CHECKING_WRITES_BYTES = _ROLLBACK_CHECKING_WRITES.encode()
-_ROLLBACK_CHECKING_WRITES_AND_RESET_BYTES = _ROLLBACK_CHECKING_WRITES_AND_RESET.encode()
-_RESET_SESSION_BYTES = RESET_SESSION_SQL.encode()
-_ROLLBACK_AND_RESET_BYTES = f"ROLLBACK; {RESET_SESSION_SQL}".encode()
-_WRITE_CHECK_MARKER_BYTES = WRITE_CHECK_MARKER.encode()
+_UNLOCK = "pg_advisory_unlock_all()"
+#: The hand-back's SQL by (transaction status, reset the session): one string each,
+#: one round trip. A write check that fails stops the string there: the transaction
+#: is then in error, and the hand-back of a failed transaction follows.
+_SQL: dict[tuple[int, bool], bytes] = {
+    (TransactionStatus.INTRANS, True): (
+        f"{_WRITE_CHECK}, {_UNLOCK}; ROLLBACK; {RESET_SESSION_SQL}".encode()
+    ),
+    (TransactionStatus.INTRANS, False): f"{_WRITE_CHECK}; ROLLBACK".encode(),
+    (TransactionStatus.INERROR, True): f"ROLLBACK; SELECT {_UNLOCK}; {RESET_SESSION_SQL}".encode(),
+    (TransactionStatus.INERROR, False): b"ROLLBACK",
+    (TransactionStatus.IDLE, True): f"SELECT {_UNLOCK}; {RESET_SESSION_SQL}".encode(),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,8 @@ def clean_connection(
     """
     if conn.closed:
         return _DISCARDED
-    status = conn.pgconn.transaction_status
+    pgconn = conn.pgconn
+    status = pgconn.transaction_status
     if status == TransactionStatus.UNKNOWN:
         return _DISCARDED
     if status == TransactionStatus.ACTIVE:
@@ -117,18 +119,22 @@ def clean_connection(
         return CleanOutcome(discarded=True, error="returned while a query was still running")
     outcome = _CLEAN
     try:
-        if status == TransactionStatus.INTRANS:
-            wrote = _rollback_checking_writes(conn, reset_session)
-            outcome = _ROLLED_BACK_WRITES if wrote else _ROLLED_BACK
-        elif status == TransactionStatus.INERROR:
-            _run_ok(conn, _ROLLBACK_AND_RESET_BYTES if reset_session else b"ROLLBACK")
-            _forget_prepared(conn)  # as psycopg does when it sees a ROLLBACK
-            outcome = _ROLLED_BACK
-        elif reset_session:
-            # libpq runs the statements as they are: no BEGIN (psycopg's autocommit
-            # matters to psycopg's own execute() only)
-            _run_ok(conn, _RESET_SESSION_BYTES)
-        if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+        if status != TransactionStatus.IDLE or reset_session:
+            if pgconn.pipeline_status != PipelineStatus.OFF:
+                raise psycopg.InterfaceError("returned in pipeline mode")
+            last = _run(conn, _SQL[status, reset_session])
+            if status != TransactionStatus.IDLE:
+                outcome = _ROLLED_BACK
+            if status == TransactionStatus.INTRANS and _is_write_check(conn, last):
+                # the transaction wrote; the check failed, so it is in error now
+                outcome = _ROLLED_BACK_WRITES
+                status = TransactionStatus.INERROR
+                last = _run(conn, _SQL[status, reset_session])
+            if last.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
+                _raise_for(conn, last)
+            if status == TransactionStatus.INERROR:
+                _forget_prepared(conn)  # as psycopg does when it sees a ROLLBACK
+        if pgconn.transaction_status != TransactionStatus.IDLE:
             raise psycopg.InterfaceError("connection not idle after reset")
         restore_attributes(conn, baseline)
     except Exception as exc:
@@ -148,39 +154,13 @@ def clean_connection(
     return outcome
 
 
-def _rollback_checking_writes(conn: psycopg.Connection[t.Any], reset_session: bool) -> bool:
-    """Roll back the open transaction (and reset the session); return True if it wrote.
-
-    psycopg forgets its prepared statements whenever it sees a ``ROLLBACK``,
-    in case the rollback dropped an object they use. A transaction without an
-    xid changed no catalog, so for it the statements stay prepared, as after the
-    bare pool's ``COMMIT``: the statements go to libpq directly (:func:`_run`), so
-    psycopg's prepared-statement bookkeeping never sees them, and no cursor is
-    made. When the transaction wrote, psycopg's cache is cleared as its own
-    ``rollback()`` would.
-    """
-    if conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:  # pragma: no cover - left open
-        return _rollback_checking_writes_by_cursor(conn, reset_session)
-    last = _run(
-        conn,
-        _ROLLBACK_CHECKING_WRITES_AND_RESET_BYTES
-        if reset_session
-        else _ROLLBACK_CHECKING_WRITES_BYTES,
-    )
-    if last.status == ExecStatus.COMMAND_OK:
-        return False
-    if last.status != ExecStatus.FATAL_ERROR or not _is_write_check(last):
-        _raise_for(conn, last)
-    # the check stopped the statements: the transaction wrote, and failed there
-    _run_ok(conn, _ROLLBACK_AND_RESET_BYTES if reset_session else b"ROLLBACK")
-    _forget_prepared(conn)
-    return True
-
-
-def _is_write_check(result: pq.abc.PGresult) -> bool:
-    """Is *result* the write check's own error (an xid was assigned)?"""
-    return result.error_field(DiagnosticField.SQLSTATE) == b"22P02" and (
-        _WRITE_CHECK_MARKER_BYTES in (result.error_field(DiagnosticField.MESSAGE_PRIMARY) or b"")
+def _is_write_check(conn: psycopg.Connection[t.Any], result: pq.abc.PGresult) -> bool:
+    """Is *result* the write check's failure? (No other statement of the hand-back
+    divides, and only the check runs inside the request's transaction.)"""
+    return (
+        result.status == ExecStatus.FATAL_ERROR
+        and result.error_field(DiagnosticField.SQLSTATE) == b"22012"
+        and conn.pgconn.transaction_status == TransactionStatus.INERROR
     )
 
 
@@ -211,11 +191,9 @@ def _run(conn: psycopg.Connection[t.Any], sql: bytes) -> pq.abc.PGresult:
     return last
 
 
-def _run_ok(conn: psycopg.Connection[t.Any], sql: bytes) -> None:
-    """:func:`_run` *sql*; raise psycopg's error if a statement failed."""
-    last = _run(conn, sql)
-    if last.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
-        _raise_for(conn, last)
+#: psycopg's wait in C (None without the C extension): where psycopg uses it (no
+#: gevent patching, no ``PSYCOPG_WAIT_FUNC``), a wait in C is fine for the hand-back too
+_WAIT_C = getattr(waiting, "wait_c", None)
 
 
 def _raise_for(conn: psycopg.Connection[t.Any], result: pq.abc.PGresult) -> t.NoReturn:
@@ -228,37 +206,6 @@ def _raise_for(conn: psycopg.Connection[t.Any], result: pq.abc.PGresult) -> t.No
     if result.status == ExecStatus.FATAL_ERROR:
         raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
     raise psycopg.InterfaceError(f"unexpected result of the hand-back: {result.status}")
-
-
-#: psycopg's wait in C (None without the C extension): where psycopg uses it (no
-#: gevent patching, no ``PSYCOPG_WAIT_FUNC``), a wait in C is fine for the hand-back too
-_WAIT_C = getattr(waiting, "wait_c", None)
-
-
-def _rollback_checking_writes_by_cursor(
-    conn: psycopg.Connection[t.Any], reset_session: bool
-) -> bool:
-    """:func:`_rollback_checking_writes` through a cursor (a connection in pipeline mode)."""
-    threshold = conn.prepare_threshold
-    conn.prepare_threshold = None
-    try:
-        # tuple rows whatever row factory the app set (dict_row...)
-        with conn.cursor(row_factory=tuple_row) as cur:
-            try:
-                cur.execute(
-                    _ROLLBACK_CHECKING_WRITES_AND_RESET
-                    if reset_session
-                    else _ROLLBACK_CHECKING_WRITES
-                )
-            except psycopg.errors.InvalidTextRepresentation as exc:
-                if WRITE_CHECK_MARKER not in str(exc):
-                    raise
-                cur.execute(f"ROLLBACK; {RESET_SESSION_SQL}" if reset_session else "ROLLBACK")
-                _forget_prepared(conn)
-                return True
-    finally:
-        conn.prepare_threshold = threshold
-    return False
 
 
 def _forget_prepared(conn: psycopg.Connection[t.Any]) -> None:

@@ -415,8 +415,8 @@ def test_a_hand_back_statement_that_fails_discards_the_connection(
     added to it) still discards the connection, and the next request gets a clean one."""
     from flask_reqconn import handback
 
-    for name in ("_ROLLBACK_CHECKING_WRITES_BYTES", "_ROLLBACK_CHECKING_WRITES_AND_RESET_BYTES"):
-        monkeypatch.setattr(handback, name, getattr(handback, name) + b"; SELECT 1/0")
+    failing = {key: sql + b"; SELECT 1/0" for key, sql in handback._SQL.items()}
+    monkeypatch.setattr(handback, "_SQL", failing)
     app = make_app(max_size=1, reset_session=reset_session)
 
     @app.get("/pid")
@@ -432,6 +432,27 @@ def test_a_hand_back_statement_that_fails_discards_the_connection(
     monkeypatch.undo()
     second = client.get("/pid")
     assert second.status_code == 200 and second.data != first.data
+    assert stats(app)["discarded_connections"] == 1
+
+
+def test_a_connection_left_in_pipeline_mode_is_discarded(make_app: AppFactory) -> None:
+    """libpq refuses a simple query in pipeline mode: the connection is replaced."""
+    app = make_app(max_size=1)
+
+    @app.get("/pipeline")
+    def pipeline() -> str:
+        conn = get_conn()
+        conn.execute("select 1")
+        conn.pgconn.enter_pipeline_mode()  # and never left
+        return str(conn.info.backend_pid)
+
+    @app.get("/pid")
+    def pid() -> str:
+        return str(get_conn().execute("select pg_backend_pid()").fetchone()[0])
+
+    client = app.test_client()
+    left = client.get("/pipeline").data
+    assert client.get("/pid").data != left
     assert stats(app)["discarded_connections"] == 1
 
 

@@ -45,6 +45,13 @@ SURVIVORS: dict[str, tuple[str, str]] = {
         "select not exists (select from pg_locks where locktype = 'advisory'"
         " and pid = pg_backend_pid())",
     ),
+    # txid_current() gives the transaction an ID, as a write does: the write check
+    # fails before its pg_advisory_unlock_all() runs, and the reset follows it
+    "advisory lock, after a write": (
+        "select pg_advisory_lock(4244), txid_current()",
+        "select not exists (select from pg_locks where locktype = 'advisory'"
+        " and pid = pg_backend_pid())",
+    ),
     "listen": ("listen reqconn_survivor", "select not exists (select pg_listening_channels())"),
     "temp table": (
         "create temp table survivor (x int)",
@@ -202,3 +209,42 @@ def test_a_statement_prepared_on_a_rolled_back_table_is_not_reused(
     client = app.test_client()
     assert client.get("/make/a int").data == b"a 8"  # never committed
     assert client.get("/make/b text, c text").data == b"b,c 8"
+
+
+#: session state committed, then undone by the request's open transaction: the
+#: hand-back's rollback brings it back, so the reset must come after the rollback
+UNDONE_IN_THE_OPEN_TRANSACTION: dict[str, tuple[str, str]] = {
+    "set": ("set search_path = pg_catalog", "reset search_path"),
+    "set role": ("set role {role}", "reset role"),
+    "session authorization": (
+        "set session authorization {role}",
+        "set session authorization default",
+    ),
+}
+
+
+@pytest.mark.parametrize("what", sorted(UNDONE_IN_THE_OPEN_TRANSACTION))
+def test_state_undone_only_in_the_open_transaction_is_gone_for_the_next_request(
+    make_app: AppFactory, objects: dict[str, str], what: str
+) -> None:
+    app = make_app(max_size=1)
+    leave, undo = UNDONE_IN_THE_OPEN_TRANSACTION[what]
+    check = SURVIVORS[what][1]
+
+    @app.get("/leave")
+    def leave_it() -> str:
+        conn = get_conn()
+        conn.execute(leave.format(**objects))
+        conn.commit()
+        conn.execute(undo)  # looks clean now; the hand-back's ROLLBACK undoes this
+        return str(conn.info.backend_pid)
+
+    @app.get("/check")
+    def check_it() -> dict[str, Any]:
+        conn = get_conn()
+        sql = check.format(login=conn.info.user, **objects)
+        return {"pid": conn.info.backend_pid, "gone": bool(conn.execute(sql).fetchone()[0])}
+
+    client = app.test_client()
+    pid = int(client.get("/leave").data)
+    assert client.get("/check").get_json() == {"pid": pid, "gone": True}
