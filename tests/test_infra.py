@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -250,3 +251,28 @@ def test_released_watchdog_leaves_everything_alone(tmp_path: Path) -> None:
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_watchdog_stops_a_whole_group_when_its_owner_dies(tmp_path: Path) -> None:
+    from flask_reqconn.testing import Watchdog
+    from flask_reqconn.testing.procs import group_members
+
+    leader = subprocess.Popen(  # a leader in a session of its own, with a child in its group
+        [sys.executable, "-c", "import os, time; os.fork(); time.sleep(60)", "reqconn-leader"],
+        start_new_session=True,
+    )
+    try:
+        members = pg.wait_until(
+            lambda: len(group_members(leader.pid)) == 2 and group_members(leader.pid)
+        )
+        watchdog = Watchdog()
+        watchdog.stop_group(leader.pid, "reqconn-leader", "SIGTERM:5,SIGKILL:5")
+        assert watchdog.proc is not None and watchdog.proc.stdin is not None
+        watchdog.proc.stdin.close()  # the owner died
+        assert watchdog.proc.wait(30) == 0
+        assert leader.wait(10) == -signal.SIGTERM
+        assert not any(servers.pid_alive(p, start) for p, start in members.items())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
