@@ -116,6 +116,7 @@ def _stats(proc: servers.ServerProcess) -> dict[str, Any]:
     return dict(json.loads(servers.http_get(proc.url + "/stats", timeout=30)[2]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("worker", sorted(_WORKERS))
 def test_a_stream_lost_before_its_first_chunk_answers_503_under_gunicorn(
     pg_dsn: str,
@@ -147,6 +148,7 @@ def test_a_stream_lost_before_its_first_chunk_answers_503_under_gunicorn(
     assert log.count("lost during GET /bp/first: answered 503") == 1, proc.log_tail()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("worker", sorted(_WORKERS))
 def test_a_stream_lost_after_its_first_chunk_is_cut_off_quietly_under_gunicorn(
     pg_dsn: str,

@@ -324,6 +324,7 @@ def test_serve_gunicorn_runs_the_app_factory_for_a_storm_that_leaks_nothing(
     assert "Booting worker" in server.log_text()  # the log is captured
 
 
+@pytest.mark.slow
 def test_serve_gunicorn_stops_the_server_at_teardown(pytester: pytest.Pytester) -> None:
     pids = pytester.path / "pids.txt"
     result = _inner_suite(
