@@ -17,7 +17,9 @@ outside the checkout against it (PyPI, or pip's cache, is the only network it ne
 ``test`` also needs the ``pgbouncer`` binary (the pgbouncer tests run it in front of the test
 server): when it is missing and this runs as root on Debian/Ubuntu, it is installed with
 apt-get; otherwise the test step fails and says how to install it (or set
-``REQCONN_TEST_PGBOUNCER`` to its path). Standard library only.
+``REQCONN_TEST_PGBOUNCER`` to its path). The binary found is passed on to pytest as
+``REQCONN_TEST_PGBOUNCER``, so that the pgbouncer tests, which plain ``pytest`` skips when
+there is no pgbouncer, must run here. Standard library only.
 """
 
 from __future__ import annotations
@@ -485,6 +487,8 @@ def cmd_test(args: list[str]) -> int:
                       "package": check_package}  # fmt: skip
             ok, what = checks[name]()
             say(f"{name}: {what}")
+            if name == "pgbouncer" and ok:  # the tests must use it, never skip for want of it
+                os.environ[PGBOUNCER_ENV] = find_pgbouncer() or ""
             rc = 0 if ok else 1
         else:
             rc = run(cmd, check=False)
