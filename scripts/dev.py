@@ -4,6 +4,9 @@
     python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, pytest, the
                                                    example app's suite (examples/flaskr),
                                                    then the built package (sdist + wheel)
+    python3 scripts/dev.py test --fast [ARGS...]   lint, type-check and the tests not marked
+                                                   slow (pytest -m "not slow"): no servers,
+                                                   no docs, no package
     python3 scripts/dev.py demo [DEMO ARGS...]     run examples/demo.py
 
 Both first make sure ``.venv`` in the repository exists and has the project installed
@@ -463,9 +466,57 @@ def check_package() -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------
 
 
-def cmd_test(args: list[str]) -> int:
-    setup = ensure_venv()
+Step = tuple[str, list[str] | None, str | None]  # name, command (None: a check), skip reason
+
+
+def plan_test_steps(args: list[str], *, fast: bool, docs_out: str) -> list[Step]:
+    """What ``test`` (or ``test --fast``) runs, in order; *args* go to pytest."""
     python = str(venv_bin("python"))
+    lint_dirs = [d for d in LINT_DIRS if (ROOT / d).is_dir()]
+    has_package = (ROOT / "flask_reqconn" / "__init__.py").is_file()
+    has_docs = (ROOT / "docs" / "conf.py").is_file()
+    lint: list[Step] = [
+        (
+            "ruff",
+            [str(venv_bin("ruff")), "check", *lint_dirs],
+            None if lint_dirs else "nothing to lint",
+        ),
+        (
+            "mypy",
+            [python, "-m", "mypy"],
+            None if has_package else "flask_reqconn/__init__.py absent",
+        ),
+    ]
+    if fast:  # the contributor's loop: lint, types, and the tests not marked slow
+        return [*lint, ("pytest", [python, "-m", "pytest", "-m", "not slow", *args], None)]
+    return [
+        *lint,
+        (
+            "sphinx",
+            [python, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", docs_out],
+            None if has_docs else "docs/conf.py absent",
+        ),
+        ("pgbouncer", None, None),
+        ("nginx", None, None),
+        ("pytest", [python, "-m", "pytest", *args], None),
+        # the example app's own suite, as its users run it (its pyproject.toml:
+        # filterwarnings = error, flask-reqconn's pytest plugin)
+        (
+            "pytest flaskr",
+            [python, "-m", "pytest", "-c", "examples/flaskr/pyproject.toml",
+             "--rootdir", "examples/flaskr", "examples/flaskr/tests"],
+            None if FLASKR_TESTS.is_dir() else "examples/flaskr/tests absent",
+        ),  # fmt: skip
+        # sdist + wheel built and checked, the wheel installed into a fresh venv, and
+        # the example suite run from a copy outside the checkout against it
+        ("package", None, None if FLASKR_TESTS.is_dir() else "examples/flaskr absent"),
+    ]
+
+
+def cmd_test(args: list[str]) -> int:
+    fast = "--fast" in args
+    args = [a for a in args if a != "--fast"]
+    setup = ensure_venv()
     results: list[tuple[str, str, float]] = []
     if setup:
         results.append(("venv + install", "ok", setup))
@@ -500,43 +551,8 @@ def cmd_test(args: list[str]) -> int:
         say(f"--- {name}: {outcome} in {secs:.1f}s")
         return rc
 
-    lint_dirs = [d for d in LINT_DIRS if (ROOT / d).is_dir()]
-    has_package = (ROOT / "flask_reqconn" / "__init__.py").is_file()
-    has_docs = (ROOT / "docs" / "conf.py").is_file()
-
     with tempfile.TemporaryDirectory(prefix="reqconn-docs-") as docs_out:
-        steps: list[tuple[str, list[str] | None, str | None]] = [
-            (
-                "ruff",
-                [str(venv_bin("ruff")), "check", *lint_dirs],
-                None if lint_dirs else "nothing to lint",
-            ),
-            (
-                "mypy",
-                [python, "-m", "mypy"],
-                None if has_package else "flask_reqconn/__init__.py absent",
-            ),
-            (
-                "sphinx",
-                [python, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", docs_out],
-                None if has_docs else "docs/conf.py absent",
-            ),
-            ("pgbouncer", None, None),
-            ("nginx", None, None),
-            ("pytest", [python, "-m", "pytest", *args], None),
-            # the example app's own suite, as its users run it (its pyproject.toml:
-            # filterwarnings = error, flask-reqconn's pytest plugin)
-            (
-                "pytest flaskr",
-                [python, "-m", "pytest", "-c", "examples/flaskr/pyproject.toml",
-                 "--rootdir", "examples/flaskr", "examples/flaskr/tests"],
-                None if FLASKR_TESTS.is_dir() else "examples/flaskr/tests absent",
-            ),
-            # sdist + wheel built and checked, the wheel installed into a fresh venv, and
-            # the example suite run from a copy outside the checkout against it
-            ("package", None, None if FLASKR_TESTS.is_dir() else "examples/flaskr absent"),
-        ]
-        for name, cmd, skip in steps:
+        for name, cmd, skip in plan_test_steps(args, fast=fast, docs_out=docs_out):
             rc = step(name, cmd, skip)
             if rc != 0:
                 summary()
