@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """The project's two commands, needing nothing but Python 3.10+:
 
-    python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, pytest, the
-                                                   example app's suite (examples/flaskr),
-                                                   then the built package (sdist + wheel)
+    python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, pytest, pytest
+                                                   again over TCP, the example app's suite
+                                                   (examples/flaskr), then the built
+                                                   package (sdist + wheel)
     python3 scripts/dev.py test --fast [ARGS...]   lint, type-check and the tests not marked
                                                    slow (pytest -m "not slow"): no servers,
-                                                   no docs, no package
+                                                   no docs, no TCP pass, no package
     python3 scripts/dev.py demo [DEMO ARGS...]     run examples/demo.py
 
 Both first make sure ``.venv`` in the repository exists and has the project installed
@@ -14,6 +15,12 @@ editable with its ``dev`` extra (``pip install -e '.[dev]'``). The install is re
 when pyproject.toml (or this script's install recipe) changed, or the venv is broken.
 
 Set ``REQCONN_TEST_DSN`` to test against an existing PostgreSQL instead of a throwaway one.
+After the main run, the PostgreSQL-facing tests that are not slow, and the slow ones marked
+``tcp`` (gunicorn with clients that leave), run a second time with ``--pg-tcp``: the
+throwaway server is then reached on 127.0.0.1 instead of its unix socket, so the conninfo
+paths only TCP takes (``REQCONN_TCP_DEFAULTS``, ``connect_timeout``, keepalives) are
+exercised. With ``REQCONN_TEST_DSN`` (or ``--test-dsn``) that pass is skipped: the conninfo
+given decides the transport.
 The package step builds the sdist and the wheel, checks them (``twine check``, the wheel's
 files), installs the wheel into a fresh venv and runs the example app's suite from a copy
 outside the checkout against it (PyPI, or pip's cache, is the only network it needs).
@@ -467,6 +474,9 @@ def check_package() -> tuple[bool, str]:
 
 
 Step = tuple[str, list[str] | None, str | None]  # name, command (None: a check), skip reason
+#: The TCP pass: the tests using the test PostgreSQL (the ``pg`` marker, which
+#: tests/conftest.py adds) that are not slow, and the slow ones marked ``tcp``.
+TCP_PASS = ["--pg-tcp", "-m", "pg and (not slow or tcp)"]
 
 
 def plan_test_steps(args: list[str], *, fast: bool, docs_out: str) -> list[Step]:
@@ -475,6 +485,7 @@ def plan_test_steps(args: list[str], *, fast: bool, docs_out: str) -> list[Step]
     lint_dirs = [d for d in LINT_DIRS if (ROOT / d).is_dir()]
     has_package = (ROOT / "flask_reqconn" / "__init__.py").is_file()
     has_docs = (ROOT / "docs" / "conf.py").is_file()
+    own_dsn = os.environ.get("REQCONN_TEST_DSN") or any(a.startswith("--test-dsn") for a in args)
     lint: list[Step] = [
         (
             "ruff",
@@ -499,6 +510,12 @@ def plan_test_steps(args: list[str], *, fast: bool, docs_out: str) -> list[Step]
         ("pgbouncer", None, None),
         ("nginx", None, None),
         ("pytest", [python, "-m", "pytest", *args], None),
+        # the PostgreSQL-facing tests again, over TCP (see the module's docstring)
+        (
+            "pytest tcp",
+            [python, "-m", "pytest", *TCP_PASS, *args],
+            "REQCONN_TEST_DSN or --test-dsn decides the transport" if own_dsn else None,
+        ),
         # the example app's own suite, as its users run it (its pyproject.toml:
         # filterwarnings = error, flask-reqconn's pytest plugin)
         (

@@ -5,8 +5,12 @@
 * :mod:`tests.appfixtures`: ``make_app``, ``pg_tcp_dsn``;
 * :mod:`tests.fix_pgbouncer`: ``pgbouncer``, ``make_pgbouncer``;
 * :mod:`tests.fix_replica`: ``replica_dsn``;
-* here: ``spawn``, and a rule: every test using :data:`SLOW_FIXTURES` must be marked
-  ``slow``; collection stops otherwise, naming the tests (tests/README.rst).
+* here: ``spawn``, and two rules about markers (tests/README.rst):
+
+  - every test using :data:`SLOW_FIXTURES` must be marked ``slow``; collection stops
+    otherwise, naming the tests;
+  - every test using ``pg_dsn`` gets the ``pg`` marker, which the TCP pass of
+    ``scripts/dev.py test`` selects (``--pg-tcp -m "pg and (not slow or tcp)"``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ SLOW_FIXTURES = frozenset(
     {"spawn", "serve_gunicorn", "pgbouncer", "make_pgbouncer", "fault_pg", "netns_pg",
      "replica_dsn"}
 )  # fmt: skip
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if "pg_dsn" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.pg)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects anything

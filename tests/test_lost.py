@@ -117,6 +117,7 @@ def _stats(proc: servers.ServerProcess) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.tcp
 @pytest.mark.parametrize("worker", sorted(_WORKERS))
 def test_a_stream_lost_before_its_first_chunk_answers_503_under_gunicorn(
     pg_dsn: str,
@@ -149,6 +150,7 @@ def test_a_stream_lost_before_its_first_chunk_answers_503_under_gunicorn(
 
 
 @pytest.mark.slow
+@pytest.mark.tcp
 @pytest.mark.parametrize("worker", sorted(_WORKERS))
 def test_a_stream_lost_after_its_first_chunk_is_cut_off_quietly_under_gunicorn(
     pg_dsn: str,

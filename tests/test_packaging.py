@@ -88,8 +88,19 @@ def test_the_full_run_builds_docs_and_package_and_needs_pgbouncer_and_nginx(
     names = [name for name, _, _ in steps]
     assert names[:5] == ["ruff", "mypy", "sphinx", "pgbouncer", "nginx"]
     assert names[-2:] == ["pytest flaskr", "package"]
-    pytest_cmd = {name: cmd for name, cmd, _ in steps}["pytest"]
-    assert pytest_cmd[-2:] == ["-m", "pytest"]  # everything, slow tests included
+    cmds = {name: cmd for name, cmd, _ in steps}
+    assert cmds["pytest"][-2:] == ["-m", "pytest"]  # everything, slow tests included
+    assert names.index("pytest tcp") == names.index("pytest") + 1
+    assert cmds["pytest tcp"][-4:] == ["pytest", "--pg-tcp", "-m", "pg and (not slow or tcp)"]
+
+
+def test_the_tcp_pass_is_skipped_for_a_server_of_ones_own(
+    dev: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REQCONN_TEST_DSN", "host=127.0.0.1 dbname=test")
+    skips = {name: skip for name, _, skip in dev.plan_test_steps([], fast=False, docs_out="")}
+    assert skips["pytest tcp"] == "REQCONN_TEST_DSN or --test-dsn decides the transport"
+    assert skips["pytest"] is None
 
 
 def test_ci_runs_the_readmes_test_command() -> None:
