@@ -27,9 +27,10 @@ outside the checkout against it (PyPI, or pip's cache, is the only network it ne
 ``test`` also needs the ``pgbouncer`` binary (the pgbouncer tests run it in front of the test
 server): when it is missing and this runs as root on Debian/Ubuntu, it is installed with
 apt-get; otherwise the test step fails and says how to install it (or set
-``REQCONN_TEST_PGBOUNCER`` to its path). The binary found is passed on to pytest as
-``REQCONN_TEST_PGBOUNCER``, so that the pgbouncer tests, which plain ``pytest`` skips when
-there is no pgbouncer, must run here. Standard library only.
+``REQCONN_TEST_PGBOUNCER`` to its path). The same goes for ``nginx``
+(``REQCONN_NGINX``). The binaries found are passed on to pytest in those variables, so that
+the tests needing them, which plain ``pytest`` skips when a binary is not installed, must
+run here. Standard library only.
 """
 
 from __future__ import annotations
@@ -317,6 +318,18 @@ def ensure_pgbouncer() -> tuple[bool, str]:
 NGINX_ENV = "REQCONN_NGINX"
 
 
+def find_nginx() -> str | None:
+    """Path of the nginx binary: $REQCONN_NGINX, PATH, then /usr/sbin."""
+    explicit = os.environ.get(NGINX_ENV)
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    found = shutil.which("nginx")
+    return found or next(
+        (c for c in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(c, os.X_OK)),
+        None,
+    )
+
+
 def ensure_nginx() -> tuple[bool, str]:
     """Make sure an nginx binary exists (apt-get as root on Debian); (ok, what happened).
 
@@ -328,16 +341,6 @@ def ensure_nginx() -> tuple[bool, str]:
         f" nginx) or set {NGINX_ENV} to the binary's path, then retry"
     )
 
-    def find() -> str | None:
-        explicit = os.environ.get(NGINX_ENV)
-        if explicit:
-            return explicit if os.access(explicit, os.X_OK) else None
-        found = shutil.which("nginx")
-        return found or next(
-            (c for c in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(c, os.X_OK)),
-            None,
-        )
-
     def service_pid() -> int | None:
         try:
             pid = int(Path("/run/nginx.pid").read_text().strip())
@@ -345,7 +348,7 @@ def ensure_nginx() -> tuple[bool, str]:
             return None
         return pid if os.path.exists(f"/proc/{pid}") else None
 
-    found = find()
+    found = find_nginx()
     if found:
         return True, f"found {found}"
     if os.environ.get(NGINX_ENV):
@@ -374,10 +377,14 @@ def ensure_nginx() -> tuple[bool, str]:
         say(f"stopping nginx daemon {started} started by the package install")
         if not stop_pid(started):
             return False, f"nginx daemon {started} started by apt-get could not be stopped"
-    found = find()
+    found = find_nginx()
     if not found:
         return False, f"apt-get installed nginx but no binary was found: {how}"
     return True, f"installed {found}"
+
+
+#: How the test step tells pytest which binary to use (set, it must be there).
+BINARIES = {"pgbouncer": (PGBOUNCER_ENV, find_pgbouncer), "nginx": (NGINX_ENV, find_nginx)}
 
 
 # --------------------------------------------------------------------------------------
@@ -555,8 +562,9 @@ def cmd_test(args: list[str]) -> int:
                       "package": check_package}  # fmt: skip
             ok, what = checks[name]()
             say(f"{name}: {what}")
-            if name == "pgbouncer" and ok:  # the tests must use it, never skip for want of it
-                os.environ[PGBOUNCER_ENV] = find_pgbouncer() or ""
+            if ok and name in BINARIES:  # the tests must use it, never skip for want of it
+                env_name, find = BINARIES[name]
+                os.environ[env_name] = find() or ""
             rc = 0 if ok else 1
         else:
             rc = run(cmd, check=False)
