@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """The project's two commands, needing nothing but Python 3.10+:
 
-    python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, pytest, the
-                                                   example app's suite (examples/flaskr),
-                                                   then the built package (sdist + wheel)
+    python3 scripts/dev.py test [PYTEST ARGS...]   lint, type-check, docs, pytest, pytest
+                                                   again over TCP, the example app's suite
+                                                   (examples/flaskr), then the built
+                                                   package (sdist + wheel)
+    python3 scripts/dev.py test --fast [ARGS...]   lint, type-check and the tests not marked
+                                                   slow (pytest -m "not slow"): no servers,
+                                                   no docs, no TCP pass, no package
     python3 scripts/dev.py demo [DEMO ARGS...]     run examples/demo.py
 
 Both first make sure ``.venv`` in the repository exists and has the project installed
@@ -11,13 +15,22 @@ editable with its ``dev`` extra (``pip install -e '.[dev]'``). The install is re
 when pyproject.toml (or this script's install recipe) changed, or the venv is broken.
 
 Set ``REQCONN_TEST_DSN`` to test against an existing PostgreSQL instead of a throwaway one.
+After the main run, the PostgreSQL-facing tests that are not slow, and the slow ones marked
+``tcp`` (gunicorn with clients that leave), run a second time with ``--pg-tcp``: the
+throwaway server is then reached on 127.0.0.1 instead of its unix socket, so the conninfo
+paths only TCP takes (``REQCONN_TCP_DEFAULTS``, ``connect_timeout``, keepalives) are
+exercised. With ``REQCONN_TEST_DSN`` (or ``--test-dsn``) that pass is skipped: the conninfo
+given decides the transport.
 The package step builds the sdist and the wheel, checks them (``twine check``, the wheel's
 files), installs the wheel into a fresh venv and runs the example app's suite from a copy
 outside the checkout against it (PyPI, or pip's cache, is the only network it needs).
 ``test`` also needs the ``pgbouncer`` binary (the pgbouncer tests run it in front of the test
 server): when it is missing and this runs as root on Debian/Ubuntu, it is installed with
 apt-get; otherwise the test step fails and says how to install it (or set
-``REQCONN_TEST_PGBOUNCER`` to its path). Standard library only.
+``REQCONN_TEST_PGBOUNCER`` to its path). The same goes for ``nginx``
+(``REQCONN_NGINX``). The binaries found are passed on to pytest in those variables, so that
+the tests needing them, which plain ``pytest`` skips when a binary is not installed, must
+run here. Standard library only.
 """
 
 from __future__ import annotations
@@ -305,6 +318,18 @@ def ensure_pgbouncer() -> tuple[bool, str]:
 NGINX_ENV = "REQCONN_NGINX"
 
 
+def find_nginx() -> str | None:
+    """Path of the nginx binary: $REQCONN_NGINX, PATH, then /usr/sbin."""
+    explicit = os.environ.get(NGINX_ENV)
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    found = shutil.which("nginx")
+    return found or next(
+        (c for c in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(c, os.X_OK)),
+        None,
+    )
+
+
 def ensure_nginx() -> tuple[bool, str]:
     """Make sure an nginx binary exists (apt-get as root on Debian); (ok, what happened).
 
@@ -316,16 +341,6 @@ def ensure_nginx() -> tuple[bool, str]:
         f" nginx) or set {NGINX_ENV} to the binary's path, then retry"
     )
 
-    def find() -> str | None:
-        explicit = os.environ.get(NGINX_ENV)
-        if explicit:
-            return explicit if os.access(explicit, os.X_OK) else None
-        found = shutil.which("nginx")
-        return found or next(
-            (c for c in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(c, os.X_OK)),
-            None,
-        )
-
     def service_pid() -> int | None:
         try:
             pid = int(Path("/run/nginx.pid").read_text().strip())
@@ -333,7 +348,7 @@ def ensure_nginx() -> tuple[bool, str]:
             return None
         return pid if os.path.exists(f"/proc/{pid}") else None
 
-    found = find()
+    found = find_nginx()
     if found:
         return True, f"found {found}"
     if os.environ.get(NGINX_ENV):
@@ -362,10 +377,14 @@ def ensure_nginx() -> tuple[bool, str]:
         say(f"stopping nginx daemon {started} started by the package install")
         if not stop_pid(started):
             return False, f"nginx daemon {started} started by apt-get could not be stopped"
-    found = find()
+    found = find_nginx()
     if not found:
         return False, f"apt-get installed nginx but no binary was found: {how}"
     return True, f"installed {found}"
+
+
+#: How the test step tells pytest which binary to use (set, it must be there).
+BINARIES = {"pgbouncer": (PGBOUNCER_ENV, find_pgbouncer), "nginx": (NGINX_ENV, find_nginx)}
 
 
 # --------------------------------------------------------------------------------------
@@ -461,9 +480,67 @@ def check_package() -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------
 
 
-def cmd_test(args: list[str]) -> int:
-    setup = ensure_venv()
+Step = tuple[str, list[str] | None, str | None]  # name, command (None: a check), skip reason
+#: The TCP pass: the tests using the test PostgreSQL (the ``pg`` marker, which
+#: tests/conftest.py adds) that are not slow, and the slow ones marked ``tcp``.
+TCP_PASS = ["--pg-tcp", "-m", "pg and (not slow or tcp)"]
+
+
+def plan_test_steps(args: list[str], *, fast: bool, docs_out: str) -> list[Step]:
+    """What ``test`` (or ``test --fast``) runs, in order; *args* go to pytest."""
     python = str(venv_bin("python"))
+    lint_dirs = [d for d in LINT_DIRS if (ROOT / d).is_dir()]
+    has_package = (ROOT / "flask_reqconn" / "__init__.py").is_file()
+    has_docs = (ROOT / "docs" / "conf.py").is_file()
+    own_dsn = os.environ.get("REQCONN_TEST_DSN") or any(a.startswith("--test-dsn") for a in args)
+    lint: list[Step] = [
+        (
+            "ruff",
+            [str(venv_bin("ruff")), "check", *lint_dirs],
+            None if lint_dirs else "nothing to lint",
+        ),
+        (
+            "mypy",
+            [python, "-m", "mypy"],
+            None if has_package else "flask_reqconn/__init__.py absent",
+        ),
+    ]
+    if fast:  # the contributor's loop: lint, types, and the tests not marked slow
+        return [*lint, ("pytest", [python, "-m", "pytest", "-m", "not slow", *args], None)]
+    return [
+        *lint,
+        (
+            "sphinx",
+            [python, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", docs_out],
+            None if has_docs else "docs/conf.py absent",
+        ),
+        ("pgbouncer", None, None),
+        ("nginx", None, None),
+        ("pytest", [python, "-m", "pytest", *args], None),
+        # the PostgreSQL-facing tests again, over TCP (see the module's docstring)
+        (
+            "pytest tcp",
+            [python, "-m", "pytest", *TCP_PASS, *args],
+            "REQCONN_TEST_DSN or --test-dsn decides the transport" if own_dsn else None,
+        ),
+        # the example app's own suite, as its users run it (its pyproject.toml:
+        # filterwarnings = error, flask-reqconn's pytest plugin)
+        (
+            "pytest flaskr",
+            [python, "-m", "pytest", "-c", "examples/flaskr/pyproject.toml",
+             "--rootdir", "examples/flaskr", "examples/flaskr/tests"],
+            None if FLASKR_TESTS.is_dir() else "examples/flaskr/tests absent",
+        ),  # fmt: skip
+        # sdist + wheel built and checked, the wheel installed into a fresh venv, and
+        # the example suite run from a copy outside the checkout against it
+        ("package", None, None if FLASKR_TESTS.is_dir() else "examples/flaskr absent"),
+    ]
+
+
+def cmd_test(args: list[str]) -> int:
+    fast = "--fast" in args
+    args = [a for a in args if a != "--fast"]
+    setup = ensure_venv()
     results: list[tuple[str, str, float]] = []
     if setup:
         results.append(("venv + install", "ok", setup))
@@ -485,6 +562,9 @@ def cmd_test(args: list[str]) -> int:
                       "package": check_package}  # fmt: skip
             ok, what = checks[name]()
             say(f"{name}: {what}")
+            if ok and name in BINARIES:  # the tests must use it, never skip for want of it
+                env_name, find = BINARIES[name]
+                os.environ[env_name] = find() or ""
             rc = 0 if ok else 1
         else:
             rc = run(cmd, check=False)
@@ -496,43 +576,8 @@ def cmd_test(args: list[str]) -> int:
         say(f"--- {name}: {outcome} in {secs:.1f}s")
         return rc
 
-    lint_dirs = [d for d in LINT_DIRS if (ROOT / d).is_dir()]
-    has_package = (ROOT / "flask_reqconn" / "__init__.py").is_file()
-    has_docs = (ROOT / "docs" / "conf.py").is_file()
-
     with tempfile.TemporaryDirectory(prefix="reqconn-docs-") as docs_out:
-        steps: list[tuple[str, list[str] | None, str | None]] = [
-            (
-                "ruff",
-                [str(venv_bin("ruff")), "check", *lint_dirs],
-                None if lint_dirs else "nothing to lint",
-            ),
-            (
-                "mypy",
-                [python, "-m", "mypy"],
-                None if has_package else "flask_reqconn/__init__.py absent",
-            ),
-            (
-                "sphinx",
-                [python, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "docs", docs_out],
-                None if has_docs else "docs/conf.py absent",
-            ),
-            ("pgbouncer", None, None),
-            ("nginx", None, None),
-            ("pytest", [python, "-m", "pytest", *args], None),
-            # the example app's own suite, as its users run it (its pyproject.toml:
-            # filterwarnings = error, flask-reqconn's pytest plugin)
-            (
-                "pytest flaskr",
-                [python, "-m", "pytest", "-c", "examples/flaskr/pyproject.toml",
-                 "--rootdir", "examples/flaskr", "examples/flaskr/tests"],
-                None if FLASKR_TESTS.is_dir() else "examples/flaskr/tests absent",
-            ),
-            # sdist + wheel built and checked, the wheel installed into a fresh venv, and
-            # the example suite run from a copy outside the checkout against it
-            ("package", None, None if FLASKR_TESTS.is_dir() else "examples/flaskr absent"),
-        ]
-        for name, cmd, skip in steps:
+        for name, cmd, skip in plan_test_steps(args, fast=fast, docs_out=docs_out):
             rc = step(name, cmd, skip)
             if rc != 0:
                 summary()

@@ -5,7 +5,12 @@
 * :mod:`tests.appfixtures`: ``make_app``, ``pg_tcp_dsn``;
 * :mod:`tests.fix_pgbouncer`: ``pgbouncer``, ``make_pgbouncer``;
 * :mod:`tests.fix_replica`: ``replica_dsn``;
-* here: ``spawn``.
+* here: ``spawn``, and two rules about markers (tests/README.rst):
+
+  - every test using :data:`SLOW_FIXTURES` must be marked ``slow``; collection stops
+    otherwise, naming the tests;
+  - every test using ``pg_dsn`` gets the ``pg`` marker, which the TCP pass of
+    ``scripts/dev.py test`` selects (``--pg-tcp -m "pg and (not slow or tcp)"``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,34 @@ pytest_plugins = (
     "tests.fix_faults",
     "tests.sqla_models",
 )
+
+#: Fixtures that start processes of their own (servers, a PostgreSQL of the test's own,
+#: pgbouncer): the tests using them are the ``slow`` ones.
+SLOW_FIXTURES = frozenset(
+    {"spawn", "serve_gunicorn", "pgbouncer", "make_pgbouncer", "fault_pg", "netns_pg",
+     "replica_dsn"}
+)  # fmt: skip
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if "pg_dsn" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.pg)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [
+        f"{item.nodeid} (uses {', '.join(sorted(SLOW_FIXTURES & set(names)))})"
+        for item in items
+        if SLOW_FIXTURES & set(names := getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that start processes must be marked slow (@pytest.mark.slow, or"
+            " pytestmark = pytest.mark.slow for a module); not marked:\n  "
+            + "\n  ".join(unmarked)
+        )
 
 
 @pytest.fixture

@@ -8,6 +8,11 @@ A pytest plugin (registered in tests/conftest.py): fixtures ``pgbouncer`` and
 in its own session, waits until a ``SELECT 1`` through it works, and on exit stops it by PID
 (SIGTERM, then SIGKILL) and checks through /proc that it is gone.
 
+Without a ``pgbouncer`` binary (plain ``pytest`` on a machine without the package) the
+tests that need one are skipped, saying how to install it. A binary named by
+``$REQCONN_TEST_PGBOUNCER`` must work: ``scripts/dev.py test`` names the one it found or
+installed, so a full run never skips them.
+
 Things worth knowing (pgbouncer 1.18, Debian bookworm):
 
 * pgbouncer refuses to run as root. Under root it runs as the owner of the target's unix
@@ -45,7 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 import pytest
@@ -72,6 +77,10 @@ class PgBouncerError(RuntimeError):
     """pgbouncer could not be provided, or did not stop."""
 
 
+class PgBouncerMissing(PgBouncerError):
+    """No pgbouncer binary is installed, and ``$REQCONN_TEST_PGBOUNCER`` names none."""
+
+
 def find_binary() -> str:
     """Path of the pgbouncer binary ($REQCONN_TEST_PGBOUNCER, PATH, /usr/sbin); else raise."""
     explicit = os.environ.get(BINARY_ENV)
@@ -85,7 +94,7 @@ def find_binary() -> str:
     for candidate in ("/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer"):
         if os.access(candidate, os.X_OK):
             return candidate
-    raise PgBouncerError(HOW_TO_INSTALL)
+    raise PgBouncerMissing(HOW_TO_INSTALL)
 
 
 def binary_version(binary: str | None = None) -> str:
@@ -458,24 +467,32 @@ def _stop(proc: subprocess.Popen[bytes]) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
+def _unavailable(exc: PgBouncerError) -> NoReturn:
+    """Skip the test when pgbouncer is simply not installed; fail it for anything else."""
+    if isinstance(exc, PgBouncerMissing):
+        pytest.skip(str(exc))
+    pytest.fail(f"pgbouncer unavailable: {exc}", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def pgbouncer(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgBouncer]:
     """A real pgbouncer (transaction pooling, default_pool_size 4) in front of ``pg_dsn``.
 
     Shared by the whole session: for pool-level assertions (``SHOW POOLS``) connect to a
     database of your own (``pg.create_database``; every name is served) or use
-    ``make_pgbouncer``. A missing pgbouncer binary fails, never skips.
+    ``make_pgbouncer``. Without a pgbouncer binary the test is skipped (see the module's
+    docstring); a pgbouncer that does not start fails it.
     """
     with contextlib.ExitStack() as stack:
-        error: str | None = None
+        error: PgBouncerError | None = None
         try:
             bouncer = stack.enter_context(
                 pgbouncer_server(pg_dsn, tmpdir=tmp_path_factory.mktemp("pgbouncer"))
             )
         except PgBouncerError as exc:
-            error = str(exc)
+            error = exc
         if error is not None:
-            pytest.fail(f"pgbouncer unavailable: {error}", pytrace=False)
+            _unavailable(error)
         yield bouncer
 
 
@@ -493,6 +510,6 @@ def make_pgbouncer(pg_dsn: str, tmp_path: Path) -> Iterator[Callable[..., PgBoun
             try:
                 return stack.enter_context(pgbouncer_server(target_dsn or pg_dsn, **kwargs))
             except PgBouncerError as exc:
-                pytest.fail(f"pgbouncer unavailable: {exc}", pytrace=False)
+                _unavailable(exc)
 
         yield factory

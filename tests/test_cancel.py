@@ -68,6 +68,7 @@ GEVENT = pytest.param({"worker_class": "gevent", "extra_args": ("--worker-connec
                       id="gevent")  # fmt: skip
 
 
+@pytest.mark.tcp
 @pytest.mark.parametrize("kind", [*WORKERS, GEVENT])
 @pytest.mark.parametrize(("method", "policy"), [("GET", "safe"), ("POST", "all")])
 def test_departed_client_query_is_cancelled_and_connection_returned(

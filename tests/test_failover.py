@@ -35,6 +35,8 @@ from tests.fix_replica import (
     wait_for_replay,
 )
 
+pytestmark = pytest.mark.slow
+
 APP = "tests.apps.failoverapp:create_app()"
 CLIENT_TIMEOUT = 30.0
 #: Promotion (or the standby's stop) to the first 200: a hang guard, not the figure.

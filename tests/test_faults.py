@@ -184,6 +184,7 @@ def test_psycopg_pool_still_has_the_hook_the_capped_reconnect_uses() -> None:
     assert RequestPool._add_connection is not ConnectionPool._add_connection
 
 
+@pytest.mark.slow
 def test_in_flight_requests_answer_503_through_an_immediate_restart_then_200(
     fault_pg: FaultServer,
 ) -> None:
@@ -295,6 +296,7 @@ def _assert_clear_answers(proc: servers.ServerProcess, figures: dict[str, Any]) 
     assert "Traceback" not in proc.log_text(), proc.log_tail()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_a_restart_under_gunicorn_answers_200_or_503_and_serves_again(
     fault_pg: FaultServer, spawn: Callable[..., servers.ServerProcess], mode: RestartMode
@@ -309,6 +311,7 @@ def test_a_restart_under_gunicorn_answers_200_or_503_and_serves_again(
         assert stats["pools"]["default"]["pool"]["connections_num"] > 4  # it reconnected
 
 
+@pytest.mark.slow
 def test_max_hold_ends_requests_on_a_frozen_server(
     fault_pg: FaultServer, spawn: Callable[..., servers.ServerProcess]
 ) -> None:
@@ -330,6 +333,7 @@ def test_max_hold_ends_requests_on_a_frozen_server(
         assert "shut the connection's socket down" in proc.log_text()
 
 
+@pytest.mark.slow
 def test_a_silent_drop_is_bounded_by_the_tcp_defaults_and_recovers(
     netns_pg: FaultServer, spawn: Callable[..., servers.ServerProcess]
 ) -> None:

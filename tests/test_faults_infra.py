@@ -49,6 +49,7 @@ def _states(pids: dict[int, int]) -> set[str]:
 # -- terminate ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_terminated_idle_connection_has_a_fatal_error_waiting(fault_pg: FaultServer) -> None:
     name = pg.unique_name("idle")
     conn = _connect(fault_pg, name)
@@ -73,6 +74,7 @@ def test_terminated_idle_connection_has_a_fatal_error_waiting(fault_pg: FaultSer
         other.close()
 
 
+@pytest.mark.slow
 def test_terminate_busy_ends_the_running_query_and_spares_idle(fault_pg: FaultServer) -> None:
     name = pg.unique_name("busy")
     busy = _connect(fault_pg, name)
@@ -98,6 +100,7 @@ def test_terminate_busy_ends_the_running_query_and_spares_idle(fault_pg: FaultSe
 # -- restart ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_restart_replaces_the_postmaster_and_breaks_connections(
     fault_pg: FaultServer, mode: fix_faults.RestartMode
@@ -121,6 +124,7 @@ def test_restart_replaces_the_postmaster_and_breaks_connections(
 # -- freeze -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_frozen_server_does_not_answer_until_thawed(fault_pg: FaultServer) -> None:
     conn = _connect(fault_pg, pg.unique_name("frozen"))
     try:
@@ -144,6 +148,7 @@ def test_frozen_server_does_not_answer_until_thawed(fault_pg: FaultServer) -> No
 # -- silent drop --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_blackholed_path_hangs_a_query_until_healed(netns_pg: FaultServer) -> None:
     assert netns_pg.path is not None
     conn = _connect(netns_pg, pg.unique_name("drop"))
@@ -179,6 +184,7 @@ def _assert_gone(plan: fix_faults.CleanupPlan, pids: dict[int, int]) -> None:
     assert not any(os.path.exists(d) for d in plan.dirs)
 
 
+@pytest.mark.slow
 def test_exit_removes_everything_even_frozen_and_dropped() -> None:
     with fix_faults.fault_server(netns=True) as server:
         plan = _plan_of(server)
@@ -203,6 +209,7 @@ with fix_faults.fault_server(netns=True) as server:
 """
 
 
+@pytest.mark.slow
 def test_watchdog_cleans_up_after_the_owner_is_killed() -> None:
     owner = subprocess.Popen(
         [sys.executable, "-c", _OWNER], cwd=servers.REPO_ROOT,

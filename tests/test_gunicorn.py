@@ -107,6 +107,7 @@ WORKERS = [
 ]
 
 
+@pytest.mark.tcp
 @pytest.mark.parametrize("kind", WORKERS)
 def test_clients_that_abort_while_the_pool_is_saturated(
     spawn: Any, pg_dsn: str, pg_admin: Any, kind: dict[str, Any]
@@ -135,6 +136,7 @@ def test_clients_that_abort_while_the_pool_is_saturated(
     assert final["releases"]["teardown"] >= busy
 
 
+@pytest.mark.tcp
 def test_client_leaving_while_waiting_for_the_pool_is_released_right_after_checkout(
     spawn: Any, pg_dsn: str, pg_admin: Any
 ) -> None:
@@ -160,6 +162,7 @@ def test_client_leaving_while_waiting_for_the_pool_is_released_right_after_check
     assert final["releases"]["teardown"] == 1  # the holder
 
 
+@pytest.mark.tcp
 @pytest.mark.parametrize("kind", WORKERS)
 def test_clients_that_drop_a_stream_after_the_first_chunk(
     spawn: Any, pg_dsn: str, pg_admin: Any, kind: dict[str, Any]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from flask_reqconn import get_conn
+from flask_reqconn.netdefaults import TCP_DEFAULTS, uses_tcp
 from tests import pg, servers
+from tests.appfixtures import AppFactory
 
 HELLO = "tests.apps.hello:app"
 HELLO_FACTORY = "tests.apps.hello:create_app"
@@ -28,6 +32,27 @@ def test_pg_dsn_connects(pg_dsn: str) -> None:
         (max_conn,) = conn.execute("SHOW max_connections").fetchone()  # type: ignore[misc]
     if not os.environ.get(pg.DSN_ENV):
         assert int(max_conn) >= pg.MAX_CONNECTIONS
+
+
+def test_pg_tcp_reaches_the_server_over_tcp_and_the_apps_get_the_tcp_defaults(
+    request: pytest.FixtureRequest, pg_dsn: str, make_app: AppFactory
+) -> None:
+    """What the TCP pass (``--pg-tcp``) is for: REQCONN_TCP_DEFAULTS reach the connections."""
+    tcp = uses_tcp(pg_dsn)
+    if not os.environ.get(pg.DSN_ENV):
+        assert tcp == request.config.getoption("--pg-tcp")
+    app = make_app()
+
+    @app.get("/params")
+    def params() -> dict[str, str]:
+        return get_conn().info.get_parameters()
+
+    got = app.test_client().get("/params").get_json()
+    tuned = {k: str(v) for k, v in TCP_DEFAULTS.items() if k != "keepalives"}  # 1: libpq's
+    if tcp:
+        assert {k: got.get(k) for k in tuned} == tuned
+    else:
+        assert not set(tuned) & set(got)
 
 
 def test_app_sessions_sees_and_loses_a_connection(
@@ -250,3 +275,28 @@ def test_released_watchdog_leaves_everything_alone(tmp_path: Path) -> None:
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_watchdog_stops_a_whole_group_when_its_owner_dies(tmp_path: Path) -> None:
+    from flask_reqconn.testing import Watchdog
+    from flask_reqconn.testing.procs import group_members
+
+    leader = subprocess.Popen(  # a leader in a session of its own, with a child in its group
+        [sys.executable, "-c", "import os, time; os.fork(); time.sleep(60)", "reqconn-leader"],
+        start_new_session=True,
+    )
+    try:
+        members = pg.wait_until(
+            lambda: len(group_members(leader.pid)) == 2 and group_members(leader.pid)
+        )
+        watchdog = Watchdog()
+        watchdog.stop_group(leader.pid, "reqconn-leader", "SIGTERM:5,SIGKILL:5")
+        assert watchdog.proc is not None and watchdog.proc.stdin is not None
+        watchdog.proc.stdin.close()  # the owner died
+        assert watchdog.proc.wait(30) == 0
+        assert leader.wait(10) == -signal.SIGTERM
+        assert not any(servers.pid_alive(p, start) for p, start in members.items())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()

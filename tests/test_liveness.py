@@ -67,6 +67,7 @@ def test_validate_idle_config_accepts_none_and_zero_and_rejects_negative() -> No
 # -- cancel hygiene: a cancel that may still be in flight -------------------------------------
 
 
+@pytest.mark.slow
 def test_an_uncertain_cancel_never_reaches_the_next_borrower(fault_pg: FaultServer) -> None:
     """The postmaster is stopped: the cancel request is accepted by the kernel and queued,
     cancel_safe() times out, and the cancel is delivered once the postmaster resumes. The
@@ -137,6 +138,7 @@ def test_an_uncertain_cancel_never_reaches_the_next_borrower(fault_pg: FaultServ
         ext.close(app)
 
 
+@pytest.mark.slow
 def test_max_hold_severs_a_hand_back_blocked_on_a_frozen_server(fault_pg: FaultServer) -> None:
     """The view ended, then the server froze: teardown's ROLLBACK waits for an answer that
     will not come before the thaw. REQCONN_MAX_HOLD bounds that wait too: the watcher shuts
@@ -233,6 +235,7 @@ def test_tcp_defaults_give_way_to_the_users_settings() -> None:
     assert named.tcp_defaults
 
 
+@pytest.mark.slow
 def test_tcp_defaults_reach_the_connection(fault_pg: FaultServer) -> None:
     app = Flask("tcpdefaults")
     app.config.update(REQCONN_CONNINFO=fault_pg.dsn, REQCONN_MIN_SIZE=0)

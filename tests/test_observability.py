@@ -229,6 +229,7 @@ def test_metrics_parse_and_carry_the_documented_names(make_app: AppFactory) -> N
     assert value("flask_reqconn_hold_seconds", "flask_reqconn_hold_seconds_count") == 3
 
 
+@pytest.mark.slow
 def test_metrics_add_up_across_gunicorn_workers(
     spawn: Any, pg_dsn: str, tmp_path: Any
 ) -> None:

@@ -73,3 +73,39 @@ def test_the_wheel_check_finds_what_is_missing_or_should_not_be_there(
     assert "not for the wheel: tests/test_x.py" in problems
     assert "METADATA has no 'License-Expression: BSD-3-Clause'" in problems
     assert "the LICENSE file is not in the wheel's .dist-info/licenses/" in problems
+
+
+def test_the_fast_loop_is_lint_types_and_the_tests_not_marked_slow(dev: ModuleType) -> None:
+    steps = dev.plan_test_steps(["tests/test_config.py"], fast=True, docs_out="/nowhere")
+    assert [name for name, _, _ in steps] == ["ruff", "mypy", "pytest"]
+    assert steps[-1][1][-4:] == ["pytest", "-m", "not slow", "tests/test_config.py"]
+
+
+def test_the_full_run_builds_docs_and_package_and_needs_pgbouncer_and_nginx(
+    dev: ModuleType,
+) -> None:
+    steps = dev.plan_test_steps([], fast=False, docs_out="/nowhere")
+    names = [name for name, _, _ in steps]
+    assert names[:5] == ["ruff", "mypy", "sphinx", "pgbouncer", "nginx"]
+    assert names[-2:] == ["pytest flaskr", "package"]
+    cmds = {name: cmd for name, cmd, _ in steps}
+    assert cmds["pytest"][-2:] == ["-m", "pytest"]  # everything, slow tests included
+    assert names.index("pytest tcp") == names.index("pytest") + 1
+    assert cmds["pytest tcp"][-4:] == ["pytest", "--pg-tcp", "-m", "pg and (not slow or tcp)"]
+
+
+def test_the_tcp_pass_is_skipped_for_a_server_of_ones_own(
+    dev: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REQCONN_TEST_DSN", "host=127.0.0.1 dbname=test")
+    skips = {name: skip for name, _, skip in dev.plan_test_steps([], fast=False, docs_out="")}
+    assert skips["pytest tcp"] == "REQCONN_TEST_DSN or --test-dsn decides the transport"
+    assert skips["pytest"] is None
+
+
+def test_ci_runs_the_readmes_test_command() -> None:
+    readme = (ROOT / "README.md").read_text().splitlines()
+    commands = [line for line in readme if line.startswith("python3 scripts/dev.py test")]
+    assert commands[0] == "python3 scripts/dev.py test"
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert ci[-1] == "exec " + commands[0]

@@ -16,6 +16,8 @@ from tests import fix_replica as replica
 from tests import pg
 from tests.fix_pgbouncer import PgBouncer, pgbouncer_server
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def own_db(pg_admin: psycopg.Connection[Any]) -> Iterator[str]:

@@ -97,6 +97,7 @@ def test_read_pool_must_exist() -> None:
 # -- named pools ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_named_pool_is_checked_out_lazily_with_every_guarantee(
     make_app: AppFactory, replica_dsn: str, ids: dict[str, str]
 ) -> None:
@@ -133,6 +134,7 @@ def test_named_pool_is_checked_out_lazily_with_every_guarantee(
     assert seen["leases"]["default"].released_by is ReleaseReason.TEARDOWN
 
 
+@pytest.mark.slow
 def test_named_pool_exhaustion_answers_503_naming_the_pool(
     make_app: AppFactory, replica_dsn: str
 ) -> None:
@@ -209,6 +211,7 @@ def routing_app(make_app: AppFactory, replica_dsn: str, **config: Any) -> Flask:
     return app
 
 
+@pytest.mark.slow
 def test_read_only_views_go_to_the_read_pool(
     make_app: AppFactory, replica_dsn: str, ids: dict[str, str]
 ) -> None:
@@ -222,6 +225,7 @@ def test_read_only_views_go_to_the_read_pool(
     assert s["pools"]["default"]["checkouts"] == 1  # no eager checkout for read-only views
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transaction", ["rollback", "autocommit"])
 def test_read_only_views_cannot_write(
     make_app: AppFactory, replica_dsn: str, transaction: str
@@ -238,6 +242,7 @@ def test_read_only_views_cannot_write(
         assert conn.execute("show transaction_read_only").fetchone()[0] == "off"
 
 
+@pytest.mark.slow
 def test_without_a_read_pool_read_only_views_use_the_default_pool_read_only(
     make_app: AppFactory, replica_dsn: str, ids: dict[str, str]
 ) -> None:
@@ -247,6 +252,7 @@ def test_without_a_read_pool_read_only_views_use_the_default_pool_read_only(
     assert client.get("/sneaky-write").data == b"refused"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fallback", "expected"), [(True, 200), (False, 503)])
 def test_fallback_to_the_primary_when_the_read_pool_is_exhausted(
     make_app: AppFactory, replica_dsn: str, ids: dict[str, str], fallback: bool, expected: int
@@ -269,6 +275,7 @@ def test_fallback_to_the_primary_when_the_read_pool_is_exhausted(
     assert s["pools"]["replica"]["fallbacks"] == (2 if fallback else 0)
 
 
+@pytest.mark.slow
 def test_read_only_pool_option(make_app: AppFactory, replica_dsn: str, pg_dsn: str) -> None:
     # a read-only pool on the writable primary: the refusal is ours
     app = pooled_app(
@@ -286,6 +293,7 @@ def test_read_only_pool_option(make_app: AppFactory, replica_dsn: str, pg_dsn: s
     assert app.test_client().get("/write").data == b"refused"
 
 
+@pytest.mark.slow
 def test_read_only_view_stays_read_only_after_an_explicit_default_checkout(
     make_app: AppFactory, replica_dsn: str, ids: dict[str, str]
 ) -> None:
@@ -302,6 +310,7 @@ def test_read_only_view_stays_read_only_after_an_explicit_default_checkout(
     assert app.test_client().get("/mixed").get_json() == ids
 
 
+@pytest.mark.slow
 def test_read_only_pool_is_read_only_for_scripts_too(
     make_app: AppFactory, replica_dsn: str, pg_dsn: str
 ) -> None:

