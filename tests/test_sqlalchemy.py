@@ -243,9 +243,8 @@ def test_a_session_closed_after_its_request_cannot_touch_the_next_requests_work(
     def second() -> str:
         conn = get_conn()  # the same psycopg connection (pool of one)
         conn.execute(f"INSERT INTO {items} (name) VALUES ('second')")
-        with pytest.raises(sa.exc.StatementError) as caught:
-            kept[0].execute(text("SELECT 1"))
-        assert isinstance(caught.value.orig, ConnectionReleased)  # its transaction ended
+        # its transaction ended with its request: nothing left to roll back here
+        assert not kept[0].in_transaction()
         kept[0].close()  # would ROLLBACK 'second' if it still reached the connection
         conn.commit()
         return str(conn.info.backend_pid)
@@ -526,3 +525,41 @@ def test_a_row_factory_in_connect_args_is_for_get_conn_not_for_sqlalchemy(
     assert app.test_client().post("/").text == "['dict'] ['dict'] {'n': 1}"
     with app.app_context(), engine.connect() as conn:  # a connection of its own
         assert conn.execute(text("SELECT 1 AS one")).one() == (1,)
+
+
+def test_strict_mode_covers_what_sqlalchemy_is_given(
+    make_app: AppFactory, items: str, reqconn_strict: None
+) -> None:
+    """In strict mode SQLAlchemy runs on get_conn()'s checking proxy: the ORM works, and
+    a server-side cursor or a driver connection kept past the request raises."""
+    app = make_app()
+    engine = create_engine()
+    kept: dict[str, Any] = {}
+
+    @app.post("/")
+    def add() -> str:
+        with Session(engine) as session:
+            session.add_all([Item(name=n) for n in ("a", "b", "c")])
+            session.commit()
+            return ",".join(session.scalars(select(Item.name).order_by(Item.id)))
+
+    @app.get("/stream")
+    def stream() -> str:
+        conn = engine.connect()  # kept open on purpose
+        result = conn.execution_options(stream_results=True, max_row_buffer=1).execute(
+            select(Item.name).order_by(Item.id)
+        )
+        kept["result"] = result
+        kept["driver"] = conn.connection.driver_connection
+        return str(result.fetchone())
+
+    client = app.test_client()
+    assert client.post("/").text == "a,b,c"
+    assert client.get("/stream").status_code == 200
+    with pytest.raises(ConnectionReleased, match="handed back"):
+        kept["driver"].execute("SELECT 1")
+    with pytest.raises((ConnectionReleased, sa.exc.StatementError)) as caught:
+        kept["result"].fetchall()  # would FETCH on a connection back in the pool
+    error = caught.value
+    released = error if isinstance(error, ConnectionReleased) else error.orig
+    assert isinstance(released, ConnectionReleased), error

@@ -42,6 +42,7 @@ from ...checkout import current_leases, on_query_canceled
 from ...errors import ReqConnError
 from ...extension import get_conn, state_of
 from ...lost import database_unavailable, lost_lease
+from . import sessions
 from .connection import INIT_SAVEPOINT, RequestConnection
 
 if t.TYPE_CHECKING:
@@ -116,6 +117,7 @@ class RequestPool(Pool):
         self._environ_key = f"flask_reqconn.sqlalchemy.{id(self):x}"
         self._handing = threading.local()
         self._initialized = False
+        sessions.install()
         super().__init__(
             t.cast(t.Any, self._hand_over),
             recycle=-1,
@@ -178,13 +180,15 @@ class RequestPool(Pool):
             connection.invalidate(exception)
 
     def _request_record(self) -> ConnectionPoolEntry:
-        conn = get_conn(self._reqconn_pool)
+        conn = get_conn(self._reqconn_pool)  # in strict mode, its checking proxy
         lease = _lease_of(conn, self._reqconn_pool)
         environ = request._get_current_object().environ  # type: ignore[attr-defined]
         proxy = environ.get(self._environ_key)
         if not isinstance(proxy, RequestConnection) or proxy._target() is not conn:
             proxy = RequestConnection(conn, lease)
             environ[self._environ_key] = proxy
+            # sessions left on it are rolled back when the lease ends (see .sessions)
+            sessions.watch(state_of(current_app))
         record: ConnectionPoolEntry | None = proxy._record
         if (
             record is not None
@@ -330,7 +334,7 @@ def _lease_of(conn: psycopg.Connection[t.Any], name: str | None) -> Lease:
     req = current_leases()
     assert req is not None  # get_conn() made them
     lease: Lease = req.leases[name or req.route]
-    assert lease.conn is conn
+    assert lease.handle is conn
     return lease
 
 

@@ -22,15 +22,17 @@ INIT_SAVEPOINT = "flask_reqconn_sqlalchemy_init"
 class RequestConnection:
     """The DBAPI connection SQLAlchemy sees: a wrapper of a flask-reqconn connection.
 
-    Everything is passed through to the psycopg connection while the request's lease
-    (or, outside requests, the connection of its own) is held. Afterwards ``rollback()``
+    Everything is passed through to the connection ``get_conn()`` hands out (in
+    :ref:`strict mode <strict-mode>`, its checking proxy, so that cursors and
+    ``driver_connection`` kept past the request raise too) while the request's lease (or,
+    outside requests, the connection of its own) is held. Afterwards ``rollback()``
     and ``close()`` do nothing, attribute changes are ignored, and anything else raises
     :class:`~flask_reqconn.ConnectionReleased`. ``close()`` never closes the psycopg
     connection. ``driver_connection`` of SQLAlchemy's pool entries is the psycopg
     connection itself.
     """
 
-    __slots__ = ("_conn", "_lease", "_release", "_record", "_savepoint", "__weakref__")
+    __slots__ = ("_conn", "_lease", "_release", "_record", "_savepoint", "_sessions", "__weakref__")
 
     _conn: psycopg.Connection[t.Any] | None
     _lease: Lease | None
@@ -39,6 +41,9 @@ class RequestConnection:
     _record: t.Any
     #: the dialect's first initialisation runs inside a savepoint: rollback() goes to it
     _savepoint: bool
+    #: the sessions that began a transaction on it, with their SQLAlchemy connection
+    #: (see :mod:`.sessions`); None until the first
+    _sessions: list[tuple[t.Any, t.Any]] | None
 
     def __init__(
         self,
@@ -52,6 +57,7 @@ class RequestConnection:
         object.__setattr__(self, "_release", release)
         object.__setattr__(self, "_record", None)
         object.__setattr__(self, "_savepoint", False)
+        object.__setattr__(self, "_sessions", None)
 
     def __repr__(self) -> str:
         state = "usable" if self._target() is not None else "released"
@@ -60,19 +66,29 @@ class RequestConnection:
     def _target(self) -> psycopg.Connection[t.Any] | None:
         conn = self._conn
         lease = self._lease
-        if conn is None or (lease is not None and (lease.conn is not conn or not lease.active)):
+        if conn is None or (lease is not None and (lease.handle is not conn or not lease.active)):
             return None
         return conn
 
     def _live(self) -> psycopg.Connection[t.Any]:
         conn = self._target()
         if conn is None:
-            raise ConnectionReleased(
-                "SQLAlchemy used the request's connection after flask-reqconn gave it back"
-                " (a session kept past the end of its request, or used after its stream"
-                " was closed)"
-            )
+            raise ConnectionReleased(self._released_message())
         return conn
+
+    def _released_message(self) -> str:
+        lease = self._lease
+        where = f" of {lease.method} {lease.path}" if lease is not None and lease.method else ""
+        return (
+            f"SQLAlchemy used the connection of a request{where} after flask-reqconn gave it"
+            " back at the end of that request, and rolled back what was left open. A"
+            " transaction begun in a request cannot go on after it: a"
+            " 'with session.begin():' or 'with connection.begin():' block still open when"
+            " the request ended, a Connection from engine.connect() kept past its request,"
+            " or a streamed body not wrapped in flask.stream_with_context(). End the block"
+            " and close the Connection inside the request. (Sessions without such a block"
+            " start over on the next request's connection by themselves.)"
+        )
 
     def _detach(self) -> None:
         release = self._release
