@@ -311,7 +311,7 @@ def test_outside_requests_each_checkout_is_a_connection_of_its_own(
             assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "0"
     assert names(pg_admin) == ["script"]
     assert reqconn.stats(app)["checked_out"] == 0
-    with pytest.raises(ReqConnError, match="app_context"):
+    with pytest.raises(ReqConnError, match=r"app_context\(\):' \(Alembic's env.py"):
         engine.connect()
 
 

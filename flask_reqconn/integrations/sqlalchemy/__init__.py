@@ -204,8 +204,9 @@ class RequestPool(Pool):
         if not has_app_context():
             raise ReqConnError(
                 "this SQLAlchemy engine takes its connections from flask-reqconn: use it in"
-                " a request or inside 'with app.app_context():' (in a streamed response,"
-                " wrap the generator with flask.stream_with_context())"
+                " a request or inside 'with app.app_context():' (Alembic's env.py and"
+                " scripts: run the migrations or the script inside it; in a streamed"
+                " response, wrap the generator with flask.stream_with_context())"
             )
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         state: AppState = state_of(app)
