@@ -179,6 +179,29 @@ def test_orm_objects_kept_across_requests_reload(setup: Setup) -> None:
         assert [item.name for item in kept] == ["a", "b"]  # and in the test body
 
 
+def test_a_streamed_response_then_a_request_in_a_pushed_app_context(setup: Setup) -> None:
+    from flask import Response, stream_with_context
+
+    app, session = setup
+
+    @app.get("/feed")
+    def feed() -> Response:
+        def names() -> Iterator[str]:
+            for item in session().scalars(select(Item).order_by(Item.id)):
+                yield item.name + "\n"
+
+        return Response(stream_with_context(names()))
+
+    with app.app_context():
+        client = app.test_client()
+        client.post("/a")
+        response = client.get("/feed")
+        assert response.text == "a\n"  # read to the end: released at close()
+        response.close()
+        assert client.get("/").json == ["a"]
+        assert client.get("/feed").text == "a\n"
+
+
 def test_a_begin_block_spanning_two_requests_names_the_cause_and_the_fix(
     setup: Setup, pg_admin: psycopg.Connection[Any]
 ) -> None:
