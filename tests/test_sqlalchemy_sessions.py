@@ -20,7 +20,7 @@ from flask import Flask
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from flask_reqconn import ConnectionReleased, ReqConn, state_of, testing
+from flask_reqconn import ConnectionReleased, ReqConn, get_conn, state_of, testing
 from flask_reqconn.integrations.sqlalchemy import create_engine, engine_options
 from tests import pg
 from tests.sqla_models import Item, names
@@ -52,15 +52,15 @@ def add_views(app: Flask, session: Callable[[], Session]) -> None:
         return str(session().scalar(select(func.count()).select_from(Item)))
 
 
-def _config(app: Flask, pg_dsn: str) -> None:
-    app.config.update(REQCONN_CONNINFO=pg_dsn, REQCONN_MAX_SIZE=1, REQCONN_TIMEOUT=5)
+def _config(app: Flask, pg_dsn: str, max_size: int) -> None:
+    app.config.update(REQCONN_CONNINFO=pg_dsn, REQCONN_MAX_SIZE=max_size, REQCONN_TIMEOUT=5)
 
 
-def flask_sqlalchemy_app(pg_dsn: str) -> Setup:
+def flask_sqlalchemy_app(pg_dsn: str, max_size: int = 1) -> Setup:
     from flask_sqlalchemy import SQLAlchemy
 
     app = Flask(pg.unique_name("fsqla_ctx"))
-    _config(app, pg_dsn)
+    _config(app, pg_dsn, max_size)
     app.config.update(
         SQLALCHEMY_DATABASE_URI="postgresql+psycopg://",
         SQLALCHEMY_ENGINE_OPTIONS=engine_options(),
@@ -71,11 +71,11 @@ def flask_sqlalchemy_app(pg_dsn: str) -> Setup:
     return app, db.session
 
 
-def lite_app(pg_dsn: str) -> Setup:
+def lite_app(pg_dsn: str, max_size: int = 1) -> Setup:
     from flask_sqlalchemy_lite import SQLAlchemy
 
     app = Flask(pg.unique_name("lite_ctx"))
-    _config(app, pg_dsn)
+    _config(app, pg_dsn, max_size)
     app.config["SQLALCHEMY_ENGINES"] = {
         "default": {"url": "postgresql+psycopg://", **engine_options()}
     }
@@ -85,11 +85,11 @@ def lite_app(pg_dsn: str) -> Setup:
     return app, lambda: db.session
 
 
-def plain_app(pg_dsn: str) -> Setup:
+def plain_app(pg_dsn: str, max_size: int = 1) -> Setup:
     """Flask's own SQLAlchemy pattern: a thread-local scoped_session removed at the end
     of the application context."""
     app = Flask(pg.unique_name("plain_ctx"))
-    _config(app, pg_dsn)
+    _config(app, pg_dsn, max_size)
     ReqConn(app)
     db_session = scoped_session(sessionmaker(create_engine()))
 
@@ -106,7 +106,16 @@ SETUPS = {"flask_sqlalchemy": flask_sqlalchemy_app, "lite": lite_app, "plain": p
 
 @pytest.fixture(params=sorted(SETUPS))
 def setup(request: pytest.FixtureRequest, pg_dsn: str, items: str) -> Iterator[Setup]:
+    """The app of each setup, with a pool of one."""
     app, session = SETUPS[request.param](pg_dsn)
+    with testing.closing(app):
+        yield app, session
+
+
+@pytest.fixture(params=sorted(SETUPS))
+def setup2(request: pytest.FixtureRequest, pg_dsn: str, items: str) -> Iterator[Setup]:
+    """The app of each setup, with a pool of two."""
+    app, session = SETUPS[request.param](pg_dsn, max_size=2)
     with testing.closing(app):
         yield app, session
 
@@ -155,6 +164,35 @@ def test_uncommitted_work_is_rolled_back_and_the_session_knows_it(
         assert client.post("/kept").status_code == 201
         assert client.get("/count").text == "1"
     assert names(pg_admin) == ["kept"]
+
+
+def test_a_transaction_begun_in_the_test_body_goes_on_in_the_requests(
+    setup2: Setup, pg_admin: psycopg.Connection[Any]
+) -> None:
+    """As with the app's own pool: the view runs in the session's transaction, on the
+    connection of its own the test body took; the request's connection serves the rest."""
+    app, session = setup2
+
+    @app.post("/then-get-conn/<name>")
+    def add_then_get_conn(name: str) -> str:
+        item = Item(name=name)
+        session().add(item)
+        session().commit()  # ends the test body's transaction: its connection goes back
+        return f"{item.id} {get_conn().execute('SELECT 1').fetchone()}"
+
+    with app.app_context():
+        client = app.test_client()
+        assert client.post("/a").status_code == 201
+        assert session().scalars(select(Item.name)).all() == ["a"]  # left open
+        session().add(Item(name="pending"))  # not flushed yet
+        assert client.get("/").json == ["a", "pending"]  # autoflushed in the same transaction
+        response = client.post("/then-get-conn/b")
+        assert (response.status_code, response.text) == (200, "3 (1,)"), response.text
+        assert client.get("/").json == ["a", "pending", "b"]
+        session().scalars(select(Item.name)).all()  # the test body again, then closing
+        session().close()
+    assert names(pg_admin) == ["a", "pending", "b"]
+    testing.assert_no_checkouts(app)
 
 
 def test_orm_objects_kept_across_requests_reload(setup: Setup) -> None:

@@ -26,6 +26,7 @@ flask_reqconn`` does not.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import typing as t
@@ -42,6 +43,7 @@ from ...checkout import current_leases, on_query_canceled
 from ...errors import ReqConnError
 from ...extension import get_conn, state_of
 from ...lost import database_unavailable, lost_lease
+from ...owner import own
 from . import sessions
 from .connection import INIT_SAVEPOINT, RequestConnection
 
@@ -211,8 +213,17 @@ class RequestPool(Pool):
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         state: AppState = state_of(app)
         cm = state.ext.connection(self._reqconn_pool, app=app)
-        conn = cm.__enter__()
-        proxy = RequestConnection(conn, None, release=_closer(cm, conn))
+        # The block's bookkeeping of who runs now (flask_reqconn.owner) happens in a
+        # context of its own: the check-in may come from another context (a request
+        # that used a session begun in a test body), whose own must stay as it is.
+        context = contextvars.copy_context()
+        conn = context.run(cm.__enter__)
+        # Until the check-in the connection is SQLAlchemy's, used from whatever runs
+        # the session (the test body, then a view, in one application context); the
+        # wrapper stops working at the check-in, and the block's end gives the
+        # connection back its refusing owner.
+        own(conn, None)
+        proxy = RequestConnection(conn, None, release=_closer(context, cm, conn))
         try:
             return self._new_record(proxy, conn)
         except BaseException:
@@ -339,8 +350,11 @@ def _lease_of(conn: psycopg.Connection[t.Any], name: str | None) -> Lease:
     return lease
 
 
-def _closer(cm: contextlib.AbstractContextManager[t.Any], conn: psycopg.Connection[t.Any]
-            ) -> Callable[[], None]:  # fmt: skip
+def _closer(
+    context: contextvars.Context,
+    cm: contextlib.AbstractContextManager[t.Any],
+    conn: psycopg.Connection[t.Any],
+) -> Callable[[], None]:
     """Give a connection of its own back: roll back (never commit) what is open."""
 
     def close() -> None:
@@ -350,7 +364,7 @@ def _closer(cm: contextlib.AbstractContextManager[t.Any], conn: psycopg.Connecti
         except Exception as error:  # the hand-back discards a broken connection
             logger.debug("rollback before the hand-back failed: %s", error)
         try:
-            cm.__exit__(None, None, None)
+            context.run(cm.__exit__, None, None, None)
         except Exception as error:
             logger.debug("hand-back of a connection of its own failed: %s", error)
 
