@@ -107,3 +107,17 @@ def pg_tcp_dsn(pg_dsn: str, pg_admin: psycopg.Connection[Any]) -> str:
     except psycopg.OperationalError as exc:
         pytest.skip(f"the test server refuses TCP on 127.0.0.1:{port}: {exc}")
     return dsn
+
+
+@pytest.fixture
+def what_table(pg_admin: psycopg.Connection[Any]) -> Iterator[str]:
+    """A scratch table ``(what text)`` for the rows a test's requests write; dropped after."""
+    name = pg.unique_name("what")
+    pg_admin.execute(f"create table {name} (what text)")
+    yield name
+    pg_admin.execute(f"drop table {name}")
+
+
+def what_rows(pg_admin: psycopg.Connection[Any], table: str) -> list[str]:
+    """The rows of a :func:`what_table`, sorted."""
+    return [r[0] for r in pg_admin.execute(f"select what from {table} order by what")]

@@ -25,7 +25,7 @@ from flask import Flask
 
 from flask_reqconn import ConnectionReleased, get_conn, state_of
 from tests import pg, servers
-from tests.appfixtures import AppFactory
+from tests.appfixtures import AppFactory, what_rows
 from tests.test_cancel import disconnect_after, sleeping
 from tests.test_gunicorn import assert_recovered, in_threads, stats
 
@@ -54,21 +54,11 @@ def start(
     return server, appname
 
 
-@pytest.fixture
-def table(pg_admin: Any) -> Any:
-    name = pg.unique_name("async")
-    pg_admin.execute(f"create table {name} (what text)")
-    yield name
-    pg_admin.execute(f"drop table {name}")
-
-
 def released(stats: dict[str, Any]) -> dict[str, int]:
     """The release reasons that happened, with their counts."""
     return {reason: n for reason, n in stats["releases"].items() if n}
 
 
-def rows(pg_admin: Any, table: str) -> list[str]:
-    return [r[0] for r in pg_admin.execute(f"select what from {table} order by what")]
 
 
 # -- in process (the test client) ------------------------------------------------------
@@ -268,15 +258,17 @@ def test_async_view_query_is_cancelled_when_its_client_leaves(
 @pytest.mark.slow
 @pytest.mark.parametrize("checkout", CHECKOUTS)
 def test_async_view_connection_kept_past_its_request_refuses_use_in_a_later_request(
-    spawn: Any, pg_dsn: str, pg_admin: Any, table: str, checkout: str
+    spawn: Any, pg_dsn: str, pg_admin: Any, what_table: str, checkout: str
 ) -> None:
-    server, appname = start(spawn, pg_dsn, checkout=checkout, worker_class="gthread",
-                            threads=4, env={"RC_MAX_SIZE": "1", "RC_TABLE": table})  # fmt: skip
+    server, appname = start(
+        spawn, pg_dsn, checkout=checkout, worker_class="gthread", threads=4,
+        env={"RC_MAX_SIZE": "1", "RC_TABLE": what_table},
+    )  # fmt: skip
     assert servers.http_get(server.url + "/keep")[0] == 200
     status, _, body = servers.http_get(server.url + "/use-kept")
     assert status == 200
     assert json.loads(body)["refused"].startswith("this connection was handed back by GET /keep")
-    assert rows(pg_admin, table) == []
+    assert what_rows(pg_admin, what_table) == []
     assert_recovered(server, pg_admin, appname)
 
 
@@ -311,16 +303,16 @@ def test_async_view_leak_report_under_gunicorn_names_the_worker_thread_not_asgir
 
 @pytest.mark.slow
 def test_async_view_with_lazy_checkout_is_committed_by_atomic_mode_after_the_view(
-    spawn: Any, pg_dsn: str, pg_admin: Any, table: str
+    spawn: Any, pg_dsn: str, pg_admin: Any, what_table: str
 ) -> None:
     """The view checks out in asgiref's thread; ``after_request`` commits in the server's."""
-    env = {"RC_TRANSACTION": "atomic", "RC_TABLE": table}
+    env = {"RC_TRANSACTION": "atomic", "RC_TABLE": what_table}
     server, appname = start(
         spawn, pg_dsn, checkout="lazy", worker_class="gthread", threads=4, env=env
     )
     assert servers.http_get(server.url + "/insert?what=kept")[0] == 200
     assert servers.http_get(server.url + "/insert?what=dropped&status=400")[0] == 400
-    assert rows(pg_admin, table) == ["kept"]  # a 400 is rolled back at release
+    assert what_rows(pg_admin, what_table) == ["kept"]  # a 400 is rolled back at release
     final = assert_recovered(server, pg_admin, appname)
     assert released(final) == {"teardown": 2}
     assert "Traceback" not in server.log_text()

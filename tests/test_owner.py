@@ -19,22 +19,10 @@ from flask import Flask, Response
 
 from flask_reqconn import ConnectionReleased, get_conn, state_of
 from tests import pg
-from tests.appfixtures import AppFactory
+from tests.appfixtures import AppFactory, what_rows
 
 
-@pytest.fixture
-def table(pg_admin: Any) -> Any:
-    name = pg.unique_name("owner")
-    pg_admin.execute(f"create table {name} (what text)")
-    yield name
-    pg_admin.execute(f"drop table {name}")
-
-
-def rows(pg_admin: Any, table: str) -> list[str]:
-    return [r[0] for r in pg_admin.execute(f"select what from {table} order by what")]
-
-
-def stray_app(make_app: AppFactory, table: str) -> tuple[Flask, dict[str, Any]]:
+def stray_app(make_app: AppFactory, what_table: str) -> tuple[Flask, dict[str, Any]]:
     app = make_app(checkout="lazy", max_size=1)
     app.testing = False  # a stray use is the app's bug: a 500, as users see it
     seen: dict[str, Any] = {}
@@ -46,13 +34,13 @@ def stray_app(make_app: AppFactory, table: str) -> tuple[Flask, dict[str, Any]]:
 
     @app.get("/use-kept")
     def use_kept() -> str:
-        seen["kept"].execute(f"insert into {table} values ('stray')")
+        seen["kept"].execute(f"insert into {what_table} values ('stray')")
         return "wrote"
 
     @app.get("/commit")
     def commit() -> str:
         conn = get_conn()
-        conn.execute(f"insert into {table} values ('own')")
+        conn.execute(f"insert into {what_table} values ('own')")
         conn.commit()
         return "committed"
 
@@ -63,7 +51,7 @@ def stray_app(make_app: AppFactory, table: str) -> tuple[Flask, dict[str, Any]]:
         def later() -> None:
             time.sleep(0.3)  # after the response
             try:
-                conn.execute(f"insert into {table} values ('thread')")
+                conn.execute(f"insert into {what_table} values ('thread')")
                 conn.commit()
             except Exception as exc:
                 seen["thread"] = exc
@@ -97,9 +85,9 @@ def _try(conn: psycopg.Connection[Any]) -> Any:
 
 
 def test_a_kept_connection_refuses_to_act_in_a_later_request(
-    make_app: AppFactory, table: str, pg_admin: Any
+    make_app: AppFactory, what_table: str, pg_admin: Any
 ) -> None:
-    app, seen = stray_app(make_app, table)
+    app, seen = stray_app(make_app, what_table)
     client = app.test_client()
     assert client.get("/keep").text == "kept"
     assert client.get("/use-kept").status_code == 500  # no get_conn(): the pool's connection
@@ -111,7 +99,7 @@ def test_a_kept_connection_refuses_to_act_in_a_later_request(
         assert isinstance(stray, ConnectionReleased)
         assert "belongs to another request (GET /holder" in str(stray)
     assert client.get("/commit").text == "committed"
-    assert rows(pg_admin, table) == ["own"]  # the stray write was never run, never committed
+    assert what_rows(pg_admin, what_table) == ["own"]  # the stray write never ran
     with pytest.raises(ConnectionReleased):
         seen["kept"].commit()
     with pytest.raises(ConnectionReleased):
@@ -121,23 +109,23 @@ def test_a_kept_connection_refuses_to_act_in_a_later_request(
 
 
 def test_a_thread_of_the_view_cannot_use_the_connection_after_the_response(
-    make_app: AppFactory, table: str, pg_admin: Any
+    make_app: AppFactory, what_table: str, pg_admin: Any
 ) -> None:
-    app, seen = stray_app(make_app, table)
+    app, seen = stray_app(make_app, what_table)
     assert app.test_client().get("/spawn").text == "spawned"
     seen["runner"].join(10)
     assert isinstance(seen["thread"], ConnectionReleased)
     assert "handed back by GET /spawn" in str(seen["thread"])
     assert "reqconn.connection()" in str(seen["thread"])
-    assert rows(pg_admin, table) == []
+    assert what_rows(pg_admin, what_table) == []
     assert app.test_client().get("/commit").text == "committed"
-    assert rows(pg_admin, table) == ["own"]
+    assert what_rows(pg_admin, what_table) == ["own"]
 
 
 def test_during_the_request_only_its_own_context_uses_the_connection(
-    make_app: AppFactory, table: str
+    make_app: AppFactory, what_table: str
 ) -> None:
-    app, seen = stray_app(make_app, table)
+    app, seen = stray_app(make_app, what_table)
     assert app.test_client().get("/helper").text == "ok"
     plain, in_context = seen["helper"]
     assert isinstance(plain, ConnectionReleased)
@@ -183,7 +171,7 @@ def test_a_stream_uses_its_connection_whatever_ran_in_between(make_app: AppFacto
 
 @pytest.mark.slow
 def test_under_gunicorn_a_kept_connection_never_writes_into_another_request(
-    spawn: Any, pg_dsn: str, pg_admin: Any, table: str
+    spawn: Any, pg_dsn: str, pg_admin: Any, what_table: str
 ) -> None:
     """Lazy checkout, a pool of 1: a global and a thread keep the request's connection."""
     from tests import servers
@@ -191,7 +179,7 @@ def test_under_gunicorn_a_kept_connection_never_writes_into_another_request(
     server = spawn(
         "gunicorn", "tests.apps.reqconn_app:create_app()", worker_class="gthread", threads=4,
         env={"RC_DSN": pg_dsn, "RC_APPNAME": pg.unique_name("stray"), "RC_MAX_SIZE": "1",
-             "RC_CHECKOUT": "lazy", "RC_TABLE": table},
+             "RC_CHECKOUT": "lazy", "RC_TABLE": what_table},
     )  # fmt: skip
     assert servers.http_get(server.url + "/keep")[0] == 200
     assert servers.http_get(server.url + "/use-kept")[0] == 500
@@ -210,4 +198,4 @@ def test_under_gunicorn_a_kept_connection_never_writes_into_another_request(
                  b"Connection: close\r\n\r\n")  # fmt: skip
     assert sock.recv(100).startswith(b"HTTP/1.1 200")
     sock.close()
-    assert rows(pg_admin, table) == ["own"]  # neither stray write ran, let alone committed
+    assert what_rows(pg_admin, what_table) == ["own"]  # neither stray write ran
