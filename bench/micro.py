@@ -355,7 +355,10 @@ def instrument_reqconn(app: Any, timers: Timers, endpoint: str) -> Callable[[], 
         else:
             undo.append(lambda: delattr(obj, attr))
 
-    import flask_reqconn.clientgone as cg_mod
+    try:
+        import flask_reqconn.clientgone as cg_mod  # older flask_reqconn
+    except ImportError:
+        cg_mod = None
 
     # the client-gone peek: the socket probe's gone() in flask_reqconn.probes today,
     # ClientProbe.gone before, a function before that
@@ -365,7 +368,7 @@ def instrument_reqconn(app: Any, timers: Timers, endpoint: str) -> Callable[[], 
         SocketProbe = None  # noqa: N806 - older flask_reqconn
     if SocketProbe is not None:
         wrap_attr(SocketProbe, "gone", "client_gone peek")
-    elif hasattr(cg_mod, "ClientProbe"):
+    elif cg_mod is not None and hasattr(cg_mod, "ClientProbe"):
         wrap_attr(cg_mod.ClientProbe, "gone", "client_gone peek")
     else:
         wrap_attr(ext_mod, "client_gone", "client_gone peek")

@@ -11,8 +11,9 @@ from .errors import (
     PoolExhausted,
     ReqConnError,
 )
-from .extension import ReqConn, get_conn, state_of
+from .extension import ReqConn, get_conn
 from .lease import Lease, ReleaseReason
+from .state import state_of
 
 __version__ = "0.1.0.dev0"
 

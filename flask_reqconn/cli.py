@@ -22,6 +22,7 @@ from psycopg.rows import tuple_row
 
 from .netdefaults import conninfo_keys
 from .sizing import ServerLimits, connections_problem
+from .state import state_of
 
 if t.TYPE_CHECKING:
     from .config import PoolSettings
@@ -39,8 +40,6 @@ _SETTINGS = (
 
 
 def _state() -> AppState:
-    from .extension import state_of
-
     return state_of(current_app)
 
 

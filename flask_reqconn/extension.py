@@ -8,7 +8,7 @@ import typing as t
 from collections.abc import Callable, Iterator
 
 import psycopg
-from flask import Blueprint, Flask, current_app, has_request_context, request
+from flask import Blueprint, Flask, has_request_context, request
 from werkzeug.exceptions import ServiceUnavailable
 
 from . import checkout as _checkout
@@ -20,7 +20,7 @@ from .lease import RequestLeases
 from .middleware import LeaseGuard
 from .names import DEFAULT_POOL, EXTENSION_KEY, CancelReason
 from .policy import Mark, Marks
-from .state import AppState
+from .state import AppState, state_of
 
 F = t.TypeVar("F", bound=Callable[..., t.Any] | Blueprint)
 
@@ -162,34 +162,6 @@ class ReqConn:
         holder = state_of(app).pool(name or DEFAULT_POOL)
         with holder.connection(timeout=timeout) as conn:
             yield conn
-
-
-def state_of(app: Flask | None = None) -> AppState:
-    """The state flask-reqconn keeps for *app* (default: the current app).
-
-    The way in for integrations and tests: its ``pools`` (each pool's
-    :class:`~flask_reqconn.pool.PoolHolder` by name), ``settings`` and
-    ``add_listener()``.
-
-    :raises ReqConnError: no app given and no app context, or no ``init_app`` on it.
-
-    .. versionadded:: 0.1
-    """
-    if app is None:
-        try:
-            app = current_app._get_current_object()  # type: ignore[attr-defined]
-        except RuntimeError:
-            raise ReqConnError(
-                "no app given and no application context is active: pass the app,"
-                " or use 'with app.app_context():'"
-            ) from None
-    state = t.cast(Flask, app).extensions.get(EXTENSION_KEY)
-    if state is None:
-        raise ReqConnError(
-            f"flask-reqconn is not set up on app {t.cast(Flask, app).name!r}."
-            " Did you forget to call ReqConn(app) or reqconn.init_app(app)?"
-        )
-    return t.cast(AppState, state)
 
 
 def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import typing as t
 
+from flask import Flask, current_app
+
 from .config import AppSettings, PoolSettings
 from .errors import ReqConnError
 from .lease import DeferredQueue
-from .names import DEFAULT_POOL
+from .names import DEFAULT_POOL, EXTENSION_KEY
 from .policy import Marks, Policy
 from .pool import PoolHolder
 from .stats import Listener, sum_pools
@@ -95,3 +97,31 @@ class AppState:
         """Close this process's pools; they reopen on next use."""
         for holder in self.pools.values():
             holder.close()
+
+
+def state_of(app: Flask | None = None) -> AppState:
+    """The state flask-reqconn keeps for *app* (default: the current app).
+
+    The way in for integrations and tests: its ``pools`` (each pool's
+    :class:`~flask_reqconn.pool.PoolHolder` by name), ``settings`` and
+    ``add_listener()``.
+
+    :raises ReqConnError: no app given and no app context, or no ``init_app`` on it.
+
+    .. versionadded:: 0.1
+    """
+    if app is None:
+        try:
+            app = current_app._get_current_object()  # type: ignore[attr-defined]
+        except RuntimeError:
+            raise ReqConnError(
+                "no app given and no application context is active: pass the app,"
+                " or use 'with app.app_context():'"
+            ) from None
+    state = t.cast(Flask, app).extensions.get(EXTENSION_KEY)
+    if state is None:
+        raise ReqConnError(
+            f"flask-reqconn is not set up on app {t.cast(Flask, app).name!r}."
+            " Did you forget to call ReqConn(app) or reqconn.init_app(app)?"
+        )
+    return t.cast(AppState, state)

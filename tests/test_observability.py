@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from flask_reqconn import ConfigError, get_conn, state_of
-from flask_reqconn.metrics import PrometheusMetrics
+from flask_reqconn.integrations.prometheus import PrometheusMetrics
 from flask_reqconn.stats import BUCKETS
 from tests import pg
 from tests.appfixtures import AppFactory, reqconn_of

@@ -139,14 +139,6 @@ def test_file_wrappers_of_each_server_are_known() -> None:
     assert not is_file_wrapper(iter([b"x"]))
 
 
-def test_the_old_import_path_still_works(pair: tuple[socket.socket, socket.socket]) -> None:
-    from flask_reqconn import clientgone
-
-    _, server = pair
-    assert clientgone.client_socket({"gunicorn.socket": server}) is server
-    assert clientgone.client_gone({}) is False
-    assert clientgone.is_client_abort(BrokenPipeError())
-
 
 def test_tls_sockets_are_skipped(pair: tuple[socket.socket, socket.socket]) -> None:
     _, server = pair

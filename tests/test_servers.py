@@ -274,7 +274,7 @@ def test_borrowed_uwsgi_descriptor_is_never_closed_by_the_probe() -> None:
     import os
     import socket
 
-    from flask_reqconn.probes.uwsgi import BorrowedSocket, UwsgiProbe, probe_from_environ
+    from flask_reqconn.probes.uwsgi import BorrowedSocket, UwsgiProbe, probe
 
     ours, peer = socket.socketpair()
     with ours, peer:
@@ -291,4 +291,4 @@ def test_borrowed_uwsgi_descriptor_is_never_closed_by_the_probe() -> None:
         assert probe.watchable and not probe.gone()
         peer.close()
         assert probe.gone() and not probe.gone(eof_means_gone=False)
-        assert probe_from_environ({}) is None  # not under uWSGI: nothing imported
+        assert probe({}) is None  # not under uWSGI: nothing imported

@@ -15,8 +15,6 @@ call ``prometheus_client.multiprocess.mark_process_dead(worker.pid)`` from
 gunicorn's ``child_exit`` hook. The ``/metrics`` view then aggregates the
 files of all workers, whichever worker answers.
 
-(``flask_reqconn.metrics`` is the old import path and still works.)
-
 Metric names (all labelled ``app`` and ``pool``):
 
 - ``flask_reqconn_checkouts_total``
@@ -43,9 +41,9 @@ import typing as t
 
 from flask import Blueprint, Flask, Response
 
-from ..extension import state_of
 from ..lease import ReleaseReason
 from ..names import Stat
+from ..state import state_of
 from ..stats import BUCKETS
 
 if t.TYPE_CHECKING:

@@ -96,9 +96,6 @@ def concurrency(environ: t.Mapping[str, t.Any]) -> Concurrency | None:
     return Concurrency(threads, f"uWSGI, --threads {threads}")
 
 
-#: The old name of :func:`probe`.
-probe_from_environ = probe
-
 
 def is_file_wrapper(body: t.Any) -> bool:
     """Never: uWSGI's file wrapper is not recognised, so its connection is kept until

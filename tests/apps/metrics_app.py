@@ -12,7 +12,7 @@ from typing import Any
 from flask import Flask, request
 
 from flask_reqconn import ReqConn, get_conn
-from flask_reqconn.metrics import PrometheusMetrics
+from flask_reqconn.integrations.prometheus import PrometheusMetrics
 
 
 def create_app() -> Flask:

@@ -41,9 +41,10 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from ...checkout import current_leases, on_query_canceled
 from ...errors import ReqConnError
-from ...extension import get_conn, state_of
+from ...extension import get_conn
 from ...lost import database_unavailable, lost_lease
 from ...owner import own
+from ...state import state_of
 from . import sessions
 from .connection import INIT_SAVEPOINT, RequestConnection
 
