@@ -20,6 +20,7 @@ release connections on the normal path; this wrapper covers the rest:
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -46,6 +47,8 @@ if t.TYPE_CHECKING:
 
     from .state import AppState
 
+#: Where the WSGI wrapper keeps a streamed response's held status line, if any.
+HELD_START = "flask_reqconn.held_start"
 #: the documented name of the client-gone INFO lines
 logger = logging.getLogger("flask_reqconn.extension")
 
@@ -160,12 +163,13 @@ class LeaseGuard:
                 if error.counter is not None:
                     self._count(error.counter)
                 return error.answer(environ, start_response)
-        flask_app = self._flask_app
-        start = (
-            None if flask_app is None else HeldStart(start_response, environ, self._key, flask_app)
-        )
         try:
-            app_iter = self.app(environ, start_response if start is None else start)
+            app_iter = self.app(
+                environ,
+                start_response
+                if self._flask_app is None
+                else functools.partial(self._start_response, environ, start_response),
+            )
         except BaseException as exc:
             req = environ.get(self._key)
             if req is not None:
@@ -176,7 +180,28 @@ class LeaseGuard:
             return app_iter
         if not req.streamed and not req.has_active():
             return app_iter
-        return GuardedIterable(app_iter, req, state, start)
+        return GuardedIterable(app_iter, req, state, environ.get(HELD_START))
+
+    def _start_response(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: t.Any = None,
+    ) -> t.Callable[[bytes], object]:
+        """The app's ``start_response``: a streamed body's status line waits for its first
+        chunk (:class:`~flask_reqconn.streamanswer.HeldStart`, made for streams only)."""
+        held: HeldStart | None = environ.get(HELD_START)
+        if exc_info is not None:
+            if held is not None:
+                held.drop()
+            return start_response(status, headers, exc_info)
+        req = environ.get(self._key)
+        if req is not None and req.streamed and self._flask_app is not None:
+            held = environ[HELD_START] = HeldStart(start_response, environ, self._flask_app)
+            return held.hold(status, headers)
+        return start_response(status, headers)
 
 
     def _take_body(self, environ: WSGIEnvironment) -> None:

@@ -50,40 +50,35 @@ class StreamCut(BrokenPipeError):
 
 
 class HeldStart:
-    """The app's ``start_response``: a streamed body's status line waits for its first chunk.
+    """A streamed body's status line and headers, held until its first chunk.
 
     Flask calls ``start_response`` before a streamed body has run. For such a
-    body (``req.streamed``) the status line and headers are kept here and passed
-    on with the first chunk, the end of the body, or a ``write()``, as PEP 3333
-    allows. A body whose connection is lost before its first chunk can then be
-    answered with a response of its own (:meth:`answer`), headers included: a
-    second ``start_response`` with ``exc_info`` would do, but gunicorn adds the
-    second call's headers to the first's (two ``Content-Type`` headers).
+    body the WSGI wrapper keeps the status line and headers here (:meth:`hold`)
+    and passes them on with the first chunk, the end of the body, or a
+    ``write()``, as PEP 3333 allows. A body whose connection is lost before its
+    first chunk can then be answered with a response of its own (:meth:`answer`),
+    headers included: a second ``start_response`` with ``exc_info`` would do, but
+    gunicorn adds the second call's headers to the first's (two ``Content-Type``
+    headers).
     """
 
-    __slots__ = ("_start_response", "_environ", "_key", "_app", "_held", "_write")
+    __slots__ = ("_start_response", "_environ", "_app", "_held", "_write")
 
-    def __init__(
-        self, start_response: StartResponse, environ: WSGIEnvironment, key: str, app: Flask
-    ) -> None:
+    def __init__(self, start_response: StartResponse, environ: WSGIEnvironment, app: Flask) -> None:
         self._start_response = start_response
         self._environ = environ
-        self._key = key
         self._app = app
         self._held: tuple[str, list[tuple[str, str]]] | None = None
         self._write: Callable[[bytes], object] | None = None
 
-    def __call__(
-        self, status: str, headers: list[tuple[str, str]], exc_info: t.Any = None
-    ) -> Callable[[bytes], object]:
-        if exc_info is not None:
-            self._held = None
-            return self._start_response(status, headers, exc_info)
-        req = self._environ.get(self._key)
-        if req is not None and req.streamed:
-            self._held = (status, headers)
-            return self._write_held
-        return self._start_response(status, headers)
+    def hold(self, status: str, headers: list[tuple[str, str]]) -> Callable[[bytes], object]:
+        """Keep the status line and headers; the returned ``write()`` passes them on first."""
+        self._held = (status, headers)
+        return self._write_held
+
+    def drop(self) -> None:
+        """Forget what is held: the app restarted the response (``exc_info``)."""
+        self._held = None
 
     def release(self) -> None:
         """Pass the held status line and headers on to the server, if any."""
