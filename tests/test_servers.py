@@ -274,7 +274,8 @@ def test_borrowed_uwsgi_descriptor_is_never_closed_by_the_probe() -> None:
     import os
     import socket
 
-    from flask_reqconn.probes.uwsgi import BorrowedSocket, UwsgiProbe, probe
+    from flask_reqconn.probes import uwsgi
+    from flask_reqconn.probes.uwsgi import BorrowedSocket, UwsgiProbe
 
     ours, peer = socket.socketpair()
     with ours, peer:
@@ -291,4 +292,4 @@ def test_borrowed_uwsgi_descriptor_is_never_closed_by_the_probe() -> None:
         assert probe.watchable and not probe.gone()
         peer.close()
         assert probe.gone() and not probe.gone(eof_means_gone=False)
-        assert probe({}) is None  # not under uWSGI: nothing imported
+        assert uwsgi.probe({}) is None  # not under uWSGI: nothing imported

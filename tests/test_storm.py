@@ -787,7 +787,8 @@ def test_stalled_clients_starve_the_naive_app(
     assert stall.probes.statuses.get(500, 0) >= 1, report
     assert stall.probes.ok_count <= stall.probes.requests - 1, report
     assert stall.pool_size == STALL_POOL and stall.stuck, report
-    assert min(stall.checked_out) >= STALL_POOL - 1 and max(stall.checked_out) == STALL_POOL
+    # the first sample may come before the attackers got their connections
+    assert stall.checked_out[-1] == STALL_POOL and max(stall.checked_out) == STALL_POOL, report
     assert "starve the app" in result.verdict
     assert f"checked_out stuck at the pool size ({STALL_POOL})" in result.verdict
     if style != "stop-reading":
