@@ -126,7 +126,7 @@ class Lease:
         thread_id: int | None = None,
     ) -> None:
         self._holder = holder
-        #: who may use the connection (:attr:`LeasedConnection.owner`)
+        #: who may use the connection (:class:`~flask_reqconn.owner.LeasedConnection`)
         self.owner = owner
         self.pool_name = holder.name
         self.conn: psycopg.Connection[t.Any] | None = None

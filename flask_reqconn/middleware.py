@@ -3,6 +3,8 @@
 ``init_app`` wraps ``app.wsgi_app`` in :class:`LeaseGuard`. The request hooks
 release connections on the normal path; this wrapper covers the rest:
 
+- a request body is read before the app runs, or guarded while the view reads
+  it (:mod:`flask_reqconn.body`);
 - any exception (``BaseException`` included) leaving the app releases at once;
 - a streamed response keeps its connection until its iterable is closed (or
   raises while iterating), which this wrapper observes;
@@ -202,7 +204,6 @@ class LeaseGuard:
             held = environ[HELD_START] = HeldStart(start_response, environ, self._flask_app)
             return held.hold(status, headers)
         return start_response(status, headers)
-
 
     def _take_body(self, environ: WSGIEnvironment) -> None:
         """Read the body before the app runs (eager checkout), or guard the view's reads."""
