@@ -516,7 +516,8 @@ def plan_test_steps(args: list[str], *, fast: bool, docs_out: str) -> list[Step]
         ),
         ("pgbouncer", None, None),
         ("nginx", None, None),
-        ("pytest", [python, "-m", "pytest", *args], None),
+        # the slowest tests named at the end: the suite must stay under 15 minutes
+        ("pytest", [python, "-m", "pytest", "--durations=15", *args], None),
         # the PostgreSQL-facing tests again, over TCP (see the module's docstring)
         (
             "pytest tcp",

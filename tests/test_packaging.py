@@ -89,7 +89,8 @@ def test_the_full_run_builds_docs_and_package_and_needs_pgbouncer_and_nginx(
     assert names[:5] == ["ruff", "mypy", "sphinx", "pgbouncer", "nginx"]
     assert names[-2:] == ["pytest flaskr", "package"]
     cmds = {name: cmd for name, cmd, _ in steps}
-    assert cmds["pytest"][-2:] == ["-m", "pytest"]  # everything, slow tests included
+    # everything, slow tests included, the slowest named
+    assert cmds["pytest"][-3:] == ["-m", "pytest", "--durations=15"]
     assert names.index("pytest tcp") == names.index("pytest") + 1
     assert cmds["pytest tcp"][-4:] == ["pytest", "--pg-tcp", "-m", "pg and (not slow or tcp)"]
 
