@@ -772,8 +772,11 @@ def test_stalled_clients_starve_the_naive_app(
     spawn: Any, pg_dsn: str, style: str, clients: int
 ) -> None:
     server = _example(spawn, pg_dsn, "naive_app")
+    # the naive app's pool stays taken after the stall: its health check, final load and
+    # drain only wait out their timeouts, so they get short ones
+    short = {"health_timeout": 2.0, "final_timeout": 2.0, "drain_timeout": 2.0}
     result = run_storm(StormConfig(
-        server.url + "/", abort_styles=(style,), stall_count=clients, **STALL_STORM
+        server.url + "/", abort_styles=(style,), stall_count=clients, **{**STALL_STORM, **short}
     ))  # fmt: skip
 
     report = format_report(result)
