@@ -29,6 +29,30 @@ if t.TYPE_CHECKING:
 logger = logging.getLogger("flask_reqconn.pool")
 
 
+class ReportLimit:
+    """At most one WARNING a second of one kind; the ones left out are counted.
+
+    For the pool's reports of bursts (exhaustion here, lost connections in
+    :mod:`flask_reqconn.pool`): :meth:`due` says whether to log now, and how many
+    were left out since the last report.
+    """
+
+    __slots__ = ("_last", "_left_out")
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._left_out = 0
+
+    def due(self) -> int | None:
+        """None: do not log (counted); else log now, naming this many left out."""
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self._left_out += 1
+            return None
+        left_out, self._left_out, self._last = self._left_out, 0, now
+        return left_out
+
+
 class Exhaustion:
     """The answers of one pool's checkouts that got no connection.
 
@@ -39,8 +63,7 @@ class Exhaustion:
         self.holder = holder
         #: the connection attempts of the open pool (replaced when a pool opens)
         self.attempts = ConnectAttempts.for_pool(holder.name, holder.log_name, holder.settings)
-        self._last_log = 0.0
-        self._unlogged = 0
+        self._report = ReportLimit()
 
     def __repr__(self) -> str:
         return f"<Exhaustion {self.holder.label!r}>"
@@ -79,12 +102,9 @@ class Exhaustion:
         return PoolExhausted(holder.name, holder.settings.retry_after)
 
     def _log(self, lease: Lease, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_log < 1.0:
-            self._unlogged += 1
+        suppressed = self._report.due()
+        if suppressed is None:
             return
-        suppressed, self._unlogged = self._unlogged, 0
-        self._last_log = now
         holder = self.holder
         stats = holder.pool.get_stats() if holder.is_open else {}
         logger.warning(

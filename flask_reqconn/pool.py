@@ -24,7 +24,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from . import holds, sizing
 from .config import AppSettings, PoolSettings
-from .exhaustion import Exhaustion
+from .exhaustion import Exhaustion, ReportLimit
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
 from .lease import DeferredQueue, Lease, ReleaseReason
 from .liveness import RequestPool, server_gone
@@ -79,8 +79,7 @@ class PoolHolder:
         self._deferred = deferred if deferred is not None else DeferredQueue()
         #: what a checkout that got no connection is answered: exhausted, or refused
         self.exhaustion = Exhaustion(self)
-        self._last_lost_log = 0.0
-        self._lost_unlogged = 0
+        self._lost_report = ReportLimit()
 
     def __repr__(self) -> str:
         return f"<PoolHolder {self.label!r} pid={self._pid or None}>"
@@ -408,12 +407,9 @@ class PoolHolder:
 
         :param outcome: what the request got (a stream already started is cut off).
         """
-        now = time.monotonic()
-        if now - self._last_lost_log < 1.0:
-            self._lost_unlogged += 1
+        suppressed = self._lost_report.due()
+        if suppressed is None:
             return
-        suppressed, self._lost_unlogged = self._lost_unlogged, 0
-        self._last_lost_log = now
         logger.warning(
             "database connection of pool %s lost during %s %s: %s (%s: %s)%s",
             self.log_name,
