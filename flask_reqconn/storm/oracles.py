@@ -136,7 +136,8 @@ class StatsOracle:
 
 
 _PG_QUERY = """
-SELECT count(*) FILTER (WHERE state <> 'idle'), count(*) FILTER (WHERE state IS NULL)
+SELECT count(*) FILTER (WHERE state <> 'idle'),
+       count(*) FILTER (WHERE query = '<insufficient privilege>')
 FROM pg_stat_activity
 WHERE application_name = %s AND pid <> pg_backend_pid()
 """
