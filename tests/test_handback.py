@@ -546,3 +546,26 @@ def test_notifications_that_arrive_at_the_hand_back_go_to_the_request_s_handlers
     time.sleep(0.2)
     assert client.get("/next").get_json() == {"left": False, "listening": 0}
     assert got == ["at hand-back"]
+
+
+def test_the_psycopg_internals_the_hand_back_builds_on_have_their_shape(pg_dsn: str) -> None:
+    """``flask_reqconn.handback`` sends its SQL through these psycopg internals (a
+    measured gain, see the performance page). If a release changes one, the hand-back
+    would fail on every request and discard every connection: fail here first, before
+    the upper bound on psycopg in pyproject.toml is raised."""
+    import inspect
+
+    from psycopg import generators, waiting
+
+    from flask_reqconn import handback
+
+    if psycopg.pq.__impl__ in ("c", "binary"):
+        # psycopg's own wait in C: the hand-back's PQexec path is taken where it is used
+        assert callable(waiting.wait_c) and handback._WAIT_C is waiting.wait_c
+    inspect.signature(generators.execute).bind("pgconn")  # TypeError if not
+    with psycopg.connect(pg_dsn) as conn:
+        assert callable(conn.pgconn.exec_) and callable(conn.pgconn.send_query)
+        conn.execute("select 1")
+        clear = conn._prepared.clear  # what handback._forget_prepared calls
+        assert callable(clear)
+        inspect.signature(clear).bind()
