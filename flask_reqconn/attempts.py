@@ -34,8 +34,7 @@ from .redact import scrub_conninfo_error
 if t.TYPE_CHECKING:
     from .config import PoolSettings
 
-# the documented name: the pool's other WARNINGs are here too
-logger = logging.getLogger("flask_reqconn.pool")
+logger = logging.getLogger(__name__)
 
 #: Seconds between two WARNINGs of one pool's refusals (unless the cause changes).
 REPORT_EVERY = 60.0

@@ -39,8 +39,7 @@ from .probes import is_client_abort, probe_for
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-#: the documented name of the client-gone INFO lines
-logger = logging.getLogger("flask_reqconn.extension")
+logger = logging.getLogger(__name__)
 
 #: Set in the environ when the body is left to the view: the request checks out lazily.
 BODY_LEFT_TO_VIEW = "flask_reqconn.body_left_to_view"

@@ -42,8 +42,7 @@ if t.TYPE_CHECKING:
 
     from .state import AppState
 
-# the documented name (these lines used to be logged by extension.py)
-logger = logging.getLogger("flask_reqconn.extension")
+logger = logging.getLogger(__name__)
 
 #: The request's leases live on the request object, not on ``g``: ``g``
 #: belongs to the app context, which Flask shares between requests whenever an

@@ -25,8 +25,7 @@ if t.TYPE_CHECKING:
     from .liveness import RequestPool
     from .pool import PoolHolder
 
-# the documented name: these lines used to be logged by pool.py
-logger = logging.getLogger("flask_reqconn.pool")
+logger = logging.getLogger(__name__)
 
 
 class ReportLimit:

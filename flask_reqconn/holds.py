@@ -2,7 +2,7 @@
 
 Run by the watcher thread (:mod:`flask_reqconn.watcher`); they only cancel,
 shut a socket down, or log: returning a connection stays with the request's
-own thread. They log on the documented ``flask_reqconn.pool`` logger.
+own thread. They log on ``flask_reqconn.holds``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ if t.TYPE_CHECKING:
     from .lease import Lease
     from .pool import PoolHolder
 
-logger = logging.getLogger("flask_reqconn.pool")
+logger = logging.getLogger(__name__)
 
 
 def check_max_hold(holder: PoolHolder) -> None:

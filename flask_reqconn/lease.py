@@ -28,8 +28,7 @@ if t.TYPE_CHECKING:
     from .probes import ClientProbe
 
 
-#: the finalizers' errors are logged with the pool's (documented name)
-logger = logging.getLogger("flask_reqconn.pool")
+logger = logging.getLogger(__name__)
 
 
 class Unwatchable(t.Protocol):

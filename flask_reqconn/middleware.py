@@ -51,8 +51,7 @@ if t.TYPE_CHECKING:
 
 #: Where the WSGI wrapper keeps a streamed response's held status line, if any.
 HELD_START = "flask_reqconn.held_start"
-#: the documented name of the client-gone INFO lines
-logger = logging.getLogger("flask_reqconn.extension")
+logger = logging.getLogger(__name__)
 
 #: The environ key of the thread serving the request (the WSGI server's), recorded by
 #: :class:`LeaseGuard`: an ``async def`` view runs in asgiref's thread, and its leases

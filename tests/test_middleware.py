@@ -205,7 +205,7 @@ def stream_gone_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "flask_reqconn.extension" and r.levelname == "INFO"
+        if r.name == "flask_reqconn.middleware" and r.levelname == "INFO"
     ]
 
 
@@ -219,7 +219,7 @@ def test_a_stream_whose_client_left_mid_query_ends_quietly_with_one_info_line(
     assert next(iter(body)) == b"first"
     assert inner.lease is not None
     canceller = cancel_when_running(inner.lease, CancelReason.CLIENT_GONE)
-    with caplog.at_level("INFO", logger="flask_reqconn.extension"):
+    with caplog.at_level("INFO", logger="flask_reqconn.middleware"):
         with pytest.raises(StopIteration):
             next(iter(body))  # not QueryCanceled
         canceller.join(30)
@@ -251,7 +251,7 @@ def test_client_gone_raised_by_the_stream_after_the_cancel_ends_it_quietly(
     stream = LeaseGuard(inner, state)(environ(), lambda *a: None)
     assert next(iter(stream)) == b"first"
     assert inner.lease is not None and inner.lease.cancel(CancelReason.CLIENT_GONE, 5.0)
-    with caplog.at_level("INFO", logger="flask_reqconn.extension"):
+    with caplog.at_level("INFO", logger="flask_reqconn.middleware"):
         assert list(stream) == []
     assert released_by(inner) is ReleaseReason.ABORT
     assert [line.split(";")[0] for line in stream_gone_lines(caplog)] == [
@@ -274,7 +274,7 @@ def test_a_statement_timeout_in_a_stream_is_not_a_client_abort(
 
     inner.body = body
     stream = LeaseGuard(inner, state)(environ(), lambda *a: None)
-    with caplog.at_level("INFO", logger="flask_reqconn.extension"):
+    with caplog.at_level("INFO", logger="flask_reqconn.middleware"):
         with pytest.raises(psycopg.errors.QueryCanceled):
             list(stream)
     assert released_by(inner) is ReleaseReason.EXCEPTION
@@ -318,7 +318,7 @@ def test_a_broken_pipe_in_a_stream_is_quiet_only_when_the_client_is_seen_gone(
         req.probe = SocketProbe(ours)
         if peer_left:
             peer.close()
-        with caplog.at_level("INFO", logger="flask_reqconn.extension"):
+        with caplog.at_level("INFO", logger="flask_reqconn.middleware"):
             if peer_left:
                 assert list(stream) == [b"first"]
             else:
@@ -347,7 +347,7 @@ def test_a_stream_closed_early_says_so_once_when_its_client_is_gone(
         assert next(iter(stream)) == b"a"
         if peer_left:
             peer.close()
-        with caplog.at_level("INFO", logger="flask_reqconn.extension"):
+        with caplog.at_level("INFO", logger="flask_reqconn.middleware"):
             stream.close()  # type: ignore[attr-defined]
             stream.close()  # type: ignore[attr-defined]
         assert released_by(inner) is ReleaseReason.ABORT

@@ -229,7 +229,7 @@ LOG_SETUPS = [
 ]
 
 #: The INFO line of a stream ended because its client left (flask_reqconn.middleware).
-STREAM_GONE = "INFO flask_reqconn.extension: client gone during the streamed response of"
+STREAM_GONE = "INFO flask_reqconn.middleware: client gone during the streamed response of"
 
 
 @pytest.mark.parametrize("setup", LOG_SETUPS)

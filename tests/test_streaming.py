@@ -182,12 +182,12 @@ def test_a_lazy_stream_whose_client_left_before_its_checkout_ends_quietly(
     ours, peer = socket.socketpair()
     with ours, peer:
         peer.close()  # the client left
-        with caplog.at_level("INFO", logger="flask_reqconn.extension"):
+        with caplog.at_level("INFO", logger="flask_reqconn.checkout"):
             response = app.test_client().get(
                 "/lazy-stream", environ_base={"werkzeug.socket": ours}
             )
             assert response.data == b"first\n"
-    messages = [r.getMessage() for r in caplog.records if r.name == "flask_reqconn.extension"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "flask_reqconn.checkout"]
     assert messages == [
         "client gone before its connection was used: GET /lazy-stream; answered 499"
     ]

@@ -19,7 +19,7 @@ from .results import LeakReading
 if TYPE_CHECKING:
     import psycopg
 
-logger = logging.getLogger("flask_reqconn.storm")
+logger = logging.getLogger(__name__)
 
 _POLL_INTERVAL = 0.1
 

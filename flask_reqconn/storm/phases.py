@@ -33,7 +33,7 @@ from .results import (
 )
 from .stall import run_stall
 
-logger = logging.getLogger("flask_reqconn.storm")
+logger = logging.getLogger(__name__)
 
 
 def run_phase(

@@ -19,7 +19,7 @@ from .oracles import StatsOracle, gone_in_json, pool_max_in_json
 from .report import front_end_finding
 from .results import PhaseResult, Progress, ProgressCallback, StallResult, percentile
 
-logger = logging.getLogger("flask_reqconn.storm")
+logger = logging.getLogger(__name__)
 
 
 def _tally(name: str, planned: int, outcomes: Sequence[Outcome], seconds: float) -> PhaseResult:

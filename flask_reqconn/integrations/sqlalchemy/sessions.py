@@ -49,7 +49,7 @@ if t.TYPE_CHECKING:
 
 __all__ = ["install", "sweep", "watch"]
 
-logger = logging.getLogger("flask_reqconn.integrations.sqlalchemy")
+logger = logging.getLogger(__name__)
 
 
 class _Pending(threading.local):
