@@ -53,19 +53,36 @@ def test_every_counter_has_a_prometheus_metric_and_a_row_in_the_metrics_table() 
         assert f"``flask_reqconn_{name}_total``" in table, stat
 
 
-def logged_formats() -> dict[str, list[str]]:
-    """Each ``logger.<level>("format", ...)`` of the package, by level."""
-    found: dict[str, list[str]] = {}
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def logged_formats() -> dict[str, list[tuple[str, str]]]:
+    """(logger, "format") of each ``logger.<level>("format", ...)`` of the package, by level."""
+    found: dict[str, list[tuple[str, str]]] = {}
     for path in (ROOT / "flask_reqconn").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        loggers = {  # the module's ``name = logging.getLogger(...)``
+            target.id: module_name(path) if isinstance(arg, ast.Name) else str(arg.value)
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and ast.unparse(node.value.func) == "logging.getLogger"
+            and isinstance(arg := node.value.args[0], (ast.Name, ast.Constant))
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
             level = node.func.attr
             if level not in ("debug", "info", "warning", "error", "exception"):
                 continue
-            if node.args and isinstance(node.args[0], ast.Constant):
+            logger = loggers.get(ast.unparse(node.func.value))
+            if logger and node.args and isinstance(node.args[0], ast.Constant):
                 level = "error" if level == "exception" else level
-                found.setdefault(level.upper(), []).append(str(node.args[0].value))
+                found.setdefault(level.upper(), []).append((logger, str(node.args[0].value)))
     return found
 
 
@@ -81,7 +98,7 @@ def quoted_log_lines() -> list[tuple[str, str, str]]:
     for block in re.findall(r"::\n\n((?:    .*\n|\n)+)", logs):
         for entry in re.split(r"\n(?=    (?:DEBUG|INFO|WARNING|ERROR) )|\n\s*\n", block):
             text = " ".join(entry.split())
-            match = re.match(r"(DEBUG|INFO|WARNING|ERROR) (flask_reqconn\.\w+): (.*)", text)
+            match = re.match(r"(DEBUG|INFO|WARNING|ERROR) (flask_reqconn(?:\.\w+)+): (.*)", text)
             if match:
                 lines.append((match[1], match[2], match[3]))
     return lines
@@ -94,7 +111,10 @@ def test_every_quoted_log_line_is_one_the_code_emits() -> None:
     unknown = [
         f"{level} {logger}: {message}"
         for level, logger, message in quoted
-        if not any(as_pattern(fmt).fullmatch(message) for fmt in formats.get(level, []))
+        if not any(
+            name == logger and as_pattern(fmt).fullmatch(message)
+            for name, fmt in formats.get(level, [])
+        )
     ]
     assert unknown == []
 
@@ -102,7 +122,17 @@ def test_every_quoted_log_line_is_one_the_code_emits() -> None:
 def test_the_log_line_check_catches_a_line_no_code_emits() -> None:
     formats = logged_formats()["ERROR"]
     message = "leak check of <PoolHolder 'reqconn:myapp' pid=4711> failed"
-    assert not any(as_pattern(fmt).fullmatch(message) for fmt in formats)
+    assert not any(as_pattern(fmt).fullmatch(message) for _, fmt in formats)
+
+
+def test_the_log_line_check_knows_the_logger_of_each_line() -> None:
+    """A quoted line names the logger of the module that emits it."""
+    formats = logged_formats()
+    teardown = [n for n, f in formats["ERROR"] if f.startswith("error while releasing")]
+    assert teardown == ["flask_reqconn.checkout"]
+    assert ("flask_reqconn.sizing", "could not read the server's connection limits: %s") in (
+        formats["DEBUG"]
+    )
 
 
 def test_the_api_page_documents_exactly_all() -> None:
