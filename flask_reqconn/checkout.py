@@ -24,7 +24,7 @@ from psycopg.pq import TransactionStatus
 from werkzeug.exceptions import ServiceUnavailable
 
 from .body import BODY_LEFT_TO_VIEW
-from .errors import ClientGone, PoolExhausted, ReqConnError
+from .errors import ClientGone, ConnectionReleased, PoolExhausted, ReqConnError
 from .handback import make_read_only
 from .lease import Lease, ReleaseReason, RequestLeases
 from .lost import database_unavailable, lost_lease
@@ -100,6 +100,12 @@ def checkout(
     """
     if req.client_gone:
         raise ClientGone()
+    if req.ended:
+        raise ConnectionReleased(
+            f"{rq.method if rq is not None else 'this'} request has ended; it cannot check"
+            " out a connection any more (a thread that outlived its request?). For"
+            " background work use 'with reqconn.connection() as conn:'"
+        )
     holder = state.pool(name)
     if rq is None:
         rq = request._get_current_object()  # type: ignore[attr-defined]
@@ -139,6 +145,38 @@ def checkout(
     return lease
 
 
+def lease_for(state: AppState, req: RequestLeases | None, name: str | None) -> Lease:
+    """The lease ``get_conn(name)`` hands out: the request's own, or a new checkout.
+
+    The first ``get_conn()`` without a name routes the request: a read-only view's
+    goes to the read pool (:func:`read_only_checkout`).
+
+    :raises ClientGone: the client left (499); a query of this request was cancelled
+        for that.
+    :raises ServiceUnavailable: ``REQCONN_MAX_HOLD`` took the connection back (503).
+    """
+    if req is None:
+        req = request_leases(state)
+    read_only = False
+    if name is None and not req.routed:
+        read_only = state.policy.read_only(request.endpoint)
+        req.route = state.settings.read_pool if read_only else DEFAULT_POOL
+        req.routed = True
+    lease = req.leases.get(name or req.route)
+    if lease is None:
+        if read_only:
+            return read_only_checkout(state, req)
+        return checkout(state, req, name or DEFAULT_POOL)
+    if lease.cancelled is not None:
+        req.client_gone = True
+        if lease.cancelled is CancelReason.CLIENT_GONE:
+            raise ClientGone()
+        raise ServiceUnavailable()
+    if read_only and lease.active:  # taken earlier by an explicit get_conn(name)
+        make_read_only(lease.conn)
+    return lease
+
+
 def read_only_checkout(state: AppState, req: RequestLeases) -> Lease:
     """Check out for a read-only view: the read pool (or its fallback), read-only."""
     read_pool = state.settings.read_pool
@@ -171,9 +209,7 @@ def _client_gone(
     """
     req.client_gone = True
     state.pools[name].counters.add(Stat.CLIENT_GONE)
-    waited = (
-        f" after waiting {waited_for.wait_time:.3f} s for a connection" if waited_for else ""
-    )
+    waited = f" after waiting {waited_for.wait_time:.3f} s for a connection" if waited_for else ""
     logger.info(
         "client gone before its connection was used: %s %s%s; answered 499",
         request.method,
@@ -189,9 +225,7 @@ def on_query_canceled(state: AppState, exc: psycopg.errors.QueryCanceled) -> t.A
     Other cancellations (``statement_timeout``...) are re-raised untouched.
     """
     req = current_leases()
-    lease = next(
-        (lease for lease in (req.leases.values() if req else ()) if lease.cancelled), None
-    )
+    lease = next((lease for lease in (req.leases.values() if req else ()) if lease.cancelled), None)
     if req is None or lease is None:
         raise exc
     req.client_gone = True
@@ -202,8 +236,7 @@ def on_query_canceled(state: AppState, exc: psycopg.errors.QueryCanceled) -> t.A
         )
     state.pools[lease.pool_name].counters.add(Stat.CLIENT_GONE)
     logger.info(
-        "client gone: %s %s; its query was cancelled; the client had waited %.3f s;"
-        " answered 499",
+        "client gone: %s %s; its query was cancelled; the client had waited %.3f s; answered 499",
         lease.method,
         lease.path,
         (lease.released_at or time.monotonic()) - lease.requested_at,
@@ -268,7 +301,7 @@ def teardown_request(state: AppState, exc: BaseException | None = None) -> None:
         # wrapper releases when the response iterable is closed.
         return
     try:
-        req.release_all(ReleaseReason.TEARDOWN)
+        req.end(ReleaseReason.TEARDOWN)
     except Exception:  # teardown must never raise
         logger.exception("error while releasing connections in teardown")
 
