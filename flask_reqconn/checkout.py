@@ -50,6 +50,9 @@ logger = logging.getLogger("flask_reqconn.extension")
 #: app context is already pushed (a suspended ``stream_with_context``
 #: generator, ``with app.app_context():`` around a test client).
 REQUEST_ATTR = "_flask_reqconn"
+#: What a request that ended without a connection keeps (:func:`teardown_request`).
+_ENDED = RequestLeases()
+_ENDED.ended = True
 #: Seconds of waiting for the pool after which the client is checked again (a
 #: checkout that did not wait comes microseconds after the first check).
 _RECHECK_AFTER_WAIT = 0.001
@@ -80,6 +83,12 @@ def request_leases(state: AppState, rq: Request | None = None) -> RequestLeases:
         setattr(rq, REQUEST_ATTR, req)
         rq.environ[state.environ_key] = req
         current_owner.set(req)
+    elif req.ended:
+        raise ConnectionReleased(
+            f"{rq.method} {rq.path} has ended; it cannot check out a connection any more"
+            " (a thread that outlived its request?). For background work use"
+            " 'with reqconn.connection() as conn:'"
+        )
     return req
 
 
@@ -100,12 +109,6 @@ def checkout(
     """
     if req.client_gone:
         raise ClientGone()
-    if req.ended:
-        raise ConnectionReleased(
-            f"{rq.method if rq is not None else 'this'} request has ended; it cannot check"
-            " out a connection any more (a thread that outlived its request?). For"
-            " background work use 'with reqconn.connection() as conn:'"
-        )
     holder = state.pool(name)
     if rq is None:
         rq = request._get_current_object()  # type: ignore[attr-defined]
@@ -155,8 +158,8 @@ def lease_for(state: AppState, req: RequestLeases | None, name: str | None) -> L
         for that.
     :raises ServiceUnavailable: ``REQCONN_MAX_HOLD`` took the connection back (503).
     """
-    if req is None:
-        req = request_leases(state)
+    if req is None or req.ended:
+        req = request_leases(state)  # raises ConnectionReleased if the request ended
     read_only = False
     if name is None and not req.routed:
         read_only = state.policy.read_only(request.endpoint)
@@ -291,9 +294,14 @@ def after_request(state: AppState, response: Response) -> Response:
 
 
 def teardown_request(state: AppState, exc: BaseException | None = None) -> None:
-    """Release the request's connections (not a streamed body's). Never raises."""
-    req = current_leases()
+    """Release the request's connections (not a streamed body's). Never raises.
+
+    A request that had none is marked as ended too: it checks out nothing more.
+    """
+    rq = request._get_current_object()  # type: ignore[attr-defined]
+    req: RequestLeases | None = getattr(rq, REQUEST_ATTR, None)
     if req is None:
+        setattr(rq, REQUEST_ATTR, _ENDED)
         return
     if req.streamed:
         # The body is not produced yet (Flask runs teardown before a
