@@ -79,9 +79,10 @@ def request_leases(state: AppState, rq: Request | None = None) -> RequestLeases:
         rq = request._get_current_object()  # type: ignore[attr-defined]
     req: RequestLeases | None = getattr(rq, REQUEST_ATTR, None)
     if req is None:
-        req = RequestLeases()
+        environ = rq.environ
+        req = RequestLeases(environ, rq.endpoint)
         setattr(rq, REQUEST_ATTR, req)
-        rq.environ[state.environ_key] = req
+        environ[state.environ_key] = req
         current_owner.set(req)
     elif req.ended:
         raise ConnectionReleased(
@@ -98,21 +99,17 @@ def checkout(
     name: str,
     *,
     quiet_exhaustion: bool = False,
-    rq: Request | None = None,
 ) -> Lease:
     """Check out *name*'s connection for this request, skipping dead clients.
 
     :param quiet_exhaustion: a fallback follows an exhaustion: do not count or log it.
-    :param rq: the current request object, if the caller has it already.
     :raises ClientGone: the client left (499).
     :raises PoolExhausted: no connection in time (503).
     """
     if req.client_gone:
         raise ClientGone()
     holder = state.pool(name)
-    if rq is None:
-        rq = request._get_current_object()  # type: ignore[attr-defined]
-    environ = rq.environ
+    environ = req.environ
     check_pool_size(holder, environ)
     settings = state.settings
     probe = req.probe
@@ -122,7 +119,7 @@ def checkout(
     if settings.check_client and probe.gone(eof):
         _client_gone(state, req, name)
     method = environ.get("REQUEST_METHOD", "")
-    endpoint = rq.endpoint
+    endpoint = req.endpoint
     lease = holder.checkout(
         method=method,
         path=environ.get("PATH_INFO", ""),
@@ -138,13 +135,8 @@ def checkout(
         _client_gone(state, req, name, lease)
     if holder.settings.read_only:
         make_read_only(lease.conn)
-    if settings.cancel_on_disconnect != "off":
-        policy = state.policy
-        armed = policy.cancel_by_endpoint.get((endpoint, method))
-        if armed is None:
-            armed = policy.cancel_armed(endpoint, method)
-        if armed:
-            get_watcher().watch_client_later(lease, probe, eof_means_gone=eof)
+    if state.policy.cancel_armed[endpoint, method]:
+        get_watcher().watch_client_later(lease, probe, eof_means_gone=eof)
     return lease
 
 
@@ -162,7 +154,7 @@ def lease_for(state: AppState, req: RequestLeases | None, name: str | None) -> L
         req = request_leases(state)  # raises ConnectionReleased if the request ended
     read_only = False
     if name is None and not req.routed:
-        read_only = state.policy.read_only(request.endpoint)
+        read_only = state.policy.read_only[request.endpoint]
         req.route = state.settings.read_pool if read_only else DEFAULT_POOL
         req.routed = True
     lease = req.leases.get(name or req.route)
@@ -267,15 +259,14 @@ def on_operational_error(state: AppState, exc: psycopg.OperationalError) -> t.An
 def before_request(state: AppState) -> None:
     """Eager mode: check out the default pool's connection before the view."""
     rq = request._get_current_object()  # type: ignore[attr-defined]
-    endpoint = rq.endpoint
-    policy = state.policy
-    eager = policy.eager_by_endpoint.get(endpoint)
-    if eager is None:
-        eager = policy.eager(endpoint)
-    if eager and rq.routing_exception is None and BODY_LEFT_TO_VIEW not in rq.environ:
+    if (
+        state.policy.eager[rq.endpoint]
+        and rq.routing_exception is None
+        and BODY_LEFT_TO_VIEW not in rq.environ
+    ):
         req = request_leases(state, rq)
         req.routed = True  # eager views are never read-only: get_conn() is the default pool
-        checkout(state, req, DEFAULT_POOL, rq=rq)
+        checkout(state, req, DEFAULT_POOL)
 
 
 def after_request(state: AppState, response: Response) -> Response:

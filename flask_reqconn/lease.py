@@ -394,10 +394,17 @@ class RequestLeases:
         "routed",
         "probe",
         "ended",
+        "environ",
+        "endpoint",
         "__weakref__",
     )
 
-    def __init__(self) -> None:
+    def __init__(
+        self, environ: dict[str, t.Any] | None = None, endpoint: str | None = None
+    ) -> None:
+        #: the request's WSGI environ and endpoint, read once
+        self.environ: dict[str, t.Any] = environ if environ is not None else {}
+        self.endpoint = endpoint
         self.leases: dict[str, Lease] = {}
         #: the response is an iterator: release waits for its ``close()``.
         self.streamed = False
