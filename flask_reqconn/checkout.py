@@ -24,7 +24,7 @@ from psycopg.pq import TransactionStatus
 from werkzeug.exceptions import ServiceUnavailable
 
 from .body import BODY_LEFT_TO_VIEW
-from .errors import ClientGone, PoolExhausted, ReqConnError
+from .errors import ClientGone, ConnectionReleased, PoolExhausted, ReqConnError
 from .handback import make_read_only
 from .lease import Lease, ReleaseReason, RequestLeases
 from .lost import database_unavailable, lost_lease
@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 #: app context is already pushed (a suspended ``stream_with_context``
 #: generator, ``with app.app_context():`` around a test client).
 REQUEST_ATTR = "_flask_reqconn"
+#: What a request that ended without a connection keeps (:func:`teardown_request`).
+_ENDED = RequestLeases()
+_ENDED.ended = True
 #: Seconds of waiting for the pool after which the client is checked again (a
 #: checkout that did not wait comes microseconds after the first check).
 _RECHECK_AFTER_WAIT = 0.001
@@ -75,10 +78,17 @@ def request_leases(state: AppState, rq: Request | None = None) -> RequestLeases:
         rq = request._get_current_object()  # type: ignore[attr-defined]
     req: RequestLeases | None = getattr(rq, REQUEST_ATTR, None)
     if req is None:
-        req = RequestLeases()
+        environ = rq.environ
+        req = RequestLeases(environ, rq.endpoint)
         setattr(rq, REQUEST_ATTR, req)
-        rq.environ[state.environ_key] = req
+        environ[state.environ_key] = req
         current_owner.set(req)
+    elif req.ended:
+        raise ConnectionReleased(
+            f"{rq.method} {rq.path} has ended; it cannot check out a connection any more"
+            " (a thread that outlived its request?). For background work use"
+            " 'with reqconn.connection() as conn:'"
+        )
     return req
 
 
@@ -88,21 +98,17 @@ def checkout(
     name: str,
     *,
     quiet_exhaustion: bool = False,
-    rq: Request | None = None,
 ) -> Lease:
     """Check out *name*'s connection for this request, skipping dead clients.
 
     :param quiet_exhaustion: a fallback follows an exhaustion: do not count or log it.
-    :param rq: the current request object, if the caller has it already.
     :raises ClientGone: the client left (499).
     :raises PoolExhausted: no connection in time (503).
     """
     if req.client_gone:
         raise ClientGone()
     holder = state.pool(name)
-    if rq is None:
-        rq = request._get_current_object()  # type: ignore[attr-defined]
-    environ = rq.environ
+    environ = req.environ
     check_pool_size(holder, environ)
     settings = state.settings
     probe = req.probe
@@ -112,7 +118,7 @@ def checkout(
     if settings.check_client and probe.gone(eof):
         _client_gone(state, req, name)
     method = environ.get("REQUEST_METHOD", "")
-    endpoint = rq.endpoint
+    endpoint = req.endpoint
     lease = holder.checkout(
         method=method,
         path=environ.get("PATH_INFO", ""),
@@ -128,13 +134,40 @@ def checkout(
         _client_gone(state, req, name, lease)
     if holder.settings.read_only:
         make_read_only(lease.conn)
-    if settings.cancel_on_disconnect != "off":
-        policy = state.policy
-        armed = policy.cancel_by_endpoint.get((endpoint, method))
-        if armed is None:
-            armed = policy.cancel_armed(endpoint, method)
-        if armed:
-            get_watcher().watch_client_later(lease, probe, eof_means_gone=eof)
+    if state.policy.cancel_armed[endpoint, method]:
+        get_watcher().watch_client_later(lease, probe, eof_means_gone=eof)
+    return lease
+
+
+def lease_for(state: AppState, req: RequestLeases | None, name: str | None) -> Lease:
+    """The lease ``get_conn(name)`` hands out: the request's own, or a new checkout.
+
+    The first ``get_conn()`` without a name routes the request: a read-only view's
+    goes to the read pool (:func:`read_only_checkout`).
+
+    :raises ClientGone: the client left (499); a query of this request was cancelled
+        for that.
+    :raises ServiceUnavailable: ``REQCONN_MAX_HOLD`` took the connection back (503).
+    """
+    if req is None or req.ended:
+        req = request_leases(state)  # raises ConnectionReleased if the request ended
+    read_only = False
+    if name is None and not req.routed:
+        read_only = state.policy.read_only[request.endpoint]
+        req.route = state.settings.read_pool if read_only else DEFAULT_POOL
+        req.routed = True
+    lease = req.leases.get(name or req.route)
+    if lease is None:
+        if read_only:
+            return read_only_checkout(state, req)
+        return checkout(state, req, name or DEFAULT_POOL)
+    if lease.cancelled is not None:
+        req.client_gone = True
+        if lease.cancelled is CancelReason.CLIENT_GONE:
+            raise ClientGone()
+        raise ServiceUnavailable()
+    if read_only and lease.active:  # taken earlier by an explicit get_conn(name)
+        make_read_only(lease.conn)
     return lease
 
 
@@ -170,9 +203,7 @@ def _client_gone(
     """
     req.client_gone = True
     state.pools[name].counters.add(Stat.CLIENT_GONE)
-    waited = (
-        f" after waiting {waited_for.wait_time:.3f} s for a connection" if waited_for else ""
-    )
+    waited = f" after waiting {waited_for.wait_time:.3f} s for a connection" if waited_for else ""
     logger.info(
         "client gone before its connection was used: %s %s%s; answered 499",
         request.method,
@@ -188,9 +219,7 @@ def on_query_canceled(state: AppState, exc: psycopg.errors.QueryCanceled) -> t.A
     Other cancellations (``statement_timeout``...) are re-raised untouched.
     """
     req = current_leases()
-    lease = next(
-        (lease for lease in (req.leases.values() if req else ()) if lease.cancelled), None
-    )
+    lease = next((lease for lease in (req.leases.values() if req else ()) if lease.cancelled), None)
     if req is None or lease is None:
         raise exc
     req.client_gone = True
@@ -201,8 +230,7 @@ def on_query_canceled(state: AppState, exc: psycopg.errors.QueryCanceled) -> t.A
         )
     state.pools[lease.pool_name].counters.add(Stat.CLIENT_GONE)
     logger.info(
-        "client gone: %s %s; its query was cancelled; the client had waited %.3f s;"
-        " answered 499",
+        "client gone: %s %s; its query was cancelled; the client had waited %.3f s; answered 499",
         lease.method,
         lease.path,
         (lease.released_at or time.monotonic()) - lease.requested_at,
@@ -230,15 +258,14 @@ def on_operational_error(state: AppState, exc: psycopg.OperationalError) -> t.An
 def before_request(state: AppState) -> None:
     """Eager mode: check out the default pool's connection before the view."""
     rq = request._get_current_object()  # type: ignore[attr-defined]
-    endpoint = rq.endpoint
-    policy = state.policy
-    eager = policy.eager_by_endpoint.get(endpoint)
-    if eager is None:
-        eager = policy.eager(endpoint)
-    if eager and rq.routing_exception is None and BODY_LEFT_TO_VIEW not in rq.environ:
+    if (
+        state.policy.eager[rq.endpoint]
+        and rq.routing_exception is None
+        and BODY_LEFT_TO_VIEW not in rq.environ
+    ):
         req = request_leases(state, rq)
         req.routed = True  # eager views are never read-only: get_conn() is the default pool
-        checkout(state, req, DEFAULT_POOL, rq=rq)
+        checkout(state, req, DEFAULT_POOL)
 
 
 def after_request(state: AppState, response: Response) -> Response:
@@ -257,9 +284,14 @@ def after_request(state: AppState, response: Response) -> Response:
 
 
 def teardown_request(state: AppState, exc: BaseException | None = None) -> None:
-    """Release the request's connections (not a streamed body's). Never raises."""
-    req = current_leases()
+    """Release the request's connections (not a streamed body's). Never raises.
+
+    A request that had none is marked as ended too: it checks out nothing more.
+    """
+    rq = request._get_current_object()  # type: ignore[attr-defined]
+    req: RequestLeases | None = getattr(rq, REQUEST_ATTR, None)
     if req is None:
+        setattr(rq, REQUEST_ATTR, _ENDED)
         return
     if req.streamed:
         # The body is not produced yet (Flask runs teardown before a
@@ -267,7 +299,7 @@ def teardown_request(state: AppState, exc: BaseException | None = None) -> None:
         # wrapper releases when the response iterable is closed.
         return
     try:
-        req.release_all(ReleaseReason.TEARDOWN)
+        req.end(ReleaseReason.TEARDOWN)
     except Exception:  # teardown must never raise
         logger.exception("error while releasing connections in teardown")
 

@@ -8,17 +8,14 @@ import typing as t
 from collections.abc import Callable, Iterator
 
 import psycopg
-from flask import Blueprint, Flask, has_request_context, request
-from werkzeug.exceptions import ServiceUnavailable
+from flask import Blueprint, Flask
 
 from . import checkout as _checkout
 from .cli import make_cli
 from .config import DEFAULTS, load_config
-from .errors import ClientGone, ConnectionReleased, ReqConnError
-from .handback import make_read_only
-from .lease import RequestLeases
+from .errors import ReqConnError
 from .middleware import LeaseGuard
-from .names import DEFAULT_POOL, EXTENSION_KEY, CancelReason
+from .names import DEFAULT_POOL, EXTENSION_KEY
 from .policy import Mark, Marks
 from .state import AppState, state_of
 
@@ -174,64 +171,19 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
     :raises ReqConnError: outside a request, or before ``init_app``.
     :raises PoolExhausted: no connection within ``REQCONN_TIMEOUT`` (503).
     :raises ClientGone: the client already disconnected (499).
+    :raises ConnectionReleased: the request's connection was already given back.
     """
     try:
         req = _checkout.current_leases()
     except RuntimeError:
-        req = None
-    if req is not None and (name is not None or req.routed):
-        lease = req.leases.get(name or req.route)
-        if (
-            lease is not None
-            and lease.handle is not None
-            and lease.active
-            and lease.cancelled is None
-        ):
-            lease.handed_out = True
-            return lease.handle
-    return _get_conn_slow(name, req)
-
-
-def _get_conn_slow(name: str | None, req: RequestLeases | None) -> psycopg.Connection[t.Any]:
-    if not has_request_context():
         raise ReqConnError(
             "get_conn() was called outside of a request. In a streamed response, call"
             " get_conn() in the view and use the connection in the generator, or wrap the"
             " generator with flask.stream_with_context(). In scripts and CLI commands use"
             " 'with reqconn.connection() as conn:'."
-        )
-    state = state_of(None)
-    if req is None:
-        req = _checkout.request_leases(state)
-    read_only = name is None and state.policy.read_only(request.endpoint)
-    if name is None and not req.routed:
-        req.route = state.settings.read_pool if read_only else DEFAULT_POOL
-        req.routed = True
-    lease = req.leases.get(name or req.route)
-    if lease is not None:
-        if (
-            lease.active
-            and lease.cancelled is None
-            and lease.conn is not None
-            and lease.handle is not None
-        ):
-            if read_only:  # taken earlier by an explicit get_conn(name)
-                make_read_only(lease.conn)
-            lease.handed_out = True
-            return lease.handle
-        if lease.cancelled is not None:
-            req.client_gone = True
-            if lease.cancelled is CancelReason.CLIENT_GONE:
-                raise ClientGone()
-            raise ServiceUnavailable()
-        raise ConnectionReleased(
-            f"the connection of pool {lease.pool_name!r} for this request was already given"
-            f" back (released by {lease.released_by}); it cannot be used after that"
-        )
-    if read_only:
-        lease = _checkout.read_only_checkout(state, req)
-    else:
-        lease = _checkout.checkout(state, req, name or DEFAULT_POOL)
-    assert lease.handle is not None
-    lease.handed_out = True
-    return lease.handle
+        ) from None
+    if req is not None and (name is not None or req.routed):
+        lease = req.leases.get(name or req.route)
+        if lease is not None and lease.cancelled is None:
+            return lease.hand_out()
+    return _checkout.lease_for(state_of(None), req, name).hand_out()

@@ -126,9 +126,8 @@ def check_leaks(holder: PoolHolder) -> None:
         return
     stats: dict[str, int] | None = None
     for lease in holder.counters.active_leases():
-        if lease.leak_reported or lease.held_for < threshold:
+        if lease.held_for < threshold or not lease.report_leak():
             continue
-        lease.leak_reported = True
         holder.counters.add(Stat.LEAK_WARNINGS)
         if stats is None:
             stats = holder.pool.get_stats() if holder.is_open else {}

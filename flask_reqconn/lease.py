@@ -2,15 +2,15 @@
 
 A :class:`Lease` is released exactly once, by whoever gets there first: the
 ``teardown_request`` hook, the response iterable's ``close()``, an error that
-leaves the app, or a finalizer. Later calls are no-ops, so callers never need
-to coordinate; the lease remembers who released it.
+leaves the app, or the finalizer of a response iterable nobody closed. Later
+calls are no-ops, so callers never need to coordinate; the lease remembers who
+released it. Once its request has ended (:meth:`RequestLeases.end`), a request
+checks out nothing more: every lease it ever had was released by then.
 """
 
 from __future__ import annotations
 
-import collections
 import enum
-import logging
 import os
 import socket
 import threading
@@ -18,7 +18,8 @@ import time
 import typing as t
 from collections.abc import Callable
 
-from .names import DEFAULT_POOL, CancelReason
+from .errors import ConnectionReleased
+from .names import DEFAULT_POOL, CancelReason, Stat
 from .owner import Owner, own, socket_id
 
 if t.TYPE_CHECKING:
@@ -26,9 +27,6 @@ if t.TYPE_CHECKING:
 
     from .pool import PoolHolder
     from .probes import ClientProbe
-
-
-logger = logging.getLogger(__name__)
 
 
 class Unwatchable(t.Protocol):
@@ -123,6 +121,7 @@ class Lease:
         endpoint: str | None = None,
         owner: Owner | None = None,
         thread_id: int | None = None,
+        checkout_site: str | None = None,
     ) -> None:
         self._holder = holder
         #: who may use the connection (:class:`~flask_reqconn.owner.LeasedConnection`)
@@ -143,7 +142,7 @@ class Lease:
         self.released_at = 0.0
         self.released_by: ReleaseReason | None = None
         #: where the connection was taken (only recorded with leak detection on)
-        self.checkout_site: str | None = None
+        self.checkout_site = checkout_site
         #: a leak warning was logged for this lease
         self.leak_reported = False
         #: why the watcher cancelled this lease's query (None: never cancelled)
@@ -197,7 +196,8 @@ class Lease:
             "checkout_site": self.checkout_site,
         }
 
-    def _activate(self, conn: psycopg.Connection[t.Any]) -> None:
+    def activate(self, conn: psycopg.Connection[t.Any]) -> None:
+        """The pool gave *conn*: the lease holds it from now on (called by its pool)."""
         self.conn = conn
         own(conn, self.owner)
         self.handle = conn if handout_wrapper is None else handout_wrapper(self, conn)
@@ -206,6 +206,41 @@ class Lease:
         if self._holder.max_hold is not None:
             self._sock = socket_id(conn)  # for sever(): the watcher must not call libpq
         self._state = LeaseState.ACTIVE
+
+    def hand_out(self) -> psycopg.Connection[t.Any]:
+        """What ``get_conn()`` gives the app; from now on a statement may have run.
+
+        :raises ConnectionReleased: the lease no longer holds its connection.
+        """
+        handle = self.handle
+        if handle is None or self._state is not LeaseState.ACTIVE:
+            raise ConnectionReleased(
+                f"the connection of pool {self.pool_name!r} for this request was already"
+                f" given back (released by {self.released_by}); it cannot be used after that"
+            )
+        self.handed_out = True
+        return handle
+
+    def report_leak(self) -> bool:
+        """Note that this lease was reported as held too long: True the first time only."""
+        if self.leak_reported:
+            return False
+        self.leak_reported = True
+        return True
+
+    def watch_client(self, register: Callable[[Lease], Unwatchable | None]) -> None:
+        """Let *register* (the watcher's) watch the request's client, under the lease's
+        lock, and only while the lease is held and not cancelled: a lease released
+        meanwhile is never registered, and its release drops the registration."""
+        with self._lock:
+            self.watch = None
+            if self._state is LeaseState.ACTIVE and self.cancelled is None:
+                self.watch = register(self)
+
+    def wait_for_client(self, pending: Unwatchable) -> None:
+        """Until the watcher registers the client, *pending* is what the release drops."""
+        if self.watch is None:
+            self.watch = pending
 
     def release(self, reason: ReleaseReason) -> bool:
         """Give the connection back to its pool, once.
@@ -231,6 +266,10 @@ class Lease:
         finally:
             self._state = LeaseState.RELEASED
         return True
+
+    def count(self, stat: Stat) -> None:
+        """Count *stat* in the lease's pool (for the watcher, which acts on leases)."""
+        self._holder.counters.add(stat)
 
     def cancel(self, reason: CancelReason, timeout: float) -> bool:
         """Cancel the statement running on the connection, from another thread.
@@ -333,20 +372,6 @@ class Lease:
             " for background work use 'with reqconn.connection() as conn:'"
         )
 
-    def __del__(self) -> None:
-        # Last resort: the lease became unreachable while still active. This can
-        # run in any thread, at any allocation, so hand the work to the holder,
-        # which does it at a safe point (the next checkout or stats()).
-        if self._state is LeaseState.ACTIVE:
-            try:
-                self._holder.defer(self._finalize)
-            except Exception:  # pragma: no cover - interpreter shutdown
-                pass
-
-    def _finalize(self) -> None:
-        self._holder.warn_finalized(self)
-        self.release(ReleaseReason.FINALIZER)
-
 
 class RequestLeases:
     """The leases of one request, one per pool at most.
@@ -363,10 +388,18 @@ class RequestLeases:
         "route",
         "routed",
         "probe",
+        "ended",
+        "environ",
+        "endpoint",
         "__weakref__",
     )
 
-    def __init__(self) -> None:
+    def __init__(
+        self, environ: dict[str, t.Any] | None = None, endpoint: str | None = None
+    ) -> None:
+        #: the request's WSGI environ and endpoint, read once
+        self.environ: dict[str, t.Any] = environ if environ is not None else {}
+        self.endpoint = endpoint
         self.leases: dict[str, Lease] = {}
         #: the response is an iterator: release waits for its ``close()``.
         self.streamed = False
@@ -379,6 +412,8 @@ class RequestLeases:
         self.routed = False
         #: how to see the request's client, resolved at the first checkout
         self.probe: ClientProbe | None = None
+        #: the request is over (:meth:`end`): no more checkouts
+        self.ended = False
 
     def refusal(self) -> str:
         """Why code outside this request may not use its connection (as its owner)."""
@@ -398,35 +433,11 @@ class RequestLeases:
                 return True
         return False
 
-    def release_all(self, reason: ReleaseReason) -> None:
-        """Release every active lease of the request. Never raises."""
+    def end(self, reason: ReleaseReason) -> None:
+        """The request is over: release every active lease (by *reason*), and refuse
+        any later checkout (a thread that outlived the request, with a copy of its
+        context). Never raises."""
+        self.ended = True
         for lease in tuple(self.leases.values()):
             if lease._state is LeaseState.ACTIVE:
                 lease.release(reason)
-
-
-class DeferredQueue(collections.deque[Callable[[], None]]):
-    """Finalizer work waiting for a safe point (the next checkout, request or stats()).
-
-    A finalizer (``__del__``) can run in any thread, at any allocation, so it
-    only appends here. One queue serves all the pools of an app. A deque, so that
-    the check at every checkout and request (``if queue:``) is the deque's own.
-    """
-
-    __slots__ = ()
-
-    def defer(self, fn: Callable[[], None]) -> None:
-        """Run *fn* at the next safe point. Safe from any thread and from ``__del__``."""
-        self.append(fn)
-
-    def run(self) -> None:
-        """Run everything deferred so far. Never raises."""
-        while True:
-            try:
-                fn = self.popleft()
-            except IndexError:
-                return
-            try:
-                fn()
-            except Exception:
-                logger.exception("error while finalizing an abandoned lease")

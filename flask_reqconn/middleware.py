@@ -22,13 +22,14 @@ release connections on the normal path; this wrapper covers the rest:
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import sys
 import time
 import types
 import typing as t
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from threading import get_ident
 
 from psycopg.errors import InFailedSqlTransaction, QueryCanceled
@@ -121,8 +122,7 @@ def _log_departure(req: RequestLeases, detail: str) -> None:
     if lease is None:  # pragma: no cover - a guarded iterable has a lease
         return
     logger.info(
-        "client gone during the streamed response of %s %s: %s; the stream ended after"
-        " %.3f s",
+        "client gone during the streamed response of %s %s: %s; the stream ended after %.3f s",
         lease.method,
         lease.path,
         detail,
@@ -149,13 +149,11 @@ class LeaseGuard:
         self._deferred = state.deferred
         self._flask_app = flask_app
 
-    def __call__(
-        self, environ: WSGIEnvironment, start_response: StartResponse
-    ) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         state = self._state
         environ[SERVING_THREAD] = get_ident()
         if self._deferred:
-            self._deferred.run()
+            run_deferred(self._deferred)
         if environ.get("CONTENT_LENGTH") or "HTTP_TRANSFER_ENCODING" in environ:
             try:
                 self._take_body(environ)
@@ -174,7 +172,7 @@ class LeaseGuard:
         except BaseException as exc:
             req = environ.get(self._key)
             if req is not None:
-                req.release_all(_reason_for(exc))
+                req.end(_reason_for(exc))
             raise
         req = environ.get(self._key)
         if req is None:
@@ -274,11 +272,11 @@ class GuardedIterable:
                 lost = self._lost(exc)
                 if lost is not None and (self._sent or self._start is not None):
                     return self._answer_lost(*lost)
-                req.release_all(_reason_for(exc))
+                req.end(_reason_for(exc))
                 if isinstance(exc, Exception):
                     _note_max_hold(req, exc)
                 raise
-            req.release_all(ReleaseReason.ABORT)
+            req.end(ReleaseReason.ABORT)
             if detail and not self._reported:
                 _log_departure(req, detail)
             self._reported = True
@@ -320,7 +318,7 @@ class GuardedIterable:
         """503 before the first chunk, a quiet cut after it; the leases released."""
         req, start = self._req, self._start
         if self._sent or start is None:
-            req.release_all(ReleaseReason.EXCEPTION)
+            req.end(ReleaseReason.EXCEPTION)
             database_unavailable(
                 self._state, lease, cause, outcome="its streamed response was cut off"
             )
@@ -329,7 +327,7 @@ class GuardedIterable:
         try:
             body = start.answer(database_unavailable(self._state, lease, cause))
         finally:
-            req.release_all(ReleaseReason.EXCEPTION)
+            req.end(ReleaseReason.EXCEPTION)
         # the original body ended with the error: close it (stream teardown), serve the 503
         close = getattr(self._app_iter, "close", None)
         self._app_iter = body
@@ -366,12 +364,12 @@ class GuardedIterable:
             if close is not None:
                 close()
         finally:
-            self._req.release_all(reason)
+            self._req.end(reason)
 
     def __del__(self) -> None:
         if not self._closed:
             try:
-                self._state.deferred.defer(self._finalize)
+                self._state.deferred.append(self._finalize)
             except Exception:  # pragma: no cover - interpreter shutdown
                 pass
 
@@ -397,3 +395,21 @@ def _note_max_hold(req: RequestLeases, exc: Exception) -> None:
             f"flask-reqconn: {lease.method} {lease.path} held its connection longer than"
             " REQCONN_MAX_HOLD; its query was cancelled and the stream cut off"
         )
+
+
+def run_deferred(queue: collections.deque[Callable[[], None]]) -> None:
+    """Run the finalizer work queued so far (a response iterable nobody closed:
+    :class:`GuardedIterable`). Never raises.
+
+    A finalizer (``__del__``) can run in any thread, at any allocation, so it only
+    appends to *queue*; this runs at a safe point: the next request, or ``stats()``.
+    """
+    while True:
+        try:
+            fn = queue.popleft()
+        except IndexError:
+            return
+        try:
+            fn()
+        except Exception:
+            logger.exception("error while finalizing an abandoned response")

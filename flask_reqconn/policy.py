@@ -97,61 +97,64 @@ class Marks:
         return value
 
 
-class Policy:
-    """One app's decisions for its endpoints, each made once and cached.
+K = t.TypeVar("K")
 
-    The ``*_by_endpoint`` dicts are the caches; hot paths read them directly
-    and call the method only on a miss.
+
+class Decisions(dict[K, bool]):
+    """One decision per key, made by *decide* on the first lookup and kept: reading
+    ``decisions[key]`` is a plain dict lookup from then on."""
+
+    __slots__ = ("decide",)
+
+    def __init__(self, decide: Callable[[K], bool]) -> None:
+        super().__init__()
+        self.decide = decide
+
+    def __missing__(self, key: K) -> bool:
+        value = self[key] = self.decide(key)
+        return value
+
+
+class Policy:
+    """One app's decisions for its endpoints, each made once (:class:`Decisions`).
+
+    ``policy.eager[endpoint]``, ``policy.read_only[endpoint]`` and
+    ``policy.cancel_armed[endpoint, method]``.
     """
 
     def __init__(self, marks: Marks, settings: AppSettings) -> None:
         self.marks = marks
         self.settings = settings
-        self.eager_by_endpoint: dict[str | None, bool] = {}
-        self.read_only_by_endpoint: dict[str | None, bool] = {}
-        self.cancel_by_endpoint: dict[tuple[str | None, str], bool] = {}
+        #: does this endpoint get its connection before the view (eager mode)?
+        self.eager: Decisions[str | None] = Decisions(self._eager)
+        #: is this endpoint's view marked with :meth:`ReqConn.read_only`?
+        self.read_only: Decisions[str | None] = Decisions(self._read_only)
+        #: should a request's queries be cancelled when its client leaves?
+        self.cancel_armed: Decisions[tuple[str | None, str]] = Decisions(self._cancel_armed)
 
     def __repr__(self) -> str:
         s = self.settings
         return f"<Policy checkout={s.checkout} cancel={s.cancel_on_disconnect}>"
 
-    def eager(self, endpoint: str | None) -> bool:
-        """Does this endpoint get its connection before the view (eager mode)?"""
-        known = self.eager_by_endpoint.get(endpoint)
-        if known is not None:
-            return known
-        eager = (
+    def _eager(self, endpoint: str | None) -> bool:
+        return (
             endpoint is not None
             and endpoint not in self.settings.exempt_endpoints
             and endpoint != "static"
             and not endpoint.endswith(".static")
             and not self.marks.of_endpoint(endpoint, Mark.EXEMPT)
-            and not self.read_only(endpoint)  # routed to the read pool, lazily
+            and not self.read_only[endpoint]  # routed to the read pool, lazily
         )
-        self.eager_by_endpoint[endpoint] = eager
-        return eager
 
-    def read_only(self, endpoint: str | None) -> bool:
-        """Is this endpoint's view marked with :meth:`ReqConn.read_only`?"""
-        known = self.read_only_by_endpoint.get(endpoint)
-        if known is not None:
-            return known
-        read_only = bool(self.marks.of_endpoint(endpoint, Mark.READ_ONLY))
-        self.read_only_by_endpoint[endpoint] = read_only
-        return read_only
+    def _read_only(self, endpoint: str | None) -> bool:
+        return bool(self.marks.of_endpoint(endpoint, Mark.READ_ONLY))
 
-    def cancel_armed(self, endpoint: str | None, method: str) -> bool:
-        """Should this request's queries be cancelled when its client leaves?"""
-        known = self.cancel_by_endpoint.get((endpoint, method))
-        if known is not None:
-            return known
+    def _cancel_armed(self, key: tuple[str | None, str]) -> bool:
+        endpoint, method = key
         policy = self.settings.cancel_on_disconnect
         override = self.marks.of_endpoint(endpoint, Mark.CANCEL_ON_DISCONNECT)
         if policy == "off":
-            armed = False
-        elif override is not None:
-            armed = override
-        else:
-            armed = policy == "all" or method in SAFE_METHODS
-        self.cancel_by_endpoint[(endpoint, method)] = armed
-        return armed
+            return False
+        if override is not None:
+            return override
+        return policy == "all" or method in SAFE_METHODS

@@ -26,7 +26,7 @@ from . import holds, sizing
 from .config import AppSettings, PoolSettings
 from .exhaustion import Exhaustion, ReportLimit
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
-from .lease import DeferredQueue, Lease, ReleaseReason
+from .lease import Lease, ReleaseReason
 from .liveness import RequestPool, server_gone
 from .names import CancelReason, Stat
 from .owner import Block, LeasedConnection, Owner, own
@@ -51,7 +51,6 @@ class PoolHolder:
         app_settings: AppSettings,
         *,
         label: str,
-        deferred: DeferredQueue | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -76,7 +75,6 @@ class PoolHolder:
         #: the process that compared MAX_SIZE with the server's max_connections
         self.limits_checked_in = 0
         self._lock = threading.Lock()
-        self._deferred = deferred if deferred is not None else DeferredQueue()
         #: what a checkout that got no connection is answered: exhausted, or refused
         self.exhaustion = Exhaustion(self)
         self._lost_report = ReportLimit()
@@ -193,16 +191,18 @@ class PoolHolder:
         :raises PoolExhausted: when no connection came within the timeout or
             the wait queue is full.
         """
-        if self._deferred:
-            self._deferred.run()
         pool = self.pool
         lease = Lease(
-            self, method=method, path=path, endpoint=endpoint, owner=owner, thread_id=thread_id
+            self,
+            method=method,
+            path=path,
+            endpoint=endpoint,
+            owner=owner,
+            thread_id=thread_id,
+            checkout_site=site() if site is not None and self.leak_threshold is not None else None,
         )
-        if self.leak_threshold is not None:
-            lease.checkout_site = site() if site is not None else None
         try:
-            lease._activate(self._getconn_alive(pool, owner))
+            lease.activate(self._getconn_alive(pool, owner))
         except (PoolTimeout, TooManyRequests) as exc:
             # quiet_exhaustion: a fallback follows, not an answered 503
             raise self.exhaustion.answer(exc, None if quiet_exhaustion else lease) from exc
@@ -351,8 +351,8 @@ class PoolHolder:
             conn.close()
         if self.settings.validate_idle is not None:
             setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
-        pool = conn._pool
-        if pool is None or not isinstance(pool, ConnectionPool):
+        pool = self._pool
+        if pool is None:  # closed meanwhile
             conn.close()
             return
         try:
@@ -381,10 +381,6 @@ class PoolHolder:
         """``REQCONN_MAX_HOLD`` and ``REQCONN_LEAK_THRESHOLD`` (:mod:`flask_reqconn.holds`)."""
         holds.check_max_hold(self)
         holds.check_leaks(self)
-
-    def defer(self, fn: Callable[[], None]) -> None:
-        """Schedule *fn* to run at the next safe point (a checkout or stats())."""
-        self._deferred.defer(fn)
 
     def warn_finalized(self, lease: Lease) -> None:
         self.counters.add(Stat.FINALIZED)
@@ -422,8 +418,6 @@ class PoolHolder:
         )
 
     def stats(self) -> dict[str, t.Any]:
-        if self._deferred:
-            self._deferred.run()
         data = self.counters.snapshot()
         data["refusing"] = self.exhaustion.attempts.refusing() if self.is_open else None
         data["pool"] = self.pool.get_stats() if self.is_open else {}

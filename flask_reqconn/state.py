@@ -7,13 +7,15 @@ name), :attr:`AppState.settings` and :meth:`AppState.add_listener`.
 
 from __future__ import annotations
 
+import collections
 import typing as t
+from collections.abc import Callable
 
 from flask import Flask, current_app
 
 from .config import AppSettings, PoolSettings
 from .errors import ReqConnError
-from .lease import DeferredQueue
+from .middleware import run_deferred
 from .names import DEFAULT_POOL, EXTENSION_KEY
 from .policy import Marks, Policy
 from .pool import PoolHolder
@@ -49,7 +51,8 @@ class AppState:
         #: per-endpoint decisions (eager checkout, read-only, cancel on disconnect)
         self.policy = Policy(marks, settings)
         #: finalizer work of all pools, run at the next safe point
-        self.deferred = DeferredQueue()
+        #: finalizer work waiting for a safe point (:func:`~flask_reqconn.middleware.run_deferred`)
+        self.deferred: collections.deque[Callable[[], None]] = collections.deque()
         #: where the WSGI wrapper finds the request's leases in the environ
         self.environ_key = f"flask_reqconn.request.{id(self):x}"
         #: the pools of the app by name: ``"default"`` and those of ``REQCONN_POOLS``
@@ -59,7 +62,6 @@ class AppState:
                 pool_settings,
                 settings,
                 label=f"reqconn:{app_name}" + ("" if name == DEFAULT_POOL else f":{name}"),
-                deferred=self.deferred,
             )
             for name, pool_settings in pools.items()
         }
@@ -91,6 +93,8 @@ class AppState:
 
     def stats(self) -> dict[str, t.Any]:
         """The counters of this process: see :meth:`~flask_reqconn.ReqConn.stats`."""
+        if self.deferred:  # a safe point
+            run_deferred(self.deferred)
         return sum_pools({name: holder.stats() for name, holder in self.pools.items()})
 
     def close(self) -> None:

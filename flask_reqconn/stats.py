@@ -13,7 +13,6 @@ import bisect
 import os
 import threading
 import typing as t
-import weakref
 from collections.abc import Iterable, Mapping
 
 from .lease import Lease, LeaseState, ReleaseReason
@@ -75,10 +74,14 @@ class Histogram:
         self.total = 0.0
         self._counts = [0] * (len(BUCKETS) + 1)
 
-    def observe(self, value: float) -> None:
-        self.count += 1
-        self.total += value
-        self._counts[bisect.bisect_left(BUCKETS, value)] += 1
+    def observe(self, values: list[float]) -> None:
+        """Count *values* in (and empty the list)."""
+        counts = self._counts
+        for value in values:
+            counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.count += len(values)
+        self.total += sum(values)
+        values.clear()
 
     def snapshot(self) -> dict[str, t.Any]:
         cumulative: dict[str, int] = {}
@@ -89,8 +92,17 @@ class Histogram:
         return {"count": self.count, "sum": round(self.total, 6), "buckets": cumulative}
 
 
+#: Waits and holds recorded before they are counted into their histograms (or
+#: sooner, when ``stats()`` reads them).
+_FOLD_EVERY = 256
+
+
 class PoolCounters:
-    """Thread-safe counters of one pool in one process."""
+    """Thread-safe counters of one pool in one process.
+
+    The wait and hold times of each checkout are recorded as they come and counted
+    into their histograms in batches (:data:`_FOLD_EVERY`) or when read.
+    """
 
     def __init__(self, pool: str, listeners: list[Listener] | None = None) -> None:
         self.pool = pool
@@ -101,15 +113,20 @@ class PoolCounters:
         self.counts: dict[Stat, int] = {stat: 0 for stat in Stat}
         self.wait_time = Histogram()
         self.hold_time = Histogram()
-        # weak: an abandoned lease must stay collectable (its finalizer returns it)
-        self._held: dict[int, weakref.ref[Lease]] = {}
+        self._waits: list[float] = []
+        self._holds: list[float] = []
+        #: the leases held now, by id
+        self._held: dict[int, Lease] = {}
 
     def checked_out(self, lease: Lease) -> None:
         wait = lease.wait_time
         with self._lock:
             self.checkouts += 1
-            self.wait_time.observe(wait)
-            self._held[id(lease)] = weakref.ref(lease)
+            self._held[id(lease)] = lease
+            waits = self._waits
+            waits.append(wait)
+            if len(waits) >= _FOLD_EVERY:
+                self.wait_time.observe(waits)
         for listener in self.listeners:
             listener.checked_out(self.pool, wait)
 
@@ -117,8 +134,11 @@ class PoolCounters:
         held = lease.held_for
         with self._lock:
             self.releases[reason] += 1
-            self.hold_time.observe(held)
             self._held.pop(id(lease), None)
+            holds = self._holds
+            holds.append(held)
+            if len(holds) >= _FOLD_EVERY:
+                self.hold_time.observe(holds)
         for listener in self.listeners:
             listener.released(self.pool, reason, held)
 
@@ -138,12 +158,11 @@ class PoolCounters:
         :param releasing: also those whose connection is being handed back.
         """
         with self._lock:
-            refs = list(self._held.values())
+            leases = list(self._held.values())
         return [
             lease
-            for ref in refs
-            if (lease := ref()) is not None
-            and (lease.active or (releasing and lease.state is LeaseState.RELEASING))
+            for lease in leases
+            if lease.active or (releasing and lease.state is LeaseState.RELEASING)
         ]
 
     def snapshot(self) -> dict[str, t.Any]:
@@ -155,6 +174,8 @@ class PoolCounters:
                 "releases": {reason.value: n for reason, n in self.releases.items()},
             }
             data.update((stat.value, n) for stat, n in self.counts.items())
+            self.wait_time.observe(self._waits)
+            self.hold_time.observe(self._holds)
             data["wait_time"] = self.wait_time.snapshot()
             data["hold_time"] = self.hold_time.snapshot()
         data["holders"] = [lease.describe() for lease in held]

@@ -162,7 +162,17 @@ class Watcher:
     def watch_client(
         self, lease: Lease, probe: ClientProbe, *, eof_means_gone: bool
     ) -> ClientWatch | None:
-        """Watch the request's client; cancel *lease*'s query if it leaves."""
+        """Watch the request's client; cancel *lease*'s query if it leaves.
+
+        Only while *lease* is held and not cancelled (:meth:`Lease.watch_client`).
+        """
+        lease.watch_client(lambda held: self._register(held, probe, eof_means_gone))
+        watch = lease.watch
+        return watch if isinstance(watch, ClientWatch) else None
+
+    def _register(
+        self, lease: Lease, probe: ClientProbe, eof_means_gone: bool
+    ) -> ClientWatch | None:
         if not probe.watchable:
             if not self._said_unwatchable:
                 self._said_unwatchable = True
@@ -187,7 +197,6 @@ class Watcher:
                 self._by_fd[entry.fd] = entry
             else:
                 self._polled.add(entry)
-        lease.watch = entry
         return entry
 
     def watch_client_later(self, lease: Lease, probe: ClientProbe, *, eof_means_gone: bool) -> None:
@@ -202,8 +211,7 @@ class Watcher:
             with self._lock:
                 self._ensure_running()
         entry = PendingWatch(self._pending, lease, probe, eof_means_gone)
-        if lease.watch is None:
-            lease.watch = entry
+        lease.wait_for_client(entry)
         self._pending.append(entry)
 
     def _register_due(self) -> float | None:
@@ -226,11 +234,7 @@ class Watcher:
             if entry.due > now:
                 pending.appendleft(entry)  # still the oldest: wait for it
                 return entry.due
-            with lease._lock:
-                if lease.watch is entry:
-                    lease.watch = None
-                if lease.active and lease.cancelled is None:
-                    self.watch_client(lease, entry.probe, eof_means_gone=entry.eof_means_gone)
+            self.watch_client(lease, entry.probe, eof_means_gone=entry.eof_means_gone)
 
     def unwatch(self, entry: ClientWatch) -> None:
         with self._lock:
@@ -327,7 +331,7 @@ class Watcher:
         self.unwatch(entry)
         lease = entry.lease
         if lease.cancel(CancelReason.CLIENT_GONE, WATCHER_CANCEL_TIMEOUT):
-            lease._holder.counters.add(Stat.CANCELLED)
+            lease.count(Stat.CANCELLED)
             logger.debug(
                 "client of %s %s left after %.3f s: cancelled its query",
                 lease.method,

@@ -170,7 +170,6 @@ def test_every_logger_is_named_after_its_module_and_documented() -> None:
         "flask_reqconn.holds",
         "flask_reqconn.integrations.sqlalchemy",
         "flask_reqconn.integrations.sqlalchemy.sessions",
-        "flask_reqconn.lease",
         "flask_reqconn.middleware",
         "flask_reqconn.pool",
         "flask_reqconn.sizing",

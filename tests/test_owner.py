@@ -122,6 +122,37 @@ def test_a_thread_of_the_view_cannot_use_the_connection_after_the_response(
     assert what_rows(pg_admin, what_table) == ["own"]
 
 
+def test_a_thread_that_outlives_its_request_cannot_check_out(make_app: AppFactory) -> None:
+    """A thread with a copy of the request's context (``copy_current_request_context``)
+    that calls ``get_conn()`` after the response is refused: the request has ended, and a
+    connection taken then would be nobody's to give back."""
+    from flask import copy_current_request_context
+
+    app = make_app(checkout="lazy", max_size=1)
+    seen: dict[str, Any] = {}
+
+    @app.get("/later")
+    def later() -> str:
+        @copy_current_request_context
+        def work() -> None:
+            time.sleep(0.3)  # after the response
+            try:
+                seen["got"] = get_conn()
+            except Exception as exc:
+                seen["error"] = exc
+
+        seen["runner"] = threading.Thread(target=work)
+        seen["runner"].start()
+        return "started"
+
+    assert app.test_client().get("/later").text == "started"
+    seen["runner"].join(10)
+    assert "got" not in seen, "a connection was checked out after the request ended"
+    assert isinstance(seen["error"], ConnectionReleased)
+    assert "GET /later has ended" in str(seen["error"])
+    assert state_of(app).stats()["checked_out"] == 0
+
+
 def test_during_the_request_only_its_own_context_uses_the_connection(
     make_app: AppFactory, what_table: str
 ) -> None:

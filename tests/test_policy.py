@@ -196,7 +196,7 @@ def test_cancel_policy_by_method_view_and_blueprint(
     app = make_app(ext=reqconn, cancel_on_disconnect=policy)
     app.register_blueprint(bp, url_prefix="/api")
     with app.test_request_context("/api/work", method=method):
-        assert state_of(app).policy.cancel_armed("api.work", method) is armed
+        assert state_of(app).policy.cancel_armed["api.work", method] is armed
 
 
 # -- cancel_on_disconnect on a blueprint, end to end -----------------------------------

@@ -82,7 +82,7 @@ def test_teardown_and_response_close_race(make_app: AppFactory) -> None:
             req.streamed = True
             environ = request.environ
         guarded = GuardedIterable([b"x"], req, state)
-        race(functools.partial(req.release_all, ReleaseReason.TEARDOWN), guarded.close)
+        race(functools.partial(req.end, ReleaseReason.TEARDOWN), guarded.close)
         lease = req.leases["default"]
         assert lease.state is LeaseState.RELEASED
         assert environ  # keep the request's environ alive through the race
