@@ -12,7 +12,8 @@ from .errors import (
     ReqConnError,
 )
 from .extension import ReqConn, get_conn
-from .lease import Lease, ReleaseReason
+from .lease import Lease
+from .names import ReleaseReason
 from .state import state_of
 
 __version__ = "0.1.0.dev0"

@@ -53,17 +53,24 @@ _WRITE_CHECK = (
     " SELECT txid_current_if_assigned() / 0"
 )
 _UNLOCK = "pg_advisory_unlock_all()"
+#: psycopg's statuses, read once: on Python 3.11 reading an enum member through its
+#: class costs about as much as a function call, and the hand-back reads ten.
+_IDLE, _INTRANS = TransactionStatus.IDLE, TransactionStatus.INTRANS
+_INERROR, _ACTIVE = TransactionStatus.INERROR, TransactionStatus.ACTIVE
+_UNKNOWN, _PIPELINE_OFF = TransactionStatus.UNKNOWN, PipelineStatus.OFF
+_COMMAND_OK, _TUPLES_OK = ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK
+_FATAL_ERROR = ExecStatus.FATAL_ERROR
 #: The hand-back's SQL by (transaction status, reset the session): one string each,
 #: one round trip. A write check that fails stops the string there: the transaction
 #: is then in error, and the hand-back of a failed transaction follows.
 _SQL: dict[tuple[int, bool], bytes] = {
-    (TransactionStatus.INTRANS, True): (
+    (_INTRANS, True): (
         f"{_WRITE_CHECK}, {_UNLOCK}; ROLLBACK; {RESET_SESSION_SQL}".encode()
     ),
-    (TransactionStatus.INTRANS, False): f"{_WRITE_CHECK}; ROLLBACK".encode(),
-    (TransactionStatus.INERROR, True): f"ROLLBACK; SELECT {_UNLOCK}; {RESET_SESSION_SQL}".encode(),
-    (TransactionStatus.INERROR, False): b"ROLLBACK",
-    (TransactionStatus.IDLE, True): f"SELECT {_UNLOCK}; {RESET_SESSION_SQL}".encode(),
+    (_INTRANS, False): f"{_WRITE_CHECK}; ROLLBACK".encode(),
+    (_INERROR, True): f"ROLLBACK; SELECT {_UNLOCK}; {RESET_SESSION_SQL}".encode(),
+    (_INERROR, False): b"ROLLBACK",
+    (_IDLE, True): f"SELECT {_UNLOCK}; {RESET_SESSION_SQL}".encode(),
 }
 
 
@@ -109,9 +116,9 @@ def clean_connection(
         return _DISCARDED
     pgconn = conn.pgconn
     status = pgconn.transaction_status
-    if status == TransactionStatus.UNKNOWN:
+    if status == _UNKNOWN:
         return _DISCARDED
-    if status == TransactionStatus.ACTIVE:
+    if status == _ACTIVE:
         # Returned mid-query (an abandoned stream, a raw send_query): stop the
         # statement on the server, which would otherwise run to its end, and
         # discard the connection.
@@ -119,22 +126,22 @@ def clean_connection(
         return CleanOutcome(discarded=True, error="returned while a query was still running")
     outcome = _CLEAN
     try:
-        if status != TransactionStatus.IDLE or reset_session:
-            if pgconn.pipeline_status != PipelineStatus.OFF:
+        if status != _IDLE or reset_session:
+            if pgconn.pipeline_status != _PIPELINE_OFF:
                 raise psycopg.InterfaceError("returned in pipeline mode")
             last = _run(conn, _SQL[status, reset_session])
-            if status != TransactionStatus.IDLE:
+            if status != _IDLE:
                 outcome = _ROLLED_BACK
-            if status == TransactionStatus.INTRANS and _is_write_check(conn, last):
+            if status == _INTRANS and _is_write_check(conn, last):
                 # the transaction wrote; the check failed, so it is in error now
                 outcome = _ROLLED_BACK_WRITES
-                status = TransactionStatus.INERROR
+                status = _INERROR
                 last = _run(conn, _SQL[status, reset_session])
-            if last.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
+            if last.status not in (_COMMAND_OK, _TUPLES_OK):
                 _raise_for(conn, last)
-            if status == TransactionStatus.INERROR:
+            if status == _INERROR:
                 _forget_prepared(conn)  # as psycopg does when it sees a ROLLBACK
-        if pgconn.transaction_status != TransactionStatus.IDLE:
+        if pgconn.transaction_status != _IDLE:
             raise psycopg.InterfaceError("connection not idle after reset")
         restore_attributes(conn, baseline)
     except Exception as exc:
@@ -158,9 +165,9 @@ def _is_write_check(conn: psycopg.Connection[t.Any], result: pq.abc.PGresult) ->
     """Is *result* the write check's failure? (No other statement of the hand-back
     divides, and only the check runs inside the request's transaction.)"""
     return (
-        result.status == ExecStatus.FATAL_ERROR
+        result.status == _FATAL_ERROR
         and result.error_field(DiagnosticField.SQLSTATE) == b"22012"
-        and conn.pgconn.transaction_status == TransactionStatus.INERROR
+        and conn.pgconn.transaction_status == _INERROR
     )
 
 
@@ -203,7 +210,7 @@ def _raise_for(conn: psycopg.Connection[t.Any], result: pq.abc.PGresult) -> t.No
         raise psycopg.OperationalError(
             f"the connection was lost during the hand-back: {pq.error_message(conn.pgconn)}"
         )
-    if result.status == ExecStatus.FATAL_ERROR:
+    if result.status == _FATAL_ERROR:
         raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
     raise psycopg.InterfaceError(f"unexpected result of the hand-back: {result.status}")
 
@@ -228,7 +235,7 @@ def make_read_only(conn: psycopg.Connection[t.Any] | None) -> None:
     restored. A session-level ``SET`` would outlive the transaction on the
     wrong server connection behind pgbouncer.
     """
-    if conn is None or conn.pgconn.transaction_status != TransactionStatus.IDLE:
+    if conn is None or conn.pgconn.transaction_status != _IDLE:
         return
     if conn.autocommit:
         conn.autocommit = False

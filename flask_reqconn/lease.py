@@ -19,7 +19,7 @@ import typing as t
 from collections.abc import Callable
 
 from .errors import ConnectionReleased
-from .names import DEFAULT_POOL, CancelReason, Stat
+from .names import DEFAULT_POOL, CancelReason, ReleaseReason, Stat
 from .owner import Owner, own, socket_id
 
 if t.TYPE_CHECKING:
@@ -35,29 +35,6 @@ class Unwatchable(t.Protocol):
     def discard(self) -> None: ...
 
 
-class ReleaseReason(str, enum.Enum):
-    """Who gave a connection back. Used in :meth:`ReqConn.stats` and logs."""
-
-    #: ``teardown_request`` after the view (the normal path).
-    TEARDOWN = "teardown"
-    #: ``close()`` of a fully sent streamed response.
-    CLOSE = "close"
-    #: a client-disconnect error, or a stream closed before it was fully sent.
-    ABORT = "abort"
-    #: an exception left the app or the stream while the lease was still held
-    #: (teardown did not run or did not release: another teardown function
-    #: raised, an error in a ``before_request`` of an outer layer, an error
-    #: raised while the body was produced).
-    EXCEPTION = "exception"
-    #: the client was gone right after the pool wait; the request ended (499).
-    CLIENT_GONE = "client_gone"
-    #: nobody closed the response; a finalizer returned the connection.
-    FINALIZER = "finalizer"
-
-    def __str__(self) -> str:
-        return self.value
-
-
 class LeaseState(str, enum.Enum):
     """Where a lease is in its life."""
 
@@ -67,8 +44,12 @@ class LeaseState(str, enum.Enum):
     RELEASED = "released"
 
 
+#: The states, read once: on Python 3.11 reading an enum member through its class
+#: costs about as much as a function call, and a request reads them ten times.
+_WAITING, _ACTIVE = LeaseState.WAITING, LeaseState.ACTIVE
+_RELEASING, _RELEASED = LeaseState.RELEASING, LeaseState.RELEASED
 #: The states in which :meth:`Lease.sever` may shut the connection's socket down.
-_SEVERABLE = frozenset((LeaseState.ACTIVE, LeaseState.RELEASING))
+_SEVERABLE = frozenset((_ACTIVE, _RELEASING))
 
 #: Set by :func:`flask_reqconn.testing.enable_strict`: wraps the connection get_conn()
 #: hands to the app. None (the default) costs one global read per checkout.
@@ -152,14 +133,15 @@ class Lease:
         self.cancel_uncertain = False
         #: the watcher shut the connection's socket down (:meth:`sever`)
         self.severed = False
-        #: (fd, inode) of the connection's socket, recorded by the request
-        #: thread at checkout when :meth:`sever` may be needed
-        self._sock: tuple[int, int] | None = None
+        #: [(fd, inode)] of the connection's socket, recorded by the request thread at
+        #: checkout when :meth:`sever` may be needed: a one-item list, and whoever
+        #: pops the item first, :meth:`sever` or :meth:`seal`, decides
+        self._sock: list[tuple[int, int]] | None = None
         #: the watcher's registration of the request's client, if any
         self.watch: Unwatchable | None = None
         #: get_conn() gave the connection to the app; False: no statement can have run
         self.handed_out = False
-        self._state = LeaseState.WAITING
+        self._state = _WAITING
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -175,7 +157,7 @@ class Lease:
     @property
     def active(self) -> bool:
         """True while the connection is checked out and usable by the request."""
-        return self._state is LeaseState.ACTIVE
+        return self._state is _ACTIVE
 
     @property
     def held_for(self) -> float:
@@ -204,8 +186,10 @@ class Lease:
         now = self.checked_out_at = time.monotonic()
         self.wait_time = max(0.0, now - self.requested_at)
         if self._holder.max_hold is not None:
-            self._sock = socket_id(conn)  # for sever(): the watcher must not call libpq
-        self._state = LeaseState.ACTIVE
+            # for sever(): the watcher must not call libpq (recorded at connect)
+            sock = getattr(conn, "sock_id", None) or socket_id(conn)
+            self._sock = [sock] if sock is not None else None
+        self._state = _ACTIVE
 
     def hand_out(self) -> psycopg.Connection[t.Any]:
         """What ``get_conn()`` gives the app; from now on a statement may have run.
@@ -213,7 +197,7 @@ class Lease:
         :raises ConnectionReleased: the lease no longer holds its connection.
         """
         handle = self.handle
-        if handle is None or self._state is not LeaseState.ACTIVE:
+        if handle is None or self._state is not _ACTIVE:
             raise ConnectionReleased(
                 f"the connection of pool {self.pool_name!r} for this request was already"
                 f" given back (released by {self.released_by}); it cannot be used after that"
@@ -234,7 +218,7 @@ class Lease:
         meanwhile is never registered, and its release drops the registration."""
         with self._lock:
             self.watch = None
-            if self._state is LeaseState.ACTIVE and self.cancelled is None:
+            if self._state is _ACTIVE and self.cancelled is None:
                 self.watch = register(self)
 
     def wait_for_client(self, pending: Unwatchable) -> None:
@@ -251,11 +235,11 @@ class Lease:
         :returns: True if this call released the connection.
         """
         with self._lock:
-            if self._state is not LeaseState.ACTIVE:
+            if self._state is not _ACTIVE:
                 return False
             self.released_by = reason
             self.released_at = time.monotonic()
-            self._state = LeaseState.RELEASING
+            self._state = _RELEASING
             own(self.conn, self)  # from now on, no code of the request may use it
         watch = self.watch
         if watch is not None:
@@ -264,7 +248,7 @@ class Lease:
         try:
             self._holder.give_back(self, reason)
         finally:
-            self._state = LeaseState.RELEASED
+            self._state = _RELEASED
         return True
 
     def count(self, stat: Stat) -> None:
@@ -283,7 +267,7 @@ class Lease:
         :returns: True if a cancel was sent by this call.
         """
         with self._lock:
-            if self._state is not LeaseState.ACTIVE or self.cancelled is not None:
+            if self._state is not _ACTIVE or self.cancelled is not None:
                 return False
             self.cancelled = reason
             conn = self.conn
@@ -321,9 +305,12 @@ class Lease:
         with self._lock:
             if self._sock is None or self.severed or self._state not in _SEVERABLE:
                 return False
+            try:
+                fd, inode = self._sock.pop()
+            except IndexError:  # sealed: the connection is going back to the pool
+                return False
             if reason is not None and self.cancelled is None:
                 self.cancelled = reason
-            fd, inode = self._sock
             try:
                 dup = os.dup(fd)
             except OSError:
@@ -350,17 +337,25 @@ class Lease:
         """Forbid :meth:`sever` from now on: the connection is about to be returned.
 
         Called by the hand-back, on the request's thread, before the connection
-        goes back to the pool, where another request may take it.
+        goes back to the pool, where another request may take it. No lock on the
+        common path: taking the recorded socket out of its list is one step, and
+        if :meth:`sever` took it first, this waits under the lock until the sever
+        is done.
 
-        :returns: True if the socket was already shut down (discard the connection).
+        :returns: True if the socket was (or is being) shut down: discard the connection.
         """
-        if self._sock is None:
-            # never recorded (no REQCONN_MAX_HOLD) or sealed: sever() cannot run, so
-            # ``severed`` cannot change any more; no lock needed
+        sock = self._sock
+        if sock is None:
+            # never recorded (no REQCONN_MAX_HOLD): sever() cannot run, so
+            # ``severed`` cannot change any more
             return self.severed
-        with self._lock:
-            self._sock = None
-            return self.severed
+        try:
+            sock.pop()
+        except IndexError:
+            with self._lock:  # sever() took it: let it finish
+                return True
+        self._sock = None  # sealed for good: a second call changes nothing
+        return False
 
     def refusal(self) -> str:
         """Why code may not use the connection this lease gave back (as its owner)."""
@@ -429,7 +424,7 @@ class RequestLeases:
 
     def has_active(self) -> bool:
         for lease in self.leases.values():
-            if lease._state is LeaseState.ACTIVE:
+            if lease._state is _ACTIVE:
                 return True
         return False
 
@@ -439,5 +434,5 @@ class RequestLeases:
         context). Never raises."""
         self.ended = True
         for lease in tuple(self.leases.values()):
-            if lease._state is LeaseState.ACTIVE:
+            if lease._state is _ACTIVE:
                 lease.release(reason)

@@ -49,6 +49,9 @@ RECONNECT_JITTER = 0.2
 _IDLE_MESSAGES = frozenset(b"ANS")
 _PEEK = 65536
 _GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT})
+#: Read once: on Python 3.11 reading an enum member through its class costs about as
+#: much as a function call, and every putconn() reads it.
+_UNKNOWN = TransactionStatus.UNKNOWN
 
 
 def server_gone(conn: psycopg.Connection[t.Any]) -> bool:
@@ -139,7 +142,7 @@ class RequestPool(ConnectionPool[t.Any]):
         added), minus the log line, plus one thing: the connection forgets its
         pool, so a second ``putconn()`` of it raises instead of growing the pool.
         """
-        if conn.pgconn.transaction_status != TransactionStatus.UNKNOWN:
+        if conn.pgconn.transaction_status != _UNKNOWN:
             super().putconn(conn)
             return
         self._check_pool_putconn(conn)

@@ -1,4 +1,5 @@
-"""Names declared once: the default pool, the counter keys, the reasons for a cancel.
+"""Names declared once: the default pool, the counter keys, why a query was cancelled
+and who released a connection.
 
 Everything else (the counters, the per-app sum, the Prometheus metrics, the
 docs' stats tables) iterates over these.
@@ -71,6 +72,29 @@ class CancelReason(str, enum.Enum):
     CLIENT_GONE = "client_gone"
     #: the lease was held longer than ``REQCONN_MAX_HOLD`` (answered 503)
     MAX_HOLD = "max_hold"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ReleaseReason(str, enum.Enum):
+    """Who gave a connection back. Used in :meth:`ReqConn.stats` and logs."""
+
+    #: ``teardown_request`` after the view (the normal path).
+    TEARDOWN = "teardown"
+    #: ``close()`` of a fully sent streamed response.
+    CLOSE = "close"
+    #: a client-disconnect error, or a stream closed before it was fully sent.
+    ABORT = "abort"
+    #: an exception left the app or the stream while the lease was still held
+    #: (teardown did not run or did not release: another teardown function
+    #: raised, an error in a ``before_request`` of an outer layer, an error
+    #: raised while the body was produced).
+    EXCEPTION = "exception"
+    #: the client was gone right after the pool wait; the request ended (499).
+    CLIENT_GONE = "client_gone"
+    #: nobody closed the response; a finalizer returned the connection.
+    FINALIZER = "finalizer"
 
     def __str__(self) -> str:
         return self.value

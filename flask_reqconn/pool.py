@@ -26,10 +26,10 @@ from . import holds, sizing
 from .config import AppSettings, PoolSettings
 from .exhaustion import Exhaustion, ReportLimit
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
-from .lease import Lease, ReleaseReason
+from .lease import Lease
 from .liveness import RequestPool, server_gone
-from .names import CancelReason, Stat
-from .owner import Block, LeasedConnection, Owner, own
+from .names import CancelReason, ReleaseReason, Stat
+from .owner import Block, LeasedConnection, Owner, own, socket_id
 from .stats import Listener, PoolCounters
 from .watcher import get_watcher
 
@@ -37,6 +37,9 @@ logger = logging.getLogger("flask_reqconn.pool")
 
 #: Pools inherited across a fork: referenced forever, never closed, never used.
 _INHERITED_POOLS: list[ConnectionPool[t.Any]] = []
+#: Read once: on Python 3.11 reading an enum member through its class costs about as
+#: much as a function call.
+_MAX_HOLD, _IDLE = CancelReason.MAX_HOLD, TransactionStatus.IDLE
 #: The attribute of a pooled connection holding when it last went back to the pool.
 _IDLE_SINCE = "_reqconn_idle_since"
 
@@ -150,6 +153,7 @@ class PoolHolder:
     def _configure(self, conn: psycopg.Connection[t.Any]) -> None:
         if self.limits_checked_in != os.getpid():
             sizing.check_server_once(self, conn)
+        socket_id(conn)  # recorded now, for REQCONN_MAX_HOLD (Lease.sever)
         if self.settings.validate_idle is not None:
             setattr(conn, _IDLE_SINCE, time.monotonic())  # noqa: B010
         if self.settings.autocommit:
@@ -262,7 +266,7 @@ class PoolHolder:
         conn = lease.conn
         try:
             if conn is not None and (
-                lease.cancelled is CancelReason.MAX_HOLD
+                lease.cancelled is _MAX_HOLD
                 or lease.cancel_uncertain
                 or lease.severed
                 or conn.closed
@@ -276,7 +280,7 @@ class PoolHolder:
             elif (
                 conn is not None
                 and not lease.handed_out
-                and conn.pgconn.transaction_status == TransactionStatus.IDLE
+                and conn.pgconn.transaction_status == _IDLE
             ):
                 # get_conn() never gave it out (an eager checkout the view did not
                 # use): no statement ran, so no round trip; only the client-side

@@ -10,13 +10,14 @@ one pool's entry and of the top level are :data:`POOL_KEYS` and
 from __future__ import annotations
 
 import bisect
+import collections
 import os
 import threading
 import typing as t
 from collections.abc import Iterable, Mapping
 
-from .lease import Lease, LeaseState, ReleaseReason
-from .names import Stat
+from .lease import Lease, LeaseState
+from .names import ReleaseReason, Stat
 
 #: Upper bounds (seconds) of the wait and hold time histograms; the last
 #: bucket (``+Inf``) is implied.
@@ -92,16 +93,18 @@ class Histogram:
         return {"count": self.count, "sum": round(self.total, 6), "buckets": cumulative}
 
 
-#: Waits and holds recorded before they are counted into their histograms (or
-#: sooner, when ``stats()`` reads them).
+#: Checkouts and releases recorded before they are folded into the counts (or sooner,
+#: when ``stats()`` reads them).
 _FOLD_EVERY = 256
 
 
 class PoolCounters:
     """Thread-safe counters of one pool in one process.
 
-    The wait and hold times of each checkout are recorded as they come and counted
-    into their histograms in batches (:data:`_FOLD_EVERY`) or when read.
+    A checkout and a release take no lock: each appends its wait or hold time to a
+    deque (one step, safe from any thread), and whoever reads the counters (or finds
+    :data:`_FOLD_EVERY` waiting) folds them into the counts and histograms, under the
+    lock. The rarer events (:meth:`add`) are counted under the lock at once.
     """
 
     def __init__(self, pool: str, listeners: list[Listener] | None = None) -> None:
@@ -113,34 +116,52 @@ class PoolCounters:
         self.counts: dict[Stat, int] = {stat: 0 for stat in Stat}
         self.wait_time = Histogram()
         self.hold_time = Histogram()
-        self._waits: list[float] = []
-        self._holds: list[float] = []
+        #: checkouts (their wait) and releases (their reason and hold) not folded yet
+        self._checkouts: collections.deque[float] = collections.deque()
+        self._releases: collections.deque[tuple[ReleaseReason, float]] = collections.deque()
         #: the leases held now, by id
         self._held: dict[int, Lease] = {}
 
     def checked_out(self, lease: Lease) -> None:
         wait = lease.wait_time
-        with self._lock:
-            self.checkouts += 1
-            self._held[id(lease)] = lease
-            waits = self._waits
-            waits.append(wait)
-            if len(waits) >= _FOLD_EVERY:
-                self.wait_time.observe(waits)
+        self._held[id(lease)] = lease
+        checkouts = self._checkouts
+        checkouts.append(wait)
+        if len(checkouts) >= _FOLD_EVERY:
+            self.fold()
         for listener in self.listeners:
             listener.checked_out(self.pool, wait)
 
     def released(self, lease: Lease, reason: ReleaseReason) -> None:
         held = lease.held_for
-        with self._lock:
-            self.releases[reason] += 1
-            self._held.pop(id(lease), None)
-            holds = self._holds
-            holds.append(held)
-            if len(holds) >= _FOLD_EVERY:
-                self.hold_time.observe(holds)
+        self._held.pop(id(lease), None)
+        releases = self._releases
+        releases.append((reason, held))
+        if len(releases) >= _FOLD_EVERY:
+            self.fold()
         for listener in self.listeners:
             listener.released(self.pool, reason, held)
+
+    def fold(self) -> None:
+        """Count the checkouts and releases recorded so far.
+
+        Releases first: one whose checkout is recorded meanwhile is counted with it
+        next time, so ``checked_out`` is never seen below the true number.
+        """
+        with self._lock:
+            releases, counted = self._releases, self.releases
+            holds: list[float] = []
+            while releases:
+                reason, held = releases.popleft()
+                counted[reason] += 1
+                holds.append(held)
+            self.hold_time.observe(holds)
+            checkouts = self._checkouts
+            waits: list[float] = []
+            while checkouts:
+                waits.append(checkouts.popleft())
+            self.checkouts += len(waits)
+            self.wait_time.observe(waits)
 
     def add(self, stat: Stat, amount: int = 1) -> None:
         """Count *amount* more of *stat*, and tell the listeners."""
@@ -167,6 +188,7 @@ class PoolCounters:
 
     def snapshot(self) -> dict[str, t.Any]:
         held = sorted(self.active_leases(), key=lambda lease: lease.checked_out_at)
+        self.fold()
         with self._lock:
             data: dict[str, t.Any] = {
                 "checked_out": self.checkouts - sum(self.releases.values()),
@@ -174,8 +196,6 @@ class PoolCounters:
                 "releases": {reason.value: n for reason, n in self.releases.items()},
             }
             data.update((stat.value, n) for stat, n in self.counts.items())
-            self.wait_time.observe(self._waits)
-            self.hold_time.observe(self._holds)
             data["wait_time"] = self.wait_time.snapshot()
             data["hold_time"] = self.hold_time.snapshot()
         data["holders"] = [lease.describe() for lease in held]

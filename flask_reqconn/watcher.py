@@ -103,7 +103,7 @@ class PendingWatch:
         probe: ClientProbe,
         eof_means_gone: bool,
     ) -> None:
-        self.due = time.monotonic() + WATCH_DELAY
+        self.due = lease.checked_out_at + WATCH_DELAY
         self.lease = lease
         self.probe = probe
         self.eof_means_gone = eof_means_gone

@@ -41,8 +41,7 @@ import typing as t
 
 from flask import Blueprint, Flask, Response
 
-from ..lease import ReleaseReason
-from ..names import Stat
+from ..names import ReleaseReason, Stat
 from ..state import state_of
 from ..stats import BUCKETS
 

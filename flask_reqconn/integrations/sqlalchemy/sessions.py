@@ -43,8 +43,7 @@ if t.TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import SessionTransaction
 
-    from ...lease import ReleaseReason
-    from ...names import Stat
+    from ...names import ReleaseReason, Stat
     from ...state import AppState
 
 __all__ = ["install", "sweep", "watch"]
