@@ -177,8 +177,8 @@ class LeaseGuard:
         req = environ.get(self._key)
         if req is None:
             return app_iter
-        if not req.streamed and not req.has_active():
-            return app_iter
+        if req.ended or (not req.streamed and not req.has_active()):
+            return app_iter  # released by teardown (or nothing left to release)
         return GuardedIterable(app_iter, req, state, environ.get(HELD_START))
 
     def _start_response(
