@@ -344,7 +344,10 @@ class _HoldWatcher(threading.Thread):
     """
 
     def __init__(self) -> None:
+        from flask_reqconn.owner import socket_id
+
         super().__init__(name="bench-floor-watcher", daemon=True)
+        self.socket_id = socket_id
         self.queue: collections.deque[list[Any]] = collections.deque()
         self.lock = threading.Lock()
         self.start()
@@ -371,11 +374,9 @@ class _HoldWatcher(threading.Thread):
                     _shut_down(*entry[1])
 
     def add(self, conn: Any, at: float) -> list[Any]:
-        from flask_reqconn.owner import socket_id
-
         sid = getattr(conn, "sock_id", None)  # asked once per connection
         if sid is None:
-            sid = conn.sock_id = socket_id(conn)
+            sid = conn.sock_id = self.socket_id(conn)
         entry = [at, sid, conn]
         self.queue.append(entry)
         return entry
