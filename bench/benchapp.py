@@ -40,6 +40,7 @@ Endpoints, identical in every variant that has them:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import errno
 import os
@@ -92,6 +93,11 @@ FLOOR_GUARANTEES: dict[str, str] = {
     " the connection queued for a watcher thread (a deque append)",
     "lease": "a lease object per request: a threading.Lock (exactly-once release) and a"
     " finalizer (__del__)",
+    # cuts proposed, priced against what they replace
+    "livepoll": "live, cut: the connection's status read once, a poll object per thread for"
+    " its socket, server_gone() only when something arrived",
+    "histlazy": "hist, cut: the raw durations appended to a list, sorted into the buckets"
+    " every 64 (or when stats() asks)",
 }
 #: ``floor-all``: every guarantee at once, the cheaper client check of the two.
 FLOOR_ALL = ("guard", "checkpoll", "owner", "live", "hist", "hold", "lease")
@@ -270,24 +276,48 @@ FLOOR_MAX_HOLD = 120.0
 _POLL_MASK = select.POLLIN | select.POLLERR | select.POLLHUP
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.EBADF})
+_CONN_OK = 0  # libpq's CONNECTION_OK (psycopg.pq.ConnStatus.OK)
+_FOLD_EVERY = 64
 
 
 class _FloorState:
     """What the floor's hooks share (``init_app``'s per-app state)."""
 
-    __slots__ = ("pool", "checkouts", "releases", "wait_time", "hold_time", "orphans", "watcher")
+    __slots__ = (
+        "pool", "checkouts", "releases", "wait_time", "hold_time", "waits", "holds", "buckets",
+        "orphans", "watcher",
+    )  # fmt: skip
 
     def __init__(self, pool: Any) -> None:
-        from flask_reqconn.stats import Histogram
+        from flask_reqconn.stats import BUCKETS, Histogram
 
         self.pool = pool
         self.checkouts = 0
         self.releases = 0
         self.wait_time = Histogram()
         self.hold_time = Histogram()
+        #: ``histlazy``: durations not yet in :attr:`wait_time` and :attr:`hold_time`
+        self.waits: list[float] = []
+        self.buckets = BUCKETS
+        self.holds: list[float] = []
         #: ``lease``: connections whose lease was dropped while held (its finalizer's)
         self.orphans: collections.deque[Any] = collections.deque()
         self.watcher: _HoldWatcher | None = None
+
+    def fold(self) -> None:
+        """``histlazy``: sort the durations kept so far into the histograms."""
+        for values, histogram in ((self.waits, self.wait_time), (self.holds, self.hold_time)):
+            taken = sorted(values)
+            del values[: len(taken)]  # appended since: at the end, kept
+            histogram.count += len(taken)
+            histogram.total += sum(taken)
+            counts = histogram._counts
+            below = 0
+            for i, bound in enumerate(self.buckets):
+                upto = bisect.bisect_right(taken, bound, below)  # <= bound: Histogram's bucket
+                counts[i] += upto - below
+                below = upto
+            counts[-1] += len(taken) - below
 
 
 class _FloorOwner:
@@ -412,6 +442,24 @@ class _ThreadPoll(threading.local):
         self.fd = -1
 
 
+def _server_gone_polled(conn: Any, local: _ThreadPoll, server_gone: Any) -> bool:
+    """``livepoll``: ``flask_reqconn.liveness.server_gone`` with the thread's poll object,
+    asked only when the connection's socket has something to read."""
+    pgconn = conn.pgconn
+    if pgconn.status != _CONN_OK:
+        return True  # closed or broken
+    fd = pgconn.socket
+    poll = local.poll
+    if fd != local.fd:
+        if local.fd >= 0:
+            poll.unregister(local.fd)
+        poll.register(fd, _POLL_MASK)
+        local.fd = fd
+    if not poll.poll(0):
+        return False
+    return bool(server_gone(conn))
+
+
 def _client_gone_polled(sock: socket.socket, local: _ThreadPoll) -> bool:
     """``flask_reqconn.probes.peek.socket_gone`` with the thread's poll object."""
     try:
@@ -510,7 +558,9 @@ def _floor(
     checkpoll = "checkpoll" in guarantees
     owner = "owner" in guarantees
     live = "live" in guarantees
-    hist = "hist" in guarantees
+    livepoll = "livepoll" in guarantees
+    lazy = "histlazy" in guarantees
+    hist = "hist" in guarantees or lazy
     count = "count" in guarantees or hist
     hold = "hold" in guarantees
     lease = "lease" in guarantees
@@ -525,6 +575,7 @@ def _floor(
     failed_sql = sql[inerror]
     monotonic = time.monotonic
     thread_poll = _ThreadPoll()
+    pg_poll = _ThreadPoll()
 
     pool: ConnectionPool[Any] = ConnectionPool(
         dsn,
@@ -566,10 +617,17 @@ def _floor(
         conn = state.pool.getconn()
         if live and server_gone(conn):
             conn = fresh(state, conn)
+        if livepoll and _server_gone_polled(conn, pg_poll, server_gone):
+            conn = fresh(state, conn)
         if hist or hold:
             now = monotonic()
             conn.bench_at = now
-        if hist:
+        if lazy:
+            waits = state.waits
+            waits.append(now - requested)
+            if len(waits) >= _FOLD_EVERY:
+                state.fold()
+        elif hist:
             state.wait_time.observe(now - requested)
         if count:
             state.checkouts += 1
@@ -617,7 +675,9 @@ def _floor(
                 with conn.lock:
                     pgconn.exec_(failed_sql)
                 conn._prepared.clear()  # as psycopg does when it sees a ROLLBACK
-        if hist:
+        if lazy:
+            state.holds.append(monotonic() - conn.bench_at)
+        elif hist:
             state.hold_time.observe(monotonic() - conn.bench_at)
         state.pool.putconn(conn)
         if count:
