@@ -98,6 +98,9 @@ FLOOR_GUARANTEES: dict[str, str] = {
     " its socket, server_gone() only when something arrived",
     "histlazy": "hist, cut: the raw durations appended to a list, sorted into the buckets"
     " every 64 (or when stats() asks)",
+    "checklive": "check and live, cut: one poll call for the client's socket and the"
+    " connection's, after getconn(); the client checked before it only if no connection"
+    " is idle (a wait may come)",
 }
 #: ``floor-all``: every guarantee at once, the cheaper client check of the two.
 FLOOR_ALL = ("guard", "checkpoll", "owner", "live", "hist", "hold", "lease")
@@ -460,6 +463,27 @@ def _server_gone_polled(conn: Any, local: _ThreadPoll, server_gone: Any) -> bool
     return bool(server_gone(conn))
 
 
+def _both_polled(sock: Any, conn: Any, socket_gone: Any, server_gone: Any) -> int:
+    """``checklive``: one ``poll()`` for the client's socket and the pooled connection's.
+
+    :returns: 0 when neither has anything to read (the usual case), else 1 for a client
+        seen gone, 2 for a connection whose server is gone (both: 3), as
+        ``socket_gone`` and ``server_gone`` tell.
+    """
+    pgconn = conn.pgconn
+    if pgconn.status != _CONN_OK:
+        return 2
+    fd = pgconn.socket
+    poll = select.poll()
+    poll.register(fd, _POLL_MASK)
+    client = sock.fileno() if sock is not None else -1
+    if client >= 0:
+        poll.register(client, _POLL_MASK)
+    if not poll.poll(0):
+        return 0
+    return (1 if client >= 0 and socket_gone(sock) else 0) | (2 if server_gone(conn) else 0)
+
+
 def _client_gone_polled(sock: socket.socket, local: _ThreadPoll) -> bool:
     """``flask_reqconn.probes.peek.socket_gone`` with the thread's poll object."""
     try:
@@ -560,6 +584,7 @@ def _floor(
     live = "live" in guarantees
     livepoll = "livepoll" in guarantees
     lazy = "histlazy" in guarantees
+    checklive = "checklive" in guarantees
     hist = "hist" in guarantees or lazy
     count = "count" in guarantees or hist
     hold = "hold" in guarantees
@@ -612,9 +637,20 @@ def _floor(
         if lease and state.orphans:
             while state.orphans:
                 release_conn(state, state.orphans.popleft())
+        if checklive:
+            sock = rq.environ.get("gunicorn.socket")
+            if type(sock) is not socket.socket:
+                sock = None
+            elif not state.pool._pool and socket_gone(sock):  # none idle: a wait may come
+                raise ClientGone()
         if hist:
             requested = monotonic()
         conn = state.pool.getconn()
+        if checklive and (gone := _both_polled(sock, conn, socket_gone, server_gone)):
+            if gone & 1:
+                state.pool.putconn(conn)  # no statement ran on it
+                raise ClientGone()
+            conn = fresh(state, conn)
         if live and server_gone(conn):
             conn = fresh(state, conn)
         if livepoll and _server_gone_polled(conn, pg_poll, server_gone):
