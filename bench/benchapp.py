@@ -10,6 +10,11 @@ variant and the database come from the environment:
     (:data:`FEATURE_SWITCHES`), e.g. ``eager-noreset`` or ``eager-nocheck-nocancel``.
     ``plainshape`` and ``bareshape`` are ``plain`` and ``bare`` with the design's empty
     shape added (:func:`_shape`): the floor of any extension built that way.
+    ``floor`` is that shape with a connection in it (:func:`_floor`): checked out in
+    ``before_request``, handed back with the library's hand-back SQL in
+    ``teardown_request``, nothing else. Its suffixes add one guarantee back each, in
+    its least form (:data:`FLOOR_GUARANTEES`, combinable: ``floor-guard-owner``;
+    ``floor-all`` is :data:`FLOOR_ALL`), to price each one.
 ``BENCH_DSN``
     libpq conninfo of the PostgreSQL to use (seeded by ``run.py``).
 ``BENCH_POOL_SIZE``
@@ -35,8 +40,15 @@ Endpoints, identical in every variant that has them:
 
 from __future__ import annotations
 
+import bisect
+import collections
+import errno
 import os
 import random
+import select
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,7 +60,9 @@ READ_SQL = "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = %s"
 READ_SQL_SQLA = "SELECT id, sku, name, price_cents FROM bench_items WHERE sku = :sku"
 APPLICATION_NAME_PREFIX = "bench_"
 
-VARIANTS = ("bare", "eager", "lazy", "fsqla", "plain", "fsqlarc", "plainshape", "bareshape")
+VARIANTS = (
+    "bare", "eager", "lazy", "fsqla", "plain", "fsqlarc", "plainshape", "bareshape", "floor"
+)  # fmt: skip
 #: Suffixes for ``eager`` and ``lazy`` that switch one feature off each, combinable
 #: (``eager-noreset-nocheck``): what each safety feature costs.
 FEATURE_SWITCHES: dict[str, dict[str, Any]] = {
@@ -60,9 +74,50 @@ FEATURE_SWITCHES: dict[str, dict[str, Any]] = {
 }
 
 
+#: Suffixes for ``floor``, combinable (``floor-guard-owner``): each adds one guarantee
+#: of the design back to the floor, in its least form (see :func:`_floor`).
+FLOOR_GUARANTEES: dict[str, str] = {
+    "guard": "WSGI wrapper: release when an exception leaves the app, or at the close()"
+    " of a streamed response",
+    "check": "client check before the pool wait: a new poll object, then MSG_PEEK"
+    " (flask_reqconn.probes.peek.socket_gone)",
+    "checkpoll": "the same check with one poll object per thread, kept between requests",
+    "owner": "LeasedConnection: the owner context variable set per request, own() at"
+    " checkout and release",
+    "live": "liveness check of the pooled connection's socket (flask_reqconn.liveness.server_gone)",
+    "count": "counters: checkouts and releases, plain integers",
+    "hist": "counters and the wait and hold time histograms (Histogram.observe)",
+    "noreset": "hand-back without the session reset: the write check and ROLLBACK",
+    "rollback": "hand-back: ROLLBACK alone (no write check, no reset)",
+    "hold": "REQCONN_MAX_HOLD: the socket's identity (flask_reqconn.owner.socket_id) and"
+    " the connection queued for a watcher thread (a deque append)",
+    "lease": "a lease object per request: a threading.Lock (exactly-once release) and a"
+    " finalizer (__del__)",
+    # cuts proposed, priced against what they replace
+    "livepoll": "live, cut: the connection's status read once, a poll object per thread for"
+    " its socket, server_gone() only when something arrived",
+    "histlazy": "hist, cut: the raw durations appended to a list, sorted into the buckets"
+    " every 64 (or when stats() asks)",
+    "checklive": "check and live, cut: one poll call for the client's socket and the"
+    " connection's, after getconn(); the client checked before it only if no connection"
+    " is idle (a wait may come)",
+}
+#: ``floor-all``: every guarantee at once, the cheaper client check of the two.
+FLOOR_ALL = ("guard", "checkpoll", "owner", "live", "hist", "hold", "lease")
+
+
 def parse_variant(variant: str) -> tuple[str, dict[str, Any]]:
-    """``"eager-noreset-nocheck"`` -> ``("eager", {REQCONN_* overrides})``."""
+    """``"eager-noreset-nocheck"`` -> ``("eager", {REQCONN_* overrides})``;
+    ``"floor-guard-owner"`` -> ``("floor", {"floor": frozenset({"guard", "owner"})})``."""
     base, *switches = variant.split("-")
+    if base == "floor":
+        names = [n for s in switches for n in (FLOOR_ALL if s == "all" else (s,))]
+        if unknown := [n for n in names if n not in FLOOR_GUARANTEES]:
+            raise ValueError(
+                f"unknown guarantee {unknown[0]!r} in {variant!r}; known: all,"
+                f" {', '.join(FLOOR_GUARANTEES)}"
+            )
+        return base, {"floor": frozenset(names)}
     if base not in VARIANTS or (switches and base not in ("eager", "lazy")):
         raise ValueError(f"unknown BENCH_VARIANT {variant!r}; choose from {', '.join(VARIANTS)}")
     config: dict[str, Any] = {}
@@ -112,6 +167,8 @@ def create_app(variant: str | None = None, **reqconn_config: Any) -> Flask:
 
     if base in ("bare", "bareshape"):
         _bare(app, dsn, appname, pool_size, random_sku)
+    elif base == "floor":
+        _floor(app, dsn, appname, pool_size, random_sku, switches["floor"])
     elif base in ("fsqla", "fsqlarc"):
         _fsqla(app, dsn, appname, pool_size, random_sku, reqconn=base == "fsqlarc")
     else:
@@ -205,6 +262,490 @@ def _bare(app: Flask, dsn: str, appname: str, pool_size: int, random_sku: Any) -
         with pool.connection() as conn:
             row = conn.execute(UPLOAD_SQL, (size,)).fetchone()
         return str(row[0]) if row else ""
+
+
+# --------------------------------------------------------------------------------------
+# The floor of the design, and each guarantee added back to it (issue 22)
+# --------------------------------------------------------------------------------------
+
+#: Where the floor keeps the request's connection (or its lease): on the request object.
+FLOOR_ATTR = "bench_floor"
+#: ``guard``: the connection (or lease) in the WSGI environ while teardown may release it
+FLOOR_HELD = "bench.floor.held"
+#: ``guard``: a streamed response's connection, released at the body's ``close()``
+FLOOR_STREAM = "bench.floor.stream"
+#: ``hold``: seconds a connection may be held before the watcher shuts its socket down
+FLOOR_MAX_HOLD = 120.0
+_POLL_MASK = select.POLLIN | select.POLLERR | select.POLLHUP
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.EBADF})
+_CONN_OK = 0  # libpq's CONNECTION_OK (psycopg.pq.ConnStatus.OK)
+_FOLD_EVERY = 64
+
+
+class _FloorState:
+    """What the floor's hooks share (``init_app``'s per-app state)."""
+
+    __slots__ = (
+        "pool", "checkouts", "releases", "wait_time", "hold_time", "waits", "holds", "buckets",
+        "orphans", "watcher",
+    )  # fmt: skip
+
+    def __init__(self, pool: Any) -> None:
+        from flask_reqconn.stats import BUCKETS, Histogram
+
+        self.pool = pool
+        self.checkouts = 0
+        self.releases = 0
+        self.wait_time = Histogram()
+        self.hold_time = Histogram()
+        #: ``histlazy``: durations not yet in :attr:`wait_time` and :attr:`hold_time`
+        self.waits: list[float] = []
+        self.buckets = BUCKETS
+        self.holds: list[float] = []
+        #: ``lease``: connections whose lease was dropped while held (its finalizer's)
+        self.orphans: collections.deque[Any] = collections.deque()
+        self.watcher: _HoldWatcher | None = None
+
+    def fold(self) -> None:
+        """``histlazy``: sort the durations kept so far into the histograms."""
+        for values, histogram in ((self.waits, self.wait_time), (self.holds, self.hold_time)):
+            taken = sorted(values)
+            del values[: len(taken)]  # appended since: at the end, kept
+            histogram.count += len(taken)
+            histogram.total += sum(taken)
+            counts = histogram._counts
+            below = 0
+            for i, bound in enumerate(self.buckets):
+                upto = bisect.bisect_right(taken, bound, below)  # <= bound: Histogram's bucket
+                counts[i] += upto - below
+                below = upto
+            counts[-1] += len(taken) - below
+
+
+class _FloorOwner:
+    """``owner``: the request that holds a connection; no one else may use it."""
+
+    __slots__ = ()
+
+    def refusal(self) -> str:
+        return "this connection belongs to another request"
+
+
+class _HandedBack:
+    """``owner``: a connection given back; nobody may use it until its next checkout."""
+
+    __slots__ = ()
+
+    def refusal(self) -> str:
+        return "this connection was handed back and may be serving another request"
+
+
+_HANDED_BACK = _HandedBack()
+
+
+class _FloorLease:
+    """``lease``: a request's hold on its connection, taken back exactly once (under its
+    lock, which a watcher would take to act on it), and returned at the next checkout by
+    its finalizer if it is dropped while held."""
+
+    __slots__ = ("conn", "lock", "orphans")
+
+    def __init__(self, conn: Any, orphans: collections.deque[Any]) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.orphans = orphans
+
+    def take(self) -> Any:
+        with self.lock:
+            conn = self.conn
+            self.conn = None
+        return conn
+
+    def __del__(self) -> None:
+        if self.conn is not None:
+            self.orphans.append(self.conn)
+
+
+class _HoldWatcher(threading.Thread):
+    """``hold``: every second, shut down the socket of any connection held longer than
+    :data:`FLOOR_MAX_HOLD` (the request then fails, and its connection is discarded).
+
+    The request thread appends ``[checked out at, socket id, connection]`` at checkout
+    and, at release, clears the entry under :attr:`lock` and takes it off the queue if
+    it is the newest (as ``flask_reqconn.watcher.PendingWatch`` does).
+    """
+
+    def __init__(self) -> None:
+        from flask_reqconn.owner import socket_id
+
+        super().__init__(name="bench-floor-watcher", daemon=True)
+        self.socket_id = socket_id
+        self.queue: collections.deque[list[Any]] = collections.deque()
+        self.lock = threading.Lock()
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            time.sleep(1.0)
+            self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        queue = self.queue
+        while True:
+            try:
+                entry = queue.popleft()
+            except IndexError:
+                return
+            if entry[2] is None:
+                continue  # released
+            if now - entry[0] < FLOOR_MAX_HOLD:
+                queue.appendleft(entry)  # the oldest held: the rest are younger
+                return
+            with self.lock:
+                if entry[2] is not None and entry[1] is not None:
+                    _shut_down(*entry[1])
+
+    def add(self, conn: Any, at: float) -> list[Any]:
+        sid = getattr(conn, "sock_id", None)  # asked once per connection
+        if sid is None:
+            sid = conn.sock_id = self.socket_id(conn)
+        entry = [at, sid, conn]
+        self.queue.append(entry)
+        return entry
+
+    def remove(self, entry: list[Any]) -> None:
+        with self.lock:
+            entry[2] = None
+        queue = self.queue
+        try:
+            last = queue.pop()
+        except IndexError:
+            return
+        if last is not entry:
+            queue.append(last)
+
+
+def _shut_down(fd: int, inode: int) -> None:
+    """Shut a connection's socket down from another thread, if it is still that socket."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return
+    with socket.socket(fileno=dup) as sock:
+        if os.fstat(dup).st_ino == inode:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _ThreadPoll(threading.local):
+    """``checkpoll``: one poll object per thread, registered for the last client socket."""
+
+    def __init__(self) -> None:
+        self.poll = select.poll()
+        self.fd = -1
+
+
+def _server_gone_polled(conn: Any, local: _ThreadPoll, server_gone: Any) -> bool:
+    """``livepoll``: ``flask_reqconn.liveness.server_gone`` with the thread's poll object,
+    asked only when the connection's socket has something to read."""
+    pgconn = conn.pgconn
+    if pgconn.status != _CONN_OK:
+        return True  # closed or broken
+    fd = pgconn.socket
+    poll = local.poll
+    if fd != local.fd:
+        if local.fd >= 0:
+            poll.unregister(local.fd)
+        poll.register(fd, _POLL_MASK)
+        local.fd = fd
+    if not poll.poll(0):
+        return False
+    return bool(server_gone(conn))
+
+
+def _both_polled(sock: Any, conn: Any, socket_gone: Any, server_gone: Any) -> int:
+    """``checklive``: one ``poll()`` for the client's socket and the pooled connection's.
+
+    :returns: 0 when neither has anything to read (the usual case), else 1 for a client
+        seen gone, 2 for a connection whose server is gone (both: 3), as
+        ``socket_gone`` and ``server_gone`` tell.
+    """
+    pgconn = conn.pgconn
+    if pgconn.status != _CONN_OK:
+        return 2
+    fd = pgconn.socket
+    poll = select.poll()
+    poll.register(fd, _POLL_MASK)
+    client = sock.fileno() if sock is not None else -1
+    if client >= 0:
+        poll.register(client, _POLL_MASK)
+    if not poll.poll(0):
+        return 0
+    return (1 if client >= 0 and socket_gone(sock) else 0) | (2 if server_gone(conn) else 0)
+
+
+def _client_gone_polled(sock: socket.socket, local: _ThreadPoll) -> bool:
+    """``flask_reqconn.probes.peek.socket_gone`` with the thread's poll object."""
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return True
+        poll = local.poll
+        if fd != local.fd:
+            if local.fd >= 0:
+                poll.unregister(local.fd)
+            poll.register(fd, _POLL_MASK)
+            local.fd = fd
+        if not poll.poll(0):
+            return False
+        data = sock.recv(1, _PEEK_FLAGS)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        return exc.errno in _GONE_ERRNOS
+    return not data
+
+
+class _FloorGuard:
+    """``guard``: the WSGI wrapper. An exception leaving the app releases what teardown
+    did not; a streamed response's connection is released at its body's ``close()``."""
+
+    def __init__(self, app: Any, release: Any) -> None:
+        self.app = app
+        self.release = release
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        try:
+            body = self.app(environ, start_response)
+        except BaseException:
+            held = environ.pop(FLOOR_HELD, None) or environ.pop(FLOOR_STREAM, None)
+            if held is not None:
+                self.release(held)
+            raise
+        if environ.get(FLOOR_STREAM) is None:
+            return body
+        return _FloorBody(body, environ, self.release)
+
+
+class _FloorBody:
+    """``guard``: a streamed response's body, which releases at ``close()``."""
+
+    __slots__ = ("body", "environ", "release")
+
+    def __init__(self, body: Any, environ: Any, release: Any) -> None:
+        self.body = body
+        self.environ = environ
+        self.release = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            held = self.environ.pop(FLOOR_STREAM, None)
+            if held is not None:
+                self.release(held)
+
+
+def _floor(
+    app: Flask, dsn: str, appname: str, pool_size: int, random_sku: Any, guarantees: frozenset[str]
+) -> None:
+    """The floor of the design, with *guarantees* (:data:`FLOOR_GUARANTEES`) added back.
+
+    The floor is :func:`_shape` with a connection in it and nothing more: the pool of
+    ``bare``; ``before_request`` takes a connection (``getconn()``) and puts it on the
+    request object; the views find it there (:func:`get_conn`, one lookup);
+    ``teardown_request`` sends the library's hand-back SQL for the connection's
+    transaction status with the session reset on (``flask_reqconn.handback._SQL``, one
+    ``PQexec`` under the connection's lock, as ``handback._run`` does; a write check that
+    failed is followed by the rollback of a failed transaction) and ``putconn()``\\ s it.
+    Each guarantee is a branch taken or not; the branches cost a few hundred
+    instructions per request together, below what two counts of the same code differ by.
+    """
+    import functools
+
+    from psycopg.pq import TransactionStatus
+    from psycopg_pool import ConnectionPool
+
+    from flask_reqconn.errors import ClientGone
+    from flask_reqconn.handback import _SQL as HANDBACK_SQL
+    from flask_reqconn.liveness import server_gone
+    from flask_reqconn.owner import LeasedConnection, current_owner, own
+    from flask_reqconn.probes.peek import socket_gone
+
+    guard = "guard" in guarantees
+    check = "check" in guarantees
+    checkpoll = "checkpoll" in guarantees
+    owner = "owner" in guarantees
+    live = "live" in guarantees
+    livepoll = "livepoll" in guarantees
+    lazy = "histlazy" in guarantees
+    checklive = "checklive" in guarantees
+    hist = "hist" in guarantees or lazy
+    count = "count" in guarantees or hist
+    hold = "hold" in guarantees
+    lease = "lease" in guarantees
+    intrans, inerror, idle = (
+        TransactionStatus.INTRANS, TransactionStatus.INERROR, TransactionStatus.IDLE
+    )  # fmt: skip
+    if "rollback" in guarantees:
+        sql = {intrans: b"ROLLBACK", inerror: b"ROLLBACK"}
+    else:
+        reset = "noreset" not in guarantees
+        sql = {status: text for (status, r), text in HANDBACK_SQL.items() if r == reset}
+    failed_sql = sql[inerror]
+    monotonic = time.monotonic
+    thread_poll = _ThreadPoll()
+    pg_poll = _ThreadPoll()
+
+    pool: ConnectionPool[Any] = ConnectionPool(
+        dsn,
+        min_size=pool_size,
+        max_size=pool_size,
+        kwargs={"application_name": appname},
+        name=appname,
+        open=True,
+        **({"connection_class": LeasedConnection} if owner else {}),
+    )
+    app.extensions["bench_pool"] = pool  # closed by micro.close_app
+    state = _FloorState(pool)
+    if hold:
+        state.watcher = _HoldWatcher()
+
+    def fresh(state: _FloorState, conn: Any) -> Any:
+        """``live``: replace *conn*, whose server is gone (at most pool_size times)."""
+        for _ in range(pool_size):
+            conn.close()
+            state.pool.putconn(conn)  # closed: the pool replaces it
+            conn = state.pool.getconn()
+            if not server_gone(conn):
+                break
+        return conn
+
+    def before(state: _FloorState) -> None:
+        rq = request._get_current_object()  # type: ignore[attr-defined]
+        if check or checkpoll:
+            sock = rq.environ.get("gunicorn.socket")
+            if type(sock) is socket.socket and (
+                _client_gone_polled(sock, thread_poll) if checkpoll else socket_gone(sock)
+            ):
+                raise ClientGone()
+        if lease and state.orphans:
+            while state.orphans:
+                release_conn(state, state.orphans.popleft())
+        if checklive:
+            sock = rq.environ.get("gunicorn.socket")
+            if type(sock) is not socket.socket:
+                sock = None
+            elif not state.pool._pool and socket_gone(sock):  # none idle: a wait may come
+                raise ClientGone()
+        if hist:
+            requested = monotonic()
+        conn = state.pool.getconn()
+        if checklive and (gone := _both_polled(sock, conn, socket_gone, server_gone)):
+            if gone & 1:
+                state.pool.putconn(conn)  # no statement ran on it
+                raise ClientGone()
+            conn = fresh(state, conn)
+        if live and server_gone(conn):
+            conn = fresh(state, conn)
+        if livepoll and _server_gone_polled(conn, pg_poll, server_gone):
+            conn = fresh(state, conn)
+        if hist or hold:
+            now = monotonic()
+            conn.bench_at = now
+        if lazy:
+            waits = state.waits
+            waits.append(now - requested)
+            if len(waits) >= _FOLD_EVERY:
+                state.fold()
+        elif hist:
+            state.wait_time.observe(now - requested)
+        if count:
+            state.checkouts += 1
+        if owner:
+            current = _FloorOwner()
+            current_owner.set(current)
+            own(conn, current)
+        if hold:
+            conn.bench_hold = state.watcher.add(conn, now)  # type: ignore[union-attr]
+        held = _FloorLease(conn, state.orphans) if lease else conn
+        setattr(rq, FLOOR_ATTR, held)
+        if guard:
+            rq.environ[FLOOR_HELD] = held
+
+    def after(state: _FloorState, response: Any) -> Any:
+        if guard and response.is_streamed:
+            environ = request.environ
+            environ[FLOOR_STREAM] = environ.pop(FLOOR_HELD, None)
+        return response
+
+    def teardown(state: _FloorState, exc: BaseException | None = None) -> None:
+        rq = request._get_current_object()  # type: ignore[attr-defined]
+        held = rq.environ.pop(FLOOR_HELD, None) if guard else rq.__dict__.pop(FLOOR_ATTR, None)
+        if held is not None:
+            release(state, held)
+
+    def release(state: _FloorState, held: Any) -> None:
+        if lease:
+            held = held.take()
+            if held is None:
+                return
+        release_conn(state, held)
+
+    def release_conn(state: _FloorState, conn: Any) -> None:
+        if owner:
+            own(conn, _HANDED_BACK)
+        if hold:
+            state.watcher.remove(conn.bench_hold)  # type: ignore[union-attr]
+        pgconn = conn.pgconn
+        text = sql.get(pgconn.transaction_status)
+        if text is not None:
+            with conn.lock:
+                pgconn.exec_(text)
+            if pgconn.transaction_status != idle:  # the write check failed: it wrote
+                with conn.lock:
+                    pgconn.exec_(failed_sql)
+                conn._prepared.clear()  # as psycopg does when it sees a ROLLBACK
+        if lazy:
+            state.holds.append(monotonic() - conn.bench_at)
+        elif hist:
+            state.hold_time.observe(monotonic() - conn.bench_at)
+        state.pool.putconn(conn)
+        if count:
+            state.releases += 1
+
+    app.before_request(functools.partial(before, state))
+    app.after_request(functools.partial(after, state))
+    app.teardown_request(functools.partial(teardown, state))
+    if guard:
+        app.wsgi_app = _FloorGuard(app.wsgi_app, functools.partial(release, state))  # type: ignore[method-assign]
+    else:
+        app.wsgi_app = _PassThrough(app.wsgi_app)  # type: ignore[method-assign]
+
+    if lease:
+
+        def get_conn() -> Any:
+            return getattr(request._get_current_object(), FLOOR_ATTR).conn  # type: ignore[attr-defined]
+
+    else:
+
+        def get_conn() -> Any:
+            return getattr(request._get_current_object(), FLOOR_ATTR)  # type: ignore[attr-defined]
+
+    @app.get("/select1")
+    def select1() -> str:
+        row = get_conn().execute(SELECT1_SQL).fetchone()
+        return str(row[0]) if row else ""
+
+    @app.get("/read")
+    def read() -> Response:
+        row = get_conn().execute(READ_SQL, (random_sku(),)).fetchone()
+        return jsonify(_row_json(row))
 
 
 def _reqconn(
@@ -307,9 +848,7 @@ def _fsqla(
             username=params.get("user"),
             password=params.get("password"),
             database=params.get("dbname"),
-            query={
-                **query, **({"host": host} if host else {}), **({"port": port} if port else {})
-            },
+            query={**query, **({"host": host} if host else {}), **({"port": port} if port else {})},
         )
         app.config.update(
             SQLALCHEMY_DATABASE_URI=url,
