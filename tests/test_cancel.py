@@ -197,6 +197,8 @@ def test_max_hold_takes_back_a_connection_held_in_python(
         assert time.monotonic() - began < 15
         assert not held  # the view is still sleeping: only its connection was taken back
     finally:
+        # proven: end the view's 20 s sleep now, in its worker (lazy checkout: no connection)
+        assert servers.http_get(server.url + "/hold/end", timeout=10)[0] == 200
         holder.join(60)
     assert held and held[0][0] == 200  # a view that never uses it again ends as it would
     final = assert_recovered(server, pg_admin, appname)
