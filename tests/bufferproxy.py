@@ -89,6 +89,9 @@ class BufferingProxy:
         return self
 
     def stop(self) -> None:
+        # close() alone does not wake a thread blocked in accept() (Linux): shutdown() does
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self._thread.join(5)
 

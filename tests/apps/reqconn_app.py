@@ -75,8 +75,14 @@ def create_app() -> Flask:
     @app.get("/hold")
     def hold() -> str:
         get_conn().execute("select 1")
-        time.sleep(float(request.args.get("s", "1")))  # in Python, holding the connection
+        # in Python, holding the connection, for s seconds or until GET /hold/end
+        _HOLD_END.wait(float(request.args.get("s", "1")))
         return "held"
+
+    @app.get("/hold/end")
+    def hold_end() -> str:
+        _HOLD_END.set()  # once: a worker's holds end at once from then on
+        return "ended"
 
     @app.get("/stream")
     def stream() -> Response:
@@ -163,3 +169,4 @@ def create_app() -> Flask:
 
 _STARTED = time.time()
 _KEPT: list[Any] = []
+_HOLD_END = threading.Event()  # set by GET /hold/end
