@@ -35,6 +35,30 @@ class Unwatchable(t.Protocol):
     def discard(self) -> None: ...
 
 
+def _shut_down(fd: int, inode: int) -> bool:
+    """Shut down the socket *fd* if it is still the one of *inode*; True if done.
+
+    Through a duplicate of the descriptor, so that libpq's own stays open.
+    """
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return False
+    try:
+        if os.fstat(dup).st_ino != inode:
+            return False
+        sock = socket.socket(fileno=dup)
+        dup = -1
+        with sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        return False
+    finally:
+        if dup >= 0:
+            os.close(dup)
+    return True
+
+
 class LeaseState(str, enum.Enum):
     """Where a lease is in its life."""
 
@@ -306,27 +330,14 @@ class Lease:
             if self._sock is None or self.severed or self._state not in _SEVERABLE:
                 return False
             try:
-                fd, inode = self._sock.pop()
+                recorded = self._sock.pop()
             except IndexError:  # sealed: the connection is going back to the pool
                 return False
             if reason is not None and self.cancelled is None:
                 self.cancelled = reason
-            try:
-                dup = os.dup(fd)
-            except OSError:
+            if not _shut_down(*recorded):
+                self._sock.append(recorded)  # a later tick may try again
                 return False
-            try:
-                if os.fstat(dup).st_ino != inode:
-                    return False
-                sock = socket.socket(fileno=dup)
-                dup = -1
-                with sock:
-                    sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                return False
-            finally:
-                if dup >= 0:
-                    os.close(dup)
             self.severed = True
             # the request may hold on to the connection for long yet (a stream whose
             # client reads nothing): its pool opens another one now
