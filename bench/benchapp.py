@@ -283,6 +283,26 @@ _CONN_OK = 0  # libpq's CONNECTION_OK (psycopg.pq.ConnStatus.OK)
 _FOLD_EVERY = 64
 
 
+class _FloorHistogram:
+    """``hist``: a fixed-bucket histogram that counts each duration as it comes (the
+    library's :class:`~flask_reqconn.stats.Histogram` before it took batches)."""
+
+    __slots__ = ("count", "total", "_counts", "_buckets")
+
+    def __init__(self) -> None:
+        from flask_reqconn.stats import BUCKETS
+
+        self.count = 0
+        self.total = 0.0
+        self._counts = [0] * (len(BUCKETS) + 1)
+        self._buckets = BUCKETS
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        self._counts[bisect.bisect_left(self._buckets, value)] += 1
+
+
 class _FloorState:
     """What the floor's hooks share (``init_app``'s per-app state)."""
 
@@ -292,13 +312,13 @@ class _FloorState:
     )  # fmt: skip
 
     def __init__(self, pool: Any) -> None:
-        from flask_reqconn.stats import BUCKETS, Histogram
+        from flask_reqconn.stats import BUCKETS
 
         self.pool = pool
         self.checkouts = 0
         self.releases = 0
-        self.wait_time = Histogram()
-        self.hold_time = Histogram()
+        self.wait_time = _FloorHistogram()
+        self.hold_time = _FloorHistogram()
         #: ``histlazy``: durations not yet in :attr:`wait_time` and :attr:`hold_time`
         self.waits: list[float] = []
         self.buckets = BUCKETS
