@@ -439,6 +439,25 @@ def test_pool_and_session_events(make_app: AppFactory) -> None:
     assert reqconn_of(app).stats(app)["pools"]["default"]["discarded_connections"] == 0
 
 
+def test_the_wrappers_own_state_is_read_only(make_app: AppFactory) -> None:
+    """RequestConnection's state changes through its own methods only."""
+    app = make_app()
+    engine = create_engine()
+
+    @app.get("/")
+    def index() -> str:
+        with engine.connect() as conn:
+            proxy = conn.connection.dbapi_connection
+            for name in ("lease", "record", "_conn", "_release", "_savepoint"):
+                with pytest.raises(AttributeError, match="its own methods"):
+                    setattr(proxy, name, None)
+            assert proxy.lease is not None and proxy.record is not None
+            assert backend(conn) == get_conn().info.backend_pid
+        return "ok"
+
+    assert app.test_client().get("/").text == "ok"
+
+
 def test_sqlalchemy_notice_logging_does_not_pile_up(make_app: AppFactory, caplog: Any) -> None:
     app = make_app(max_size=1)
     engine = create_engine()

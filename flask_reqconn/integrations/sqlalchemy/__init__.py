@@ -159,15 +159,15 @@ class RequestPool(Pool):
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         proxy = record.dbapi_connection
-        if isinstance(proxy, RequestConnection) and proxy._lease is None:
-            proxy._detach()  # a connection of its own: give it back now
+        if isinstance(proxy, RequestConnection) and proxy.lease is None:
+            proxy.detach()  # a connection of its own: give it back now
 
     def _close_connection(self, connection: DBAPIConnection, *, terminate: bool = False) -> None:
         # SQLAlchemy "closes" on invalidation and failed connect events: the wrapper
         # stops working; the psycopg connection stays flask-reqconn's, which discards it
         # at hand-back if it is broken.
         if isinstance(connection, RequestConnection):
-            connection._detach()
+            connection.detach()
         else:  # pragma: no cover - only wrappers are ever handed out
             super()._close_connection(connection, terminate=terminate)
 
@@ -187,12 +187,12 @@ class RequestPool(Pool):
         lease = _lease_of(conn, self._reqconn_pool)
         environ = request._get_current_object().environ  # type: ignore[attr-defined]
         proxy = environ.get(self._environ_key)
-        if not isinstance(proxy, RequestConnection) or proxy._target() is not conn:
+        if not isinstance(proxy, RequestConnection) or proxy.usable_connection() is not conn:
             proxy = RequestConnection(conn, lease)
             environ[self._environ_key] = proxy
             # sessions left on it are rolled back when the lease ends (see .sessions)
             sessions.watch(state_of(current_app))
-        record: ConnectionPoolEntry | None = proxy._record
+        record = proxy.record
         if (
             record is not None
             and record.dbapi_connection is proxy
@@ -200,7 +200,7 @@ class RequestPool(Pool):
         ):
             return record
         record = self._new_record(proxy, conn)
-        proxy._record = record
+        proxy.keep_record(record)
         return record
 
     def _private_record(self) -> ConnectionPoolEntry:
@@ -228,7 +228,7 @@ class RequestPool(Pool):
         try:
             return self._new_record(proxy, conn)
         except BaseException:
-            proxy._detach()
+            proxy.detach()
             raise
 
     def _new_record(
@@ -241,7 +241,7 @@ class RequestPool(Pool):
         )
         if guard:
             conn.execute(f"SAVEPOINT {INIT_SAVEPOINT}")
-            proxy._savepoint = True
+            proxy.use_init_savepoint(True)
         self._handing.proxy = proxy
         try:
             record = self._create_connection()
@@ -252,9 +252,10 @@ class RequestPool(Pool):
             raise
         finally:
             self._handing.proxy = None
-            proxy._savepoint = False
-            if guard and conn.pgconn.transaction_status == TransactionStatus.INTRANS:
-                conn.execute(f"RELEASE SAVEPOINT {INIT_SAVEPOINT}")
+            if guard:
+                proxy.use_init_savepoint(False)
+                if conn.pgconn.transaction_status == TransactionStatus.INTRANS:
+                    conn.execute(f"RELEASE SAVEPOINT {INIT_SAVEPOINT}")
         self._initialized = True
         return record
 
