@@ -121,6 +121,10 @@ class RequestPool(Pool):
         self._handing = threading.local()
         self._initialized = False
         sessions.install()
+        # Before the app's listeners on the engine or this pool (and those recreate()
+        # copies, which then skip it), so that one that raises cannot keep it from running.
+        for identifier in ("invalidate", "soft_invalidate"):
+            event.listen(self, identifier, _forget_record)
         super().__init__(
             t.cast(t.Any, self._hand_over),
             recycle=-1,
@@ -192,12 +196,12 @@ class RequestPool(Pool):
             environ[self._environ_key] = proxy
             # sessions left on it are rolled back when the lease ends (see .sessions)
             sessions.watch(state_of(current_app))
+        # The request's record, unless SQLAlchemy invalidated it: a hard invalidation
+        # took the wrapper out of it; a soft one (or a hard one that a listener
+        # interrupted), which leaves it in, made the wrapper forget it (_forget_record).
+        # The pool itself is never invalidated as a whole (see _invalidate).
         record = proxy.record
-        if (
-            record is not None
-            and record.dbapi_connection is proxy
-            and not record._is_hard_or_soft_invalidated()  # type: ignore[attr-defined]
-        ):
+        if record is not None and record.dbapi_connection is proxy:
             return record
         record = self._new_record(proxy, conn)
         proxy.keep_record(record)
@@ -281,6 +285,14 @@ class _PoolDialect:
         if isinstance(connection, RequestConnection):
             return connection.driver_connection
         return self.wrapped.get_driver_connection(connection)  # pragma: no cover
+
+
+def _forget_record(dbapi_connection: t.Any, record: ConnectionPoolEntry, exception: t.Any) -> None:
+    """The pool's ``invalidate`` and ``soft_invalidate`` listener: the request's later
+    checkouts do not hand *record* out again (SQLAlchemy would reconnect it, which this
+    pool cannot do), but a new one for the same wrapper."""
+    if isinstance(dbapi_connection, RequestConnection):
+        dbapi_connection.forget_record(record)
 
 
 def _check_dialect(dialect: t.Any) -> None:

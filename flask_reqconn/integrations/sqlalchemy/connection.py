@@ -43,8 +43,8 @@ class RequestConnection:
     #: the request's lease of the connection; None for a connection of its own (no request)
     lease: Lease | None
     _release: Callable[[], None] | None
-    #: SQLAlchemy's pool entry for this wrapper (see :meth:`keep_record`); None before
-    #: the first
+    #: SQLAlchemy's pool entry for this wrapper while it may be handed out again (see
+    #: :meth:`keep_record`); None before the first and after SQLAlchemy invalidated it
     record: ConnectionPoolEntry | None
     #: the dialect's first initialisation runs inside a savepoint: rollback() goes to it
     _savepoint: bool
@@ -108,8 +108,13 @@ class RequestConnection:
 
     def keep_record(self, record: ConnectionPoolEntry) -> None:
         """Keep SQLAlchemy's pool entry made for this wrapper: the request's later
-        checkouts hand it out again, unless SQLAlchemy invalidated it."""
+        checkouts hand it out again, until :meth:`forget_record`."""
         object.__setattr__(self, "record", record)
+
+    def forget_record(self, record: ConnectionPoolEntry) -> None:
+        """SQLAlchemy invalidated *record* (hard or soft): it is not handed out again."""
+        if self.record is record:
+            object.__setattr__(self, "record", None)
 
     def use_init_savepoint(self, use: bool) -> None:
         """Whether :meth:`rollback` rolls back to :data:`INIT_SAVEPOINT` (which the pool
