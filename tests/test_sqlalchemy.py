@@ -439,6 +439,63 @@ def test_pool_and_session_events(make_app: AppFactory) -> None:
     assert reqconn_of(app).stats(app)["pools"]["default"]["discarded_connections"] == 0
 
 
+@pytest.mark.parametrize("how", ["soft", "interrupted"])
+def test_an_invalidated_record_is_replaced_on_the_same_connection(
+    make_app: AppFactory, how: str
+) -> None:
+    """A record SQLAlchemy invalidated but still holding the wrapper (a soft invalidation,
+    or a hard one that a listener of the app's interrupted) is not handed out again: the
+    pool's own ``invalidate``/``soft_invalidate`` listener, first of all, made the wrapper
+    forget it. Handed out, SQLAlchemy would reconnect it, which RequestPool cannot do."""
+    app = make_app(max_size=1)
+    engine = create_engine()
+    records: list[Any] = []
+    event.listen(engine, "connect", lambda dbapi_connection, record: records.append(record))
+
+    def refuse(*args: Any) -> None:
+        raise RuntimeError("a listener of the app's")
+
+    if how == "interrupted":
+        event.listen(engine, "invalidate", refuse)
+
+    @app.get("/")
+    def index() -> str:
+        with engine.connect() as conn:
+            first = backend(conn)
+            if how == "soft":
+                conn.connection.invalidate(soft=True)
+            else:
+                with pytest.raises(RuntimeError, match="of the app's"):
+                    conn.invalidate()
+        with engine.connect() as conn:
+            assert backend(conn) == first == get_conn().info.backend_pid
+        with engine.connect() as conn:  # the new record is kept for the request
+            assert backend(conn) == first
+        return "ok"
+
+    assert app.test_client().get("/").text == "ok"
+    assert len(records) == 2 and records[0] is not records[1]
+
+
+def test_the_wrappers_own_state_is_read_only(make_app: AppFactory) -> None:
+    """RequestConnection's state changes through its own methods only."""
+    app = make_app()
+    engine = create_engine()
+
+    @app.get("/")
+    def index() -> str:
+        with engine.connect() as conn:
+            proxy = conn.connection.dbapi_connection
+            for name in ("lease", "record", "_conn", "_release", "_savepoint"):
+                with pytest.raises(AttributeError, match="its own methods"):
+                    setattr(proxy, name, None)
+            assert proxy.lease is not None and proxy.record is not None
+            assert backend(conn) == get_conn().info.backend_pid
+        return "ok"
+
+    assert app.test_client().get("/").text == "ok"
+
+
 def test_sqlalchemy_notice_logging_does_not_pile_up(make_app: AppFactory, caplog: Any) -> None:
     app = make_app(max_size=1)
     engine = create_engine()

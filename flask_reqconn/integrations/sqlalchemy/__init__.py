@@ -121,6 +121,10 @@ class RequestPool(Pool):
         self._handing = threading.local()
         self._initialized = False
         sessions.install()
+        # Before the app's listeners on the engine or this pool (and those recreate()
+        # copies, which then skip it), so that one that raises cannot keep it from running.
+        for identifier in ("invalidate", "soft_invalidate"):
+            event.listen(self, identifier, _forget_record)
         super().__init__(
             t.cast(t.Any, self._hand_over),
             recycle=-1,
@@ -159,15 +163,15 @@ class RequestPool(Pool):
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         proxy = record.dbapi_connection
-        if isinstance(proxy, RequestConnection) and proxy._lease is None:
-            proxy._detach()  # a connection of its own: give it back now
+        if isinstance(proxy, RequestConnection) and proxy.lease is None:
+            proxy.detach()  # a connection of its own: give it back now
 
     def _close_connection(self, connection: DBAPIConnection, *, terminate: bool = False) -> None:
         # SQLAlchemy "closes" on invalidation and failed connect events: the wrapper
         # stops working; the psycopg connection stays flask-reqconn's, which discards it
         # at hand-back if it is broken.
         if isinstance(connection, RequestConnection):
-            connection._detach()
+            connection.detach()
         else:  # pragma: no cover - only wrappers are ever handed out
             super()._close_connection(connection, terminate=terminate)
 
@@ -187,20 +191,20 @@ class RequestPool(Pool):
         lease = _lease_of(conn, self._reqconn_pool)
         environ = request._get_current_object().environ  # type: ignore[attr-defined]
         proxy = environ.get(self._environ_key)
-        if not isinstance(proxy, RequestConnection) or proxy._target() is not conn:
+        if not isinstance(proxy, RequestConnection) or proxy.usable_connection() is not conn:
             proxy = RequestConnection(conn, lease)
             environ[self._environ_key] = proxy
             # sessions left on it are rolled back when the lease ends (see .sessions)
             sessions.watch(state_of(current_app))
-        record: ConnectionPoolEntry | None = proxy._record
-        if (
-            record is not None
-            and record.dbapi_connection is proxy
-            and not record._is_hard_or_soft_invalidated()  # type: ignore[attr-defined]
-        ):
+        # The request's record, unless SQLAlchemy invalidated it: a hard invalidation
+        # took the wrapper out of it; a soft one (or a hard one that a listener
+        # interrupted), which leaves it in, made the wrapper forget it (_forget_record).
+        # The pool itself is never invalidated as a whole (see _invalidate).
+        record = proxy.record
+        if record is not None and record.dbapi_connection is proxy:
             return record
         record = self._new_record(proxy, conn)
-        proxy._record = record
+        proxy.keep_record(record)
         return record
 
     def _private_record(self) -> ConnectionPoolEntry:
@@ -228,7 +232,7 @@ class RequestPool(Pool):
         try:
             return self._new_record(proxy, conn)
         except BaseException:
-            proxy._detach()
+            proxy.detach()
             raise
 
     def _new_record(
@@ -241,7 +245,7 @@ class RequestPool(Pool):
         )
         if guard:
             conn.execute(f"SAVEPOINT {INIT_SAVEPOINT}")
-            proxy._savepoint = True
+            proxy.use_init_savepoint(True)
         self._handing.proxy = proxy
         try:
             record = self._create_connection()
@@ -252,9 +256,10 @@ class RequestPool(Pool):
             raise
         finally:
             self._handing.proxy = None
-            proxy._savepoint = False
-            if guard and conn.pgconn.transaction_status == TransactionStatus.INTRANS:
-                conn.execute(f"RELEASE SAVEPOINT {INIT_SAVEPOINT}")
+            if guard:
+                proxy.use_init_savepoint(False)
+                if conn.pgconn.transaction_status == TransactionStatus.INTRANS:
+                    conn.execute(f"RELEASE SAVEPOINT {INIT_SAVEPOINT}")
         self._initialized = True
         return record
 
@@ -280,6 +285,14 @@ class _PoolDialect:
         if isinstance(connection, RequestConnection):
             return connection.driver_connection
         return self.wrapped.get_driver_connection(connection)  # pragma: no cover
+
+
+def _forget_record(dbapi_connection: t.Any, record: ConnectionPoolEntry, exception: t.Any) -> None:
+    """The pool's ``invalidate`` and ``soft_invalidate`` listener: the request's later
+    checkouts do not hand *record* out again (SQLAlchemy would reconnect it, which this
+    pool cannot do), but a new one for the same wrapper."""
+    if isinstance(dbapi_connection, RequestConnection):
+        dbapi_connection.forget_record(record)
 
 
 def _check_dialect(dialect: t.Any) -> None:

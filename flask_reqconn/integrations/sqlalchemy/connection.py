@@ -12,6 +12,8 @@ from psycopg.rows import tuple_row
 from ...errors import ConnectionReleased
 
 if t.TYPE_CHECKING:
+    from sqlalchemy.pool import ConnectionPoolEntry
+
     from ...lease import Lease
 
 #: Protects work the request did before SQLAlchemy's first use in the process: the
@@ -30,20 +32,22 @@ class RequestConnection:
     :class:`~flask_reqconn.ConnectionReleased`. ``close()`` never closes the psycopg
     connection. ``driver_connection`` of SQLAlchemy's pool entries is the psycopg
     connection itself.
+
+    Its state changes only through its own methods: :attr:`lease` and :attr:`record` are
+    read-only from outside (setting them raises :exc:`AttributeError`).
     """
 
-    __slots__ = ("_conn", "_lease", "_release", "_record", "_savepoint", "_sessions", "__weakref__")
+    __slots__ = ("_conn", "lease", "_release", "record", "_savepoint", "__weakref__")
 
     _conn: psycopg.Connection[t.Any] | None
-    _lease: Lease | None
+    #: the request's lease of the connection; None for a connection of its own (no request)
+    lease: Lease | None
     _release: Callable[[], None] | None
-    #: SQLAlchemy's pool entry for this wrapper (a ``_ConnectionRecord``)
-    _record: t.Any
+    #: SQLAlchemy's pool entry for this wrapper while it may be handed out again (see
+    #: :meth:`keep_record`); None before the first and after SQLAlchemy invalidated it
+    record: ConnectionPoolEntry | None
     #: the dialect's first initialisation runs inside a savepoint: rollback() goes to it
     _savepoint: bool
-    #: the sessions that began a transaction on it, with their SQLAlchemy connection
-    #: (see :mod:`.sessions`); None until the first
-    _sessions: list[tuple[t.Any, t.Any]] | None
 
     def __init__(
         self,
@@ -53,31 +57,32 @@ class RequestConnection:
         release: Callable[[], None] | None = None,
     ) -> None:
         object.__setattr__(self, "_conn", conn)
-        object.__setattr__(self, "_lease", lease)
+        object.__setattr__(self, "lease", lease)
         object.__setattr__(self, "_release", release)
-        object.__setattr__(self, "_record", None)
+        object.__setattr__(self, "record", None)
         object.__setattr__(self, "_savepoint", False)
-        object.__setattr__(self, "_sessions", None)
 
     def __repr__(self) -> str:
-        state = "usable" if self._target() is not None else "released"
-        return f"<RequestConnection {state} {'request' if self._lease else 'own'}>"
+        state = "usable" if self.usable_connection() is not None else "released"
+        return f"<RequestConnection {state} {'request' if self.lease else 'own'}>"
 
-    def _target(self) -> psycopg.Connection[t.Any] | None:
+    def usable_connection(self) -> psycopg.Connection[t.Any] | None:
+        """The connection this wrapper passes everything to; None once it stopped working
+        (its lease ended, or :meth:`detach`)."""
         conn = self._conn
-        lease = self._lease
+        lease = self.lease
         if conn is None or (lease is not None and (lease.handle is not conn or not lease.active)):
             return None
         return conn
 
     def _live(self) -> psycopg.Connection[t.Any]:
-        conn = self._target()
+        conn = self.usable_connection()
         if conn is None:
             raise ConnectionReleased(self._released_message())
         return conn
 
     def _released_message(self) -> str:
-        lease = self._lease
+        lease = self.lease
         where = f" of {lease.method} {lease.path}" if lease is not None and lease.method else ""
         return (
             f"SQLAlchemy used the connection of a request{where} after flask-reqconn gave it"
@@ -90,12 +95,32 @@ class RequestConnection:
             " start over on the next request's connection by themselves.)"
         )
 
-    def _detach(self) -> None:
+    # -- for RequestPool ---------------------------------------------------------
+
+    def detach(self) -> None:
+        """Stop working now (SQLAlchemy closed or checked in the wrapper); a connection
+        of its own is given back. The psycopg connection is never closed here."""
         release = self._release
         object.__setattr__(self, "_conn", None)
         object.__setattr__(self, "_release", None)
         if release is not None:
             release()
+
+    def keep_record(self, record: ConnectionPoolEntry) -> None:
+        """Keep SQLAlchemy's pool entry made for this wrapper: the request's later
+        checkouts hand it out again, until :meth:`forget_record`."""
+        object.__setattr__(self, "record", record)
+
+    def forget_record(self, record: ConnectionPoolEntry) -> None:
+        """SQLAlchemy invalidated *record* (hard or soft): it is not handed out again."""
+        if self.record is record:
+            object.__setattr__(self, "record", None)
+
+    def use_init_savepoint(self, use: bool) -> None:
+        """Whether :meth:`rollback` rolls back to :data:`INIT_SAVEPOINT` (which the pool
+        sets around the dialect's first initialisation) instead of the transaction."""
+        object.__setattr__(self, "_savepoint", use)
+
 
     # -- DBAPI ---------------------------------------------------------------
 
@@ -110,7 +135,7 @@ class RequestConnection:
         self._live().commit()
 
     def rollback(self) -> None:
-        conn = self._target()
+        conn = self.usable_connection()
         if conn is None:
             return  # flask-reqconn rolled back when it took the connection back
         if self._savepoint:
@@ -123,12 +148,12 @@ class RequestConnection:
 
     @property
     def closed(self) -> bool:
-        conn = self._target()
+        conn = self.usable_connection()
         return conn is None or conn.closed
 
     @property
     def broken(self) -> bool:
-        conn = self._target()
+        conn = self.usable_connection()
         return conn is not None and conn.broken
 
     @property
@@ -155,8 +180,7 @@ class RequestConnection:
 
     def __setattr__(self, name: str, value: t.Any) -> None:
         if name in RequestConnection.__slots__:
-            object.__setattr__(self, name, value)
-            return
-        conn = self._target()
+            raise AttributeError(f"RequestConnection.{name} is changed by its own methods only")
+        conn = self.usable_connection()
         if conn is not None:  # after the lease: SQLAlchemy's cleanup, nothing to undo
             setattr(conn, name, value)

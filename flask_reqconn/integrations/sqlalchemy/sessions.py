@@ -14,8 +14,8 @@ How, in two small parts:
 
 * a ``Session`` ``after_begin`` listener (one, for every ``Session`` class, added when the
   first :class:`~flask_reqconn.integrations.sqlalchemy.RequestPool` is made) notes each
-  session that begins a transaction on a request's connection: on the
-  :class:`RequestConnection` and in a list kept per thread;
+  session that begins a transaction on a request's connection, in a dict kept per thread
+  (by :class:`RequestConnection`);
 * a :class:`~flask_reqconn.stats.Listener` on the app's pools, added by
   :func:`watch`, rolls those sessions back when a connection comes back to a pool, or is
   taken from it, in the same thread (the release of a request's connection runs in that
@@ -52,10 +52,11 @@ logger = logging.getLogger(__name__)
 
 
 class _Pending(threading.local):
-    """The request connections with sessions on them, used by this thread."""
+    """The request connections with sessions on them, used by this thread: each with
+    those sessions and their SQLAlchemy connection."""
 
     def __init__(self) -> None:
-        self.proxies: list[RequestConnection] = []
+        self.sessions: dict[RequestConnection, list[tuple[Session, Connection]]] = {}
 
 
 _pending = _Pending()
@@ -86,15 +87,14 @@ def watch(state: AppState) -> None:
 def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection
                  ) -> None:  # fmt: skip
     proxy = connection.connection.dbapi_connection
-    if type(proxy) is not RequestConnection or proxy._lease is None:
+    if type(proxy) is not RequestConnection or proxy.lease is None:
         return  # another engine's connection, or a connection of its own (no request)
-    entries = proxy._sessions
+    pending = _pending.sessions
+    entries = pending.get(proxy)
     if entries is None:
-        object.__setattr__(proxy, "_sessions", [(session, connection)])
-        pending = _pending.proxies
         if pending:
-            sweep(skip=session)  # leases released in another thread: keep the list short
-        pending.append(proxy)
+            sweep(skip=session)  # leases released in another thread: keep the dict short
+        pending[proxy] = [(session, connection)]
     elif all(s is not session or c is not connection for s, c in entries):
         entries.append((session, connection))
 
@@ -105,15 +105,12 @@ def sweep(skip: Session | None = None) -> None:
 
     :param skip: a session in the middle of beginning a transaction: left alone.
     """
-    pending = _pending.proxies
+    pending = _pending.sessions
     if not pending:
         return
-    ended = [proxy for proxy in pending if proxy._lease is None or not proxy._lease.active]
+    ended = [proxy for proxy in pending if proxy.lease is None or not proxy.lease.active]
     for proxy in ended:
-        pending.remove(proxy)
-        entries = proxy._sessions or ()
-        object.__setattr__(proxy, "_sessions", None)
-        for session, connection in entries:
+        for session, connection in pending.pop(proxy, ()):
             if session is skip or connection.closed or not connection.in_transaction():
                 continue  # that transaction already ended
             # SQLAlchemy's own marker of a ``with session.begin():`` block in progress
@@ -136,11 +133,11 @@ class _Sweeper:
     """The :class:`~flask_reqconn.stats.Listener` that calls :func:`sweep`."""
 
     def checked_out(self, pool: str, wait: float) -> None:
-        if _pending.proxies:
+        if _pending.sessions:
             sweep()
 
     def released(self, pool: str, reason: ReleaseReason, held: float) -> None:
-        if _pending.proxies:
+        if _pending.sessions:
             sweep()
 
     def counted(self, pool: str, name: Stat, amount: int) -> None:
