@@ -354,3 +354,15 @@ class PushedAppContextLiteCase(PushedAppContextCase):
 
 class PushedAppContextPlainCase(PushedAppContextCase):
     make = staticmethod(plain_app)  # type: ignore[assignment]
+
+
+def test_the_sqlalchemy_internal_the_sweep_reads_has_its_shape() -> None:
+    """``sessions.sweep()`` tells a ``with session.begin():`` block in progress by
+    SQLAlchemy's ``Session._trans_context_manager``. If a release changes that, a
+    block spanning two requests would be rolled back silently: fail here first,
+    before the upper bound on SQLAlchemy in pyproject.toml is raised."""
+    session = Session()
+    assert session._trans_context_manager is None
+    with session.begin():
+        assert session._trans_context_manager is not None
+    assert session._trans_context_manager is None
