@@ -33,7 +33,7 @@ class RequestConnection:
     connection. ``driver_connection`` of SQLAlchemy's pool entries is the psycopg
     connection itself.
 
-    Its state changes only through its own methods: :attr:`lease` and :attr:`record` are
+    Its state changes only through its own methods: ``lease`` and ``record`` are
     read-only from outside (setting them raises :exc:`AttributeError`).
     """
 
