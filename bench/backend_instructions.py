@@ -19,7 +19,8 @@ likely source of the rest). The server's own background processes are not counte
 kernel time or cache misses.
 
 ``--apps`` also counts the benchmark apps themselves (``benchapp.py``, one pooled
-connection, ``/select1`` or ``/read`` served in process as ``micro.py`` does): every
+connection, ``/select1`` or ``/read`` served in process as ``micro.py`` does, or the
+endpoint ``--path`` names, such as the Flask-SQLAlchemy apps' ``/orm``): every
 statement the real request path sends, liveness and hand-back included.
 
 Variants (``--list`` prints them): ``bare`` is the pool's ``BEGIN``, query,
@@ -381,8 +382,8 @@ def count_variant(server: Server, variant: Variant, query: str = "select1") -> f
 
 
 def count_app(server: Server, variant: str, query: str = "select1") -> float:
-    """A benchmark app (``benchapp.py``) serving ``/select1`` (or ``/read``), one pooled
-    connection."""
+    """A benchmark app (``benchapp.py``) serving ``/select1`` (or the endpoint *query*
+    names: ``read``, ``orm``...), one pooled connection."""
     sys.path.insert(0, str(BENCH))
     import micro
 
@@ -440,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--read", action="store_true", help="each request runs /read's indexed lookup"
     )
+    parser.add_argument(
+        "--path",
+        help="the apps (--apps) serve this endpoint (orm, ormwrite...; default: the query's)",
+    )
     parser.add_argument("--list", action="store_true", help="print the variants and stop")
     args = parser.parse_args(argv)
     if args.list:
@@ -453,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute(pgsetup.SEED_SQL.replace("%(rows)s", str(ROWS)))
         print(
             f"PostgreSQL {server.version}, backend instructions per /{query} request"
+            f"{' (the apps: /' + args.path.strip('/') + ')' if args.path else ''}"
             f" ({LARGE} - {SMALL} requests), {commit_of()}",
             flush=True,
         )
@@ -463,9 +469,10 @@ def main(argv: list[str] | None = None) -> int:
             ratio = f"{per / base:5.2f}x bare" if base else ""
             print(f"{name:28} {per:10,.0f}  {ratio}  {VARIANTS[name].note}", flush=True)
         for app in (a for a in args.apps.split(",") if a):
-            per = count_app(server, app, query)
+            per = count_app(server, app, (args.path or query).strip("/"))
             ratio = f"{per / base:5.2f}x bare" if base else ""
-            print(f"app {app:24} {per:10,.0f}  {ratio}", flush=True)
+            where = f" /{args.path.strip('/')}" if args.path else ""
+            print(f"app {app:24} {per:10,.0f}  {ratio}{where}", flush=True)
     return 0
 
 

@@ -7,7 +7,9 @@ variant and the database come from the environment:
     ``bare`` (a), ``eager`` (b), ``lazy`` (c), ``fsqla`` (d), ``plain`` (e), ``fsqlarc``
     (Flask-SQLAlchemy on flask-reqconn's pool, for ``bench/sqla.py``); ``eager``
     and ``lazy`` take suffixes that switch one safety feature off each
-    (:data:`FEATURE_SWITCHES`), e.g. ``eager-noreset`` or ``eager-nocheck-nocancel``.
+    (:data:`FEATURE_SWITCHES`), e.g. ``eager-noreset`` or ``eager-nocheck-nocancel``;
+    ``fsqla`` takes suffixes that add the engine options real apps set on their own
+    ``QueuePool`` (:data:`FSQLA_SWITCHES`): ``fsqla-preping``, ``fsqla-preping-recycle``.
     ``plainshape`` and ``bareshape`` are ``plain`` and ``bare`` with the design's empty
     shape added (:func:`_shape`): the floor of any extension built that way.
     ``floor`` is that shape with a connection in it (:func:`_floor`): checked out in
@@ -36,6 +38,14 @@ Endpoints, identical in every variant that has them:
               wrapped whole in the block does
 ``/upload-first``  (bare) the same, the body read before the block
 ``/stats``    (flask-reqconn variants) ``ReqConn.stats()`` of the worker that answers
+``/orm``      (Flask-SQLAlchemy variants) ``/read`` as a typical API view writes it: the
+              row as an ORM model (``Item``), ``select(Item).filter_by(sku=...)``
+``/ormwrite`` (Flask-SQLAlchemy variants) a typical update view: load an ``Item``, change
+              its price, ``db.session.commit()``, return it as JSON (its attributes,
+              expired by the commit, are loaded again in a second transaction)
+``/ormpage``  (Flask-SQLAlchemy variants) a typical list view: ``db.paginate()`` of the
+              items in a range of 50 SKUs, 20 per page, ordered: two queries (the
+              page and its ``count()``), each with more to plan than ``/read``'s
 """
 
 from __future__ import annotations
@@ -71,6 +81,16 @@ FEATURE_SWITCHES: dict[str, dict[str, Any]] = {
     "nocancel": {"REQCONN_CANCEL_ON_DISCONNECT": "off"},
     "noprep": {"REQCONN_CONNECT_ARGS": {"prepare_threshold": None}},
     "leak": {"REQCONN_LEAK_THRESHOLD": 30},
+}
+#: Suffixes for ``fsqla`` (the app on its own ``QueuePool``), combinable: the
+#: ``SQLALCHEMY_ENGINE_OPTIONS`` real Flask-SQLAlchemy apps add to theirs.
+#: ``pool_pre_ping`` runs ``SELECT 1`` (one more round trip) at every checkout;
+#: ``pool_recycle`` replaces connections older than that many seconds (a time check
+#: per checkout; none is that old during a benchmark). ``fsqlarc`` refuses both
+#: (flask-reqconn's pool checks and replaces its connections itself).
+FSQLA_SWITCHES: dict[str, dict[str, Any]] = {
+    "preping": {"pool_pre_ping": True},
+    "recycle": {"pool_recycle": 3600},
 }
 
 
@@ -118,15 +138,16 @@ def parse_variant(variant: str) -> tuple[str, dict[str, Any]]:
                 f" {', '.join(FLOOR_GUARANTEES)}"
             )
         return base, {"floor": frozenset(names)}
-    if base not in VARIANTS or (switches and base not in ("eager", "lazy")):
+    if base not in VARIANTS or (switches and base not in ("eager", "lazy", "fsqla")):
         raise ValueError(f"unknown BENCH_VARIANT {variant!r}; choose from {', '.join(VARIANTS)}")
+    known = FSQLA_SWITCHES if base == "fsqla" else FEATURE_SWITCHES
     config: dict[str, Any] = {}
     for switch in switches:
-        if switch not in FEATURE_SWITCHES:
+        if switch not in known:
             raise ValueError(
-                f"unknown switch {switch!r} in {variant!r}; known: {', '.join(FEATURE_SWITCHES)}"
+                f"unknown switch {switch!r} in {variant!r}; known: {', '.join(known)}"
             )
-        config.update(FEATURE_SWITCHES[switch])
+        config.update(known[switch])
     return base, config
 
 
@@ -170,7 +191,10 @@ def create_app(variant: str | None = None, **reqconn_config: Any) -> Flask:
     elif base == "floor":
         _floor(app, dsn, appname, pool_size, random_sku, switches["floor"])
     elif base in ("fsqla", "fsqlarc"):
-        _fsqla(app, dsn, appname, pool_size, random_sku, reqconn=base == "fsqlarc")
+        _fsqla(
+            app, dsn, appname, pool_size, random_sku, reqconn=base == "fsqlarc",
+            engine_options=switches,
+        )  # fmt: skip
     else:
         _reqconn(app, base, dsn, appname, pool_size, random_sku, {**switches, **reqconn_config})
     return app
@@ -828,12 +852,21 @@ def _reqconn(
 
 
 def _fsqla(
-    app: Flask, dsn: str, appname: str, pool_size: int, random_sku: Any, *, reqconn: bool = False
+    app: Flask,
+    dsn: str,
+    appname: str,
+    pool_size: int,
+    random_sku: Any,
+    *,
+    reqconn: bool = False,
+    engine_options: dict[str, Any] | None = None,
 ) -> None:
-    """(d): Flask-SQLAlchemy 3.1, psycopg 3 driver, the same SQL as ``text()``.
+    """(d): Flask-SQLAlchemy 3.1, psycopg 3 driver, the same SQL as ``text()``, and an
+    ORM model of the same table for ``/orm`` and ``/ormwrite``.
 
     With *reqconn*, the same app on flask-reqconn's pool (eager checkout, ``/nodb`` and
-    ``/stats`` exempt), configured as the SQLAlchemy docs page says.
+    ``/stats`` exempt), configured as the SQLAlchemy docs page says. *engine_options*
+    (``fsqla`` only, :data:`FSQLA_SWITCHES`) are added to the ``QueuePool``'s.
     """
     from flask_sqlalchemy import SQLAlchemy
     from psycopg.conninfo import conninfo_to_dict
@@ -877,11 +910,52 @@ def _fsqla(
                 "max_overflow": 0,
                 "pool_timeout": 5,
                 "connect_args": {"application_name": appname},
+                **(engine_options or {}),
             },
         )
     db = SQLAlchemy(app)
     select1_sql = text(SELECT1_SQL)
     read_sql = text(READ_SQL_SQLA)
+
+    class Item(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "bench_items"
+        # Column() style: benchapp.py's postponed annotations would hide Mapped[] from
+        # SQLAlchemy inside a function
+        id = db.Column(db.Integer, primary_key=True)
+        sku = db.Column(db.String, unique=True, nullable=False)
+        name = db.Column(db.String, nullable=False)
+        price_cents = db.Column(db.Integer, nullable=False)
+
+        def to_dict(self) -> dict[str, Any]:
+            return {
+                "id": self.id, "sku": self.sku, "name": self.name,
+                "price_cents": self.price_cents,
+            }  # fmt: skip
+
+    rows = int(os.environ.get("BENCH_ROWS", "100000"))
+
+    @app.get("/orm")
+    def orm() -> Response:
+        item = db.session.execute(db.select(Item).filter_by(sku=random_sku())).scalar_one()
+        return jsonify(item.to_dict())
+
+    @app.get("/ormpage")
+    def ormpage() -> Response:
+        first = random.randint(1, max(1, rows - 50))
+        query = (
+            db.select(Item)
+            .where(Item.sku.between(sku_of(first), sku_of(first + 49)))
+            .order_by(Item.sku)
+        )
+        page = db.paginate(query, page=1, per_page=20, error_out=False)
+        return jsonify(total=page.total, items=[item.to_dict() for item in page.items])
+
+    @app.get("/ormwrite")
+    def ormwrite() -> Response:
+        item = db.session.execute(db.select(Item).filter_by(sku=random_sku())).scalar_one()
+        item.price_cents = (item.price_cents + 1) % 100_000
+        db.session.commit()
+        return jsonify(item.to_dict())
 
     @app.get("/select1")
     def select1() -> str:

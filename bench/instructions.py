@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Instructions per request, counted by valgrind (callgrind), per thread: noise-free A/B.
 
-    .venv/bin/python bench/instructions.py --variants eager,bare [--pkg DIR ...]
+    .venv/bin/python bench/instructions.py --variants eager,bare [--pkg DIR ...] [--path /read]
 
-Each variant's app (``benchapp.py``) serves ``/select1`` in process, as ``micro.py``
+Each variant's app (``benchapp.py``) serves ``/select1`` (or ``--path``) in process, as ``micro.py``
 does, under ``valgrind --tool=callgrind --separate-threads=yes``, once for 100 and
 once for 600 requests; the difference divided by 500 is the instructions one request
 costs, without the start-up. Counted are the request thread and all threads of the
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import itertools
 import os
 import re
 import subprocess
@@ -53,15 +54,16 @@ def thread_totals(prefix: str) -> list[int]:
 
 
 def count(
-    dsn: str, variant: str, pkg: Path | None, tmp: Path, config: str = "{}"
+    dsn: str, variant: str, pkg: Path | None, tmp: Path, config: str = "{}", path: str = "/select1"
 ) -> tuple[float, float]:
     """(request thread, all threads) instructions per request of *variant*."""
     runs = {}
     for n in (SMALL, LARGE):
-        prefix = str(tmp / f"{variant}-{n}-{pkg.name if pkg else 'repo'}")
+        prefix = str(tmp / f"{variant}-{path.strip('/')}-{n}-{pkg.name if pkg else 'repo'}")
         env = dict(
-            os.environ, BENCH_DSN=dsn, BENCH_ROWS="1000", VARIANT=variant, BENCH_CONFIG=config
-        )
+            os.environ, BENCH_DSN=dsn, BENCH_ROWS="1000", VARIANT=variant, BENCH_CONFIG=config,
+            BENCH_PATH=path,
+        )  # fmt: skip
         env["PYTHONPATH"] = os.pathsep.join([*([str(pkg)] if pkg else []), str(BENCH)])
         subprocess.run(
             ["valgrind", "--tool=callgrind", "--separate-threads=yes",
@@ -82,17 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}",
                         help='extra app settings, as JSON: \'{"REQCONN_RESET_SESSION": false}\'')
     parser.add_argument("--dsn", help="a seeded bench database (default: a throwaway one)")
+    parser.add_argument("--path", default="/select1",
+                        help="the endpoint each request asks for (comma-separated: each in turn)")
     args = parser.parse_args(argv)
     pkgs: list[Path | None] = [p.resolve() for p in args.pkg] or [None]
     with contextlib.ExitStack() as stack:
         dsn = args.dsn or stack.enter_context(pgsetup.bench_database(1000))[0]
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        for variant in args.variants.split(","):
-            for pkg in pkgs:
-                main_thread, total = count(dsn, variant, pkg, Path(tmp), args.config)
-                print(f"{variant:24} {str(pkg or 'repository'):24} request thread"
-                      f" {main_thread:10,.0f}  all threads {total:10,.0f} instructions/request",
-                      flush=True)
+        for path, variant, pkg in itertools.product(
+            args.path.split(","), args.variants.split(","), pkgs
+        ):
+            main_thread, total = count(dsn, variant, pkg, Path(tmp), args.config, path)
+            print(f"{variant:24} {path:10} {str(pkg or 'repository'):24} request thread"
+                  f" {main_thread:10,.0f}  all threads {total:10,.0f} instructions/request",
+                  flush=True)  # fmt: skip
     return 0
 
 

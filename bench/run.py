@@ -56,7 +56,14 @@ VENV = ROOT / ".venv"
 
 
 def _in_project_venv() -> bool:
-    return Path(sys.prefix).resolve() == VENV.resolve()
+    """This checkout's ``.venv``, or another virtualenv that has the project (the main
+    checkout's, used from a worktree: the servers put the current directory first on
+    their ``PYTHONPATH``, so run from the worktree)."""
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return True
+    import importlib.util
+
+    return sys.prefix != sys.base_prefix and importlib.util.find_spec("flask_reqconn") is not None
 
 
 def bootstrap() -> None:
@@ -70,7 +77,8 @@ def bootstrap() -> None:
         spec.loader.exec_module(dev)
         dev.ensure_venv()
         python = str(VENV / "bin" / "python")
-        os.execv(python, [python, str(Path(__file__).resolve()), *sys.argv[1:]])
+        # the script that called (sqla.py, compare.py...), not always this one
+        os.execv(python, [python, str(Path(sys.argv[0]).resolve()), *sys.argv[1:]])
     try:
         import flask_sqlalchemy  # noqa: F401
         import sqlalchemy  # noqa: F401
@@ -113,10 +121,16 @@ SWITCH_LABELS = {
 }
 
 
+#: ``fsqla``'s switches (``benchapp.FSQLA_SWITCHES``): the engine options real apps set
+FSQLA_SWITCH_LABELS = {"preping": "pool_pre_ping", "recycle": "pool_recycle"}
+
+
 def label(variant: str) -> str:
     base, *switches = variant.split("-")
     if not switches:
         return LABELS[base]
+    if base == "fsqla":
+        return f"{LABELS[base]}, " + ", ".join(FSQLA_SWITCH_LABELS[s] for s in switches)
     if len(switches) == len(SWITCH_LABELS):
         return f"{LABELS[base]}, all four off"
     return f"{LABELS[base]}, " + ", ".join(SWITCH_LABELS[s] for s in switches)
