@@ -199,6 +199,13 @@ def test_max_hold_takes_back_a_connection_held_in_python(
     holder.start()
     try:
         began = time.monotonic()
+        # the view holds the pool's only connection (its transaction open, in Python)
+        # before the probes start: else a probe could take the connection first
+        pg.wait_until(
+            lambda: any(s["state"] == "idle in transaction"
+                        for s in pg.app_sessions(pg_admin, appname)),
+            timeout=20, interval=0.05, message="the view holding the connection",
+        )  # fmt: skip
         # back in the pool within the limit plus SEVER_AFTER_CANCEL and a tick (about
         # 3.5 s), long before the view's 20 s sleep ends
         pg.wait_until(
