@@ -417,7 +417,7 @@ class _HoldWatcher(threading.Thread):
 
     The request thread appends ``[checked out at, socket id, connection]`` at checkout
     and, at release, clears the entry under :attr:`lock` and takes it off the queue if
-    it is the newest (as ``flask_reqconn.watcher.PendingWatch`` does).
+    it is the newest (as ``flask_reqconn.lease.PendingClients`` does).
     """
 
     def __init__(self) -> None:

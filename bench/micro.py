@@ -374,6 +374,7 @@ def instrument_reqconn(app: Any, timers: Timers, endpoint: str) -> Callable[[], 
         wrap_attr(ext_mod, "client_gone", "client_gone peek")
     wrap_attr(pool_mod, "clean_connection", "clean_connection (hand-back SQL)")
     wrap_attr(Lease, "release", "Lease.release")
+    wrap_attr(Lease, "watch_client_later", "watcher.watch_client")
     try:
         from flask_reqconn.watcher import get_watcher
     except ImportError:  # older flask_reqconn without a watcher

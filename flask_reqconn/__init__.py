@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .checkout import get_conn
 from .errors import (
     ClientGone,
     ConfigError,
@@ -11,7 +12,7 @@ from .errors import (
     PoolExhausted,
     ReqConnError,
 )
-from .extension import ReqConn, get_conn
+from .extension import ReqConn
 from .lease import Lease
 from .names import ReleaseReason
 from .state import state_of

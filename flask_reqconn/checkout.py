@@ -33,8 +33,7 @@ from .names import DEFAULT_POOL, CancelReason, ReleaseReason, Stat
 from .owner import current_owner
 from .probes import probe_for
 from .sites import checkout_site
-from .sizing import check_once as check_pool_size
-from .watcher import get_watcher
+from .state import state_of
 
 if t.TYPE_CHECKING:
     from flask import Request
@@ -82,7 +81,7 @@ def request_leases(state: AppState, rq: Request | None = None) -> RequestLeases:
     req: RequestLeases | None = getattr(rq, REQUEST_ATTR, None)
     if req is None:
         environ = rq.environ
-        req = RequestLeases(environ, rq.endpoint)
+        req = RequestLeases(environ, rq.endpoint, state)
         setattr(rq, REQUEST_ATTR, req)
         environ[state.environ_key] = req
         current_owner.set(req)
@@ -110,9 +109,11 @@ def checkout(
     """
     if req.client_gone:
         raise ClientGone()
-    holder = state.pool(name)
+    try:
+        holder = state.pools[name]
+    except KeyError:
+        holder = state.pool(name)  # raises, naming the configured pools
     environ = req.environ
-    check_pool_size(holder, environ)
     settings = state.settings
     probe = req.probe
     if probe is None:
@@ -130,6 +131,7 @@ def checkout(
         quiet_exhaustion=quiet_exhaustion,
         owner=req,
         thread_id=environ.get(SERVING_THREAD),
+        environ=environ,
     )
     req.leases[name] = lease
     if settings.check_client and lease.wait_time > _RECHECK_AFTER_WAIT and probe.gone(eof):
@@ -138,32 +140,51 @@ def checkout(
     if holder.settings.read_only:
         make_read_only(lease.conn)
     if state.policy.cancel_armed[endpoint, method]:
-        get_watcher().watch_client_later(lease, probe, eof_means_gone=eof)
+        lease.watch_client_later(probe, eof)
     return lease
 
 
-def lease_for(state: AppState, req: RequestLeases | None, name: str | None) -> Lease:
-    """The lease ``get_conn(name)`` hands out: the request's own, or a new checkout.
+def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
+    """Return the current request's connection, checking it out if needed.
+
+    The connection belongs to the request: do not close it or keep it after
+    the request; flask-reqconn rolls back what is left open and returns it.
 
     The first ``get_conn()`` without a name routes the request: a read-only view's
     goes to the read pool (:func:`read_only_checkout`).
 
-    :raises ClientGone: the client left (499); a query of this request was cancelled
-        for that.
+    :param name: the pool name; default pool when omitted.
+    :raises ReqConnError: outside a request, or before ``init_app``.
+    :raises PoolExhausted: no connection within ``REQCONN_TIMEOUT`` (503).
+    :raises ClientGone: the client already disconnected (499), or a query of this
+        request was cancelled for that.
     :raises ServiceUnavailable: ``REQCONN_MAX_HOLD`` took the connection back (503).
+    :raises ConnectionReleased: the request's connection was already given back, or
+        the request has ended.
     """
+    try:
+        rq = request._get_current_object()  # type: ignore[attr-defined]
+    except RuntimeError:
+        raise ReqConnError(
+            "get_conn() was called outside of a request. In a streamed response, call"
+            " get_conn() in the view and use the connection in the generator, or wrap the"
+            " generator with flask.stream_with_context(). In scripts and CLI commands use"
+            " 'with reqconn.connection() as conn:'."
+        ) from None
+    req: RequestLeases | None = getattr(rq, REQUEST_ATTR, None)
     if req is None or req.ended:
-        req = request_leases(state)  # raises ConnectionReleased if the request ended
+        req = request_leases(state_of(None), rq)  # raises ConnectionReleased if it ended
+    state = t.cast("AppState", req.state)
     read_only = False
     if name is None and not req.routed:
-        read_only = state.policy.read_only[request.endpoint]
+        read_only = state.policy.read_only[req.endpoint]
         req.route = state.settings.read_pool if read_only else DEFAULT_POOL
         req.routed = True
     lease = req.leases.get(name or req.route)
     if lease is None:
         if read_only:
-            return read_only_checkout(state, req)
-        return checkout(state, req, name or DEFAULT_POOL)
+            return read_only_checkout(state, req).hand_out()
+        return checkout(state, req, name or DEFAULT_POOL).hand_out()
     if lease.cancelled is not None:
         req.client_gone = True
         if lease.cancelled is CancelReason.CLIENT_GONE:
@@ -171,7 +192,7 @@ def lease_for(state: AppState, req: RequestLeases | None, name: str | None) -> L
         raise ServiceUnavailable()
     if read_only and lease.active:  # taken earlier by an explicit get_conn(name)
         make_read_only(lease.conn)
-    return lease
+    return lease.hand_out()
 
 
 def read_only_checkout(state: AppState, req: RequestLeases) -> Lease:

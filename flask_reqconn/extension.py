@@ -1,4 +1,4 @@
-"""The Flask extension: :class:`ReqConn`, :func:`get_conn` and :func:`state_of`."""
+"""The Flask extension: :class:`ReqConn` (:func:`get_conn` is in :mod:`flask_reqconn.checkout`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from flask import Blueprint, Flask
 from . import checkout as _checkout
 from .cli import make_cli
 from .config import DEFAULTS, load_config
-from .errors import ReqConnError
 from .middleware import LeaseGuard
 from .names import DEFAULT_POOL, EXTENSION_KEY
 from .policy import Mark, Marks
@@ -159,31 +158,3 @@ class ReqConn:
         holder = state_of(app).pool(name or DEFAULT_POOL)
         with holder.connection(timeout=timeout) as conn:
             yield conn
-
-
-def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
-    """Return the current request's connection, checking it out if needed.
-
-    The connection belongs to the request: do not close it or keep it after
-    the request; flask-reqconn rolls back what is left open and returns it.
-
-    :param name: the pool name; default pool when omitted.
-    :raises ReqConnError: outside a request, or before ``init_app``.
-    :raises PoolExhausted: no connection within ``REQCONN_TIMEOUT`` (503).
-    :raises ClientGone: the client already disconnected (499).
-    :raises ConnectionReleased: the request's connection was already given back.
-    """
-    try:
-        req = _checkout.current_leases()
-    except RuntimeError:
-        raise ReqConnError(
-            "get_conn() was called outside of a request. In a streamed response, call"
-            " get_conn() in the view and use the connection in the generator, or wrap the"
-            " generator with flask.stream_with_context(). In scripts and CLI commands use"
-            " 'with reqconn.connection() as conn:'."
-        ) from None
-    if req is not None and (name is not None or req.routed):
-        lease = req.leases.get(name or req.route)
-        if lease is not None and lease.cancelled is None:
-            return lease.hand_out()
-    return _checkout.lease_for(state_of(None), req, name).hand_out()

@@ -10,6 +10,7 @@ checks out nothing more: every lease it ever had was released by then.
 
 from __future__ import annotations
 
+import collections
 import enum
 import os
 import socket
@@ -27,12 +28,86 @@ if t.TYPE_CHECKING:
 
     from .pool import PoolHolder
     from .probes import ClientProbe
+    from .state import AppState
 
 
 class Unwatchable(t.Protocol):
     """A watcher registration that a lease drops when it is released."""
 
-    def discard(self) -> None: ...
+    def discard(self, lease: Lease) -> None: ...
+
+
+#: Seconds a request holds its connection before the watcher registers its client:
+#: most requests end sooner and never cost the watcher a system call.
+WATCH_DELAY = 0.05
+
+
+class PendingClients:
+    """Leases whose request's client the watcher registers once they have been held
+    :data:`WATCH_DELAY` (cancel on disconnect), oldest first.
+
+    The request thread appends its lease (:meth:`Lease.watch_client_later`), and its
+    release takes the entry off again when it is the newest (always, in a one-thread
+    worker such as gunicorn sync): a request that ended in time leaves the watcher
+    nothing to look at. The watcher takes the due entries from the other end
+    (:meth:`take_due`).
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: collections.deque[tuple[Lease, ClientProbe, bool]] = collections.deque()
+
+    def add(self, lease: Lease, probe: ClientProbe, eof_means_gone: bool) -> None:
+        self._entries.append((lease, probe, eof_means_gone))
+
+    def discard(self, lease: Lease) -> None:
+        """Drop *lease*'s entry if it is the newest (else :meth:`take_due` drops it later).
+
+        Never removes another request's entry: one popped by mistake (appended after
+        this one, by another thread) is put back at once.
+        """
+        entries = self._entries
+        try:
+            last = entries.pop()
+        except IndexError:
+            return
+        if last[0] is not lease:
+            entries.append(last)
+
+    def take_due(self, now: float) -> tuple[list[tuple[Lease, ClientProbe, bool]], float | None]:
+        """The entries due at *now* whose lease is still held; entries of released
+        leases are dropped, due or not.
+
+        :returns: the due entries, and when the oldest entry left is due (None: none left).
+        """
+        entries = self._entries
+        due: list[tuple[Lease, ClientProbe, bool]] = []
+        while True:
+            try:
+                entry = entries.popleft()
+            except IndexError:
+                return due, None
+            lease = entry[0]
+            if not lease.active:
+                continue
+            at = lease.checked_out_at + WATCH_DELAY
+            if at > now:
+                entries.appendleft(entry)  # still the oldest: wait for it
+                return due, at
+            due.append(entry)
+
+    def __iter__(self) -> t.Iterator[Lease]:
+        """The leases queued now, oldest first (a snapshot)."""
+        return iter([entry[0] for entry in tuple(self._entries)])
+
+    def clear(self) -> None:
+        """Forget every entry (a forked child: the parent's requests are not its own)."""
+        self._entries.clear()
+
+
+#: The process's leases waiting for the watcher (see :class:`PendingClients`).
+PENDING_CLIENTS = PendingClients()
 
 
 def _shut_down(fd: int, inode: int) -> bool:
@@ -245,10 +320,15 @@ class Lease:
             if self._state is _ACTIVE and self.cancelled is None:
                 self.watch = register(self)
 
-    def wait_for_client(self, pending: Unwatchable) -> None:
-        """Until the watcher registers the client, *pending* is what the release drops."""
+    def watch_client_later(self, probe: ClientProbe, eof_means_gone: bool) -> None:
+        """Have the watcher watch the request's client (*probe*) if the lease is still
+        held after :data:`WATCH_DELAY`, and cancel its query if the client leaves.
+
+        Only an entry in :data:`PENDING_CLIENTS` until then, which the release drops.
+        """
         if self.watch is None:
-            self.watch = pending
+            self.watch = PENDING_CLIENTS
+            PENDING_CLIENTS.add(self, probe, eof_means_gone)
 
     def release(self, reason: ReleaseReason) -> bool:
         """Give the connection back to its pool, once.
@@ -268,7 +348,7 @@ class Lease:
         watch = self.watch
         if watch is not None:
             self.watch = None
-            watch.discard()
+            watch.discard(self)
         try:
             self._holder.give_back(self, reason)
         finally:
@@ -397,15 +477,21 @@ class RequestLeases:
         "ended",
         "environ",
         "endpoint",
+        "state",
         "__weakref__",
     )
 
     def __init__(
-        self, environ: dict[str, t.Any] | None = None, endpoint: str | None = None
+        self,
+        environ: dict[str, t.Any] | None = None,
+        endpoint: str | None = None,
+        state: AppState | None = None,
     ) -> None:
         #: the request's WSGI environ and endpoint, read once
         self.environ: dict[str, t.Any] = environ if environ is not None else {}
         self.endpoint = endpoint
+        #: the app's flask-reqconn state (None: a request that ended with no connection)
+        self.state = state
         self.leases: dict[str, Lease] = {}
         #: the response is an iterator: release waits for its ``close()``.
         self.streamed = False

@@ -27,7 +27,7 @@ def config_key(pool: str, key: str) -> str:
 class Stat(str, enum.Enum):
     """The event counters of one pool, as keys of :meth:`~flask_reqconn.ReqConn.stats`.
 
-    Bumped with ``PoolCounters.add()`` (:mod:`flask_reqconn.stats`); summed
+    Bumped with ``PoolCounters.add()`` (:mod:`flask_reqconn.pool`); summed
     over the pools at the top level of the stats.
     """
 

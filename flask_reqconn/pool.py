@@ -9,6 +9,7 @@ garbage collection never sends a ``Terminate`` over the parent's sockets.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -26,11 +27,11 @@ from . import holds, sizing
 from .config import AppSettings, PoolSettings
 from .exhaustion import Exhaustion, ReportLimit
 from .handback import Baseline, clean_connection, make_read_only, restore_attributes
-from .lease import Lease
+from .lease import Lease, LeaseState
 from .liveness import RequestPool, server_gone
 from .names import CancelReason, ReleaseReason, Stat
 from .owner import Block, LeasedConnection, Owner, own, socket_id
-from .stats import Listener, PoolCounters
+from .stats import Histogram, Listener
 from .watcher import get_watcher
 
 logger = logging.getLogger("flask_reqconn.pool")
@@ -42,6 +43,116 @@ _INHERITED_POOLS: list[ConnectionPool[t.Any]] = []
 _MAX_HOLD, _IDLE = CancelReason.MAX_HOLD, TransactionStatus.IDLE
 #: The attribute of a pooled connection holding when it last went back to the pool.
 _IDLE_SINCE = "_reqconn_idle_since"
+
+
+#: Checkouts and releases recorded before they are folded into the counts (or sooner,
+#: when ``stats()`` reads them).
+_FOLD_EVERY = 256
+
+
+class PoolCounters:
+    """Thread-safe counters of one pool in one process.
+
+    A checkout and a release take no lock: each appends its wait or hold time to a
+    deque (one step, safe from any thread), and whoever reads the counters (or finds
+    :data:`_FOLD_EVERY` waiting) folds them into the counts and histograms, under the
+    lock. The rarer events (:meth:`add`) are counted under the lock at once.
+    """
+
+    def __init__(self, pool: str, listeners: list[Listener] | None = None) -> None:
+        self.pool = pool
+        self.listeners: list[Listener] = listeners if listeners is not None else []
+        self._lock = threading.Lock()
+        self.checkouts = 0
+        self.releases: dict[ReleaseReason, int] = {reason: 0 for reason in ReleaseReason}
+        self.counts: dict[Stat, int] = {stat: 0 for stat in Stat}
+        self.wait_time = Histogram()
+        self.hold_time = Histogram()
+        #: checkouts (their wait) and releases (their reason and hold) not folded yet
+        self._checkouts: collections.deque[float] = collections.deque()
+        self._releases: collections.deque[tuple[ReleaseReason, float]] = collections.deque()
+        #: the leases held now, by id
+        self._held: dict[int, Lease] = {}
+
+    def checked_out(self, lease: Lease) -> None:
+        wait = lease.wait_time
+        self._held[id(lease)] = lease
+        checkouts = self._checkouts
+        checkouts.append(wait)
+        if len(checkouts) >= _FOLD_EVERY:
+            self.fold()
+        for listener in self.listeners:
+            listener.checked_out(self.pool, wait)
+
+    def released(self, lease: Lease, reason: ReleaseReason) -> None:
+        held = lease.held_for
+        self._held.pop(id(lease), None)
+        releases = self._releases
+        releases.append((reason, held))
+        if len(releases) >= _FOLD_EVERY:
+            self.fold()
+        for listener in self.listeners:
+            listener.released(self.pool, reason, held)
+
+    def fold(self) -> None:
+        """Count the checkouts and releases recorded so far.
+
+        Releases first: one whose checkout is recorded meanwhile is counted with it
+        next time, so ``checked_out`` is never seen below the true number.
+        """
+        with self._lock:
+            releases, counted = self._releases, self.releases
+            holds: list[float] = []
+            while releases:
+                reason, held = releases.popleft()
+                counted[reason] += 1
+                holds.append(held)
+            self.hold_time.observe(holds)
+            checkouts = self._checkouts
+            waits: list[float] = []
+            while checkouts:
+                waits.append(checkouts.popleft())
+            self.checkouts += len(waits)
+            self.wait_time.observe(waits)
+
+    def add(self, stat: Stat, amount: int = 1) -> None:
+        """Count *amount* more of *stat*, and tell the listeners."""
+        with self._lock:
+            self.counts[stat] += amount
+        for listener in self.listeners:
+            listener.counted(self.pool, stat, amount)
+
+    def __getitem__(self, stat: Stat) -> int:
+        return self.counts[stat]
+
+    def active_leases(self, *, releasing: bool = False) -> list[Lease]:
+        """The leases of this pool held right now.
+
+        :param releasing: also those whose connection is being handed back.
+        """
+        with self._lock:
+            leases = list(self._held.values())
+        return [
+            lease
+            for lease in leases
+            if lease.active or (releasing and lease.state is LeaseState.RELEASING)
+        ]
+
+    def snapshot(self) -> dict[str, t.Any]:
+        held = sorted(self.active_leases(), key=lambda lease: lease.checked_out_at)
+        self.fold()
+        with self._lock:
+            data: dict[str, t.Any] = {
+                "checked_out": self.checkouts - sum(self.releases.values()),
+                "checkouts": self.checkouts,
+                "releases": {reason.value: n for reason, n in self.releases.items()},
+            }
+            data.update((stat.value, n) for stat, n in self.counts.items())
+            data["wait_time"] = self.wait_time.snapshot()
+            data["hold_time"] = self.hold_time.snapshot()
+        data["holders"] = [lease.describe() for lease in held]
+        return data
+
 
 
 class PoolHolder:
@@ -138,8 +249,11 @@ class PoolHolder:
             self.exhaustion.opened(pool)
             pool.open(wait=False)
             self._pool, self._pid = pool, pid
-            if self.watcher_tick is not None:  # REQCONN_MAX_HOLD, leak reports
-                get_watcher().watch(self, self.watcher_tick)
+            watcher = get_watcher()  # departed clients, REQCONN_MAX_HOLD, leak reports
+            if self.watcher_tick is not None:
+                watcher.watch(self, self.watcher_tick)
+            else:
+                watcher.start()
             logger.debug(
                 "opened pool %s in process %d: %s (min_size=%d, max_size=%d)",
                 self.log_name,
@@ -183,6 +297,7 @@ class PoolHolder:
         quiet_exhaustion: bool = False,
         owner: Owner | None = None,
         thread_id: int | None = None,
+        environ: t.Mapping[str, t.Any] | None = None,
     ) -> Lease:
         """Wait for a connection and return it as an active :class:`Lease`.
 
@@ -192,9 +307,14 @@ class PoolHolder:
             :class:`~flask_reqconn.owner.LeasedConnection`.
         :param thread_id: the thread serving the request, if the checkout runs in
             another (an ``async def`` view's, in asgiref's thread); default: this one.
+        :param environ: the request's WSGI environ: the first checkout of each process
+            asks the server how many requests a worker runs at once
+            (:func:`~flask_reqconn.sizing.check_concurrency`).
         :raises PoolExhausted: when no connection came within the timeout or
             the wait queue is full.
         """
+        if environ is not None and self.size_checked_in != os.getpid():
+            self._check_size(environ)
         pool = self.pool
         lease = Lease(
             self,
@@ -220,6 +340,15 @@ class PoolHolder:
                 lease.wait_time,
             )
         return lease
+
+    def _check_size(self, environ: t.Mapping[str, t.Any]) -> None:
+        """The pool-sizing check of this process, before its pool opens (a forked
+        child checks again): the server's worker processes, if it says, are what the
+        check of ``max_connections`` at the first connection counts."""
+        self.size_checked_in = os.getpid()
+        found = sizing.check_concurrency(self, environ)
+        if found is not None:
+            self.processes = found.processes
 
     def _getconn_alive(
         self, pool: ConnectionPool[t.Any], owner: Owner | None

@@ -3,8 +3,8 @@
 Two checks, each one WARNING per process and pool, on a logger of their own that can be
 silenced by name:
 
-- :func:`check_once`, at the pool's first checkout (from
-  :func:`flask_reqconn.checkout.checkout`): can the worker run more requests at once
+- :func:`check_concurrency`, at the pool's first checkout in each process (from
+  :meth:`flask_reqconn.pool.PoolHolder.checkout`): can the worker run more requests at once
   than its pool holds? The server's concurrency comes from
   :func:`flask_reqconn.probes.concurrency_for` (gunicorn's ``--threads`` or
   ``--worker-connections``, waitress's ``threads``, uWSGI's ``--threads``). A smaller
@@ -27,7 +27,7 @@ import threading
 import typing as t
 
 from .names import config_key
-from .probes import concurrency_for
+from .probes import Concurrency, concurrency_for
 
 if t.TYPE_CHECKING:
     import psycopg
@@ -96,25 +96,21 @@ def connections_problem(
     )
 
 
-def check_once(holder: PoolHolder, environ: t.Mapping[str, t.Any]) -> None:
+def check_concurrency(holder: PoolHolder, environ: t.Mapping[str, t.Any]) -> Concurrency | None:
     """Warn if this worker runs more requests at once than *holder* has connections.
 
-    Does something at the first call per pool in each process; never raises. Also
-    records the server's worker processes for :func:`check_server_once`.
+    Called by the pool's first checkout in each process; never raises.
+
+    :returns: what the server says of its concurrency (its worker processes are
+        what :func:`check_server_once` counts), None if it says nothing.
     """
-    pid = os.getpid()
-    if holder.size_checked_in == pid:  # a forked child checks again
-        return
-    holder.size_checked_in = pid
     try:
         found = concurrency_for(environ)
     except Exception:  # a server's internals moved: no check rather than a failed request
-        return
-    if found is not None:
-        holder.processes = found.processes
+        return None
     max_size = holder.settings.max_size
     if found is None or found.requests <= max_size:
-        return
+        return found
     key = config_key(holder.name, "MAX_SIZE")
     logger.warning(
         "pool %s has %s = %d connections, but this worker runs up to %d requests at once"
@@ -131,6 +127,7 @@ def check_once(holder: PoolHolder, environ: t.Mapping[str, t.Any]) -> None:
         key,
         _SILENCE,
     )
+    return found
 
 
 def check_server_once(holder: PoolHolder, conn: psycopg.Connection[t.Any]) -> None:

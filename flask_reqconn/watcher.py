@@ -26,7 +26,6 @@ never completes it), ``REQCONN_MAX_HOLD`` shuts the connection's socket down
 from __future__ import annotations
 
 import atexit
-import collections
 import logging
 import os
 import select
@@ -35,6 +34,7 @@ import time
 import typing as t
 import weakref
 
+from .lease import PENDING_CLIENTS, WATCH_DELAY
 from .names import CancelReason, Stat
 
 if t.TYPE_CHECKING:
@@ -46,9 +46,6 @@ logger = logging.getLogger("flask_reqconn.watcher")
 
 #: Seconds between polls of clients that cannot be watched with epoll.
 POLL_INTERVAL = 0.05
-#: Seconds a request holds its connection before its client is registered: most
-#: requests end sooner and never cost the watcher a system call.
-WATCH_DELAY = 0.05
 #: The shortest sleep of the watcher thread, in seconds.
 _MIN_WAIT = 0.001
 #: Seconds a cancel request sent by the watcher may take before it gives up on it.
@@ -77,51 +74,11 @@ class ClientWatch:
         self.eof_means_gone = eof_means_gone
         self.since = time.monotonic()
 
-    def discard(self) -> None:
+    def discard(self, lease: Lease) -> None:
         self.watcher.unwatch(self)
 
     def gone(self) -> bool:
         return self.probe.gone(self.eof_means_gone)
-
-
-class PendingWatch:
-    """A request's client waiting :data:`WATCH_DELAY` to be registered (``watch_client_later``).
-
-    It is the lease's ``watch`` until then, so the lease's release calls
-    :meth:`discard`, in the request's thread: the entry leaves the watcher's queue
-    there and then when it is the newest one (always, in a one-thread worker such as
-    gunicorn sync), and a request that ended in time leaves the watcher nothing to
-    look at or free.
-    """
-
-    __slots__ = ("due", "lease", "probe", "eof_means_gone", "queue")
-
-    def __init__(
-        self,
-        queue: collections.deque[PendingWatch],
-        lease: Lease,
-        probe: ClientProbe,
-        eof_means_gone: bool,
-    ) -> None:
-        self.due = lease.checked_out_at + WATCH_DELAY
-        self.lease = lease
-        self.probe = probe
-        self.eof_means_gone = eof_means_gone
-        self.queue = queue
-
-    def discard(self) -> None:
-        """Leave the queue if this is its newest entry (else the watcher drops it later).
-
-        Never removes another request's entry: one popped by mistake (appended
-        after this one, by another thread) is put back at once.
-        """
-        queue = self.queue
-        try:
-            last = queue.pop()
-        except IndexError:
-            return
-        if last is not self:
-            queue.append(last)
 
 
 class Watcher:
@@ -140,8 +97,6 @@ class Watcher:
         self._stop = threading.Event()
         self._tick = 1.0
         self._said_unwatchable = False
-        #: requests whose client is registered once due, oldest first
-        self._pending: collections.deque[PendingWatch] = collections.deque()
 
     @property
     def running(self) -> bool:
@@ -149,6 +104,13 @@ class Watcher:
         return self._running_in == os.getpid()
 
     # -- registration (request threads) -----------------------------------------
+
+    def start(self) -> None:
+        """Run the thread in this process (started with each pool: a pool opens in the
+        process that serves its requests, and again in a forked child)."""
+        if not self.running:
+            with self._lock:
+                self._ensure_running()
 
     def watch(self, holder: PoolHolder, interval: float) -> None:
         """Run *holder*'s periodic checks at least every *interval* seconds."""
@@ -199,42 +161,16 @@ class Watcher:
                 self._polled.add(entry)
         return entry
 
-    def watch_client_later(self, lease: Lease, probe: ClientProbe, *, eof_means_gone: bool) -> None:
-        """Watch the request's client if *lease* is still held after :data:`WATCH_DELAY`.
-
-        The request thread only appends to a deque (and its release takes the entry
-        off again, see :class:`PendingWatch`); the watcher thread registers the
-        client when it is due, under the lease's lock, so a lease released meanwhile
-        is never registered.
-        """
-        if not self.running:
-            with self._lock:
-                self._ensure_running()
-        entry = PendingWatch(self._pending, lease, probe, eof_means_gone)
-        lease.wait_for_client(entry)
-        self._pending.append(entry)
-
     def _register_due(self) -> float | None:
-        """Register the clients of due entries whose lease is still held; drop the rest.
+        """Register the clients of the leases held :data:`~flask_reqconn.lease.WATCH_DELAY`
+        (:class:`~flask_reqconn.lease.PendingClients`).
 
-        Entries of released leases are dropped whether due or not.
-
-        :returns: when the oldest entry left is due; None when the queue is empty.
+        :returns: when the oldest entry left is due; None when none is left.
         """
-        pending = self._pending
-        now = time.monotonic()
-        while True:
-            try:
-                entry = pending.popleft()
-            except IndexError:
-                return None
-            lease = entry.lease
-            if not lease.active:
-                continue
-            if entry.due > now:
-                pending.appendleft(entry)  # still the oldest: wait for it
-                return entry.due
-            self.watch_client(lease, entry.probe, eof_means_gone=entry.eof_means_gone)
+        due, next_due = PENDING_CLIENTS.take_due(time.monotonic())
+        for lease, probe, eof_means_gone in due:
+            self.watch_client(lease, probe, eof_means_gone=eof_means_gone)
+        return next_due
 
     def unwatch(self, entry: ClientWatch) -> None:
         with self._lock:
@@ -259,6 +195,8 @@ class Watcher:
             self._by_fd.clear()
             self._polled.clear()
             self._epoll = None
+            if self._pid:
+                PENDING_CLIENTS.clear()
         self._stop = threading.Event()
         self._pid = pid
         self._thread = threading.Thread(

@@ -10,8 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "flask_reqconn"
-#: No module is longer (a module that needs more is a package).
-MAX_LINES = 450
+#: No module is longer (a module that needs more is a package). A module holds one thing
+#: whole (the pool, a lease, the connection), so that one request reads in a few modules.
+MAX_LINES = 800
 
 
 def modules() -> dict[str, Path]:

@@ -18,11 +18,11 @@ import pytest
 from flask import Flask
 
 from flask_reqconn import ReleaseReason, get_conn, state_of
-from flask_reqconn.lease import Lease
+from flask_reqconn.lease import PENDING_CLIENTS, WATCH_DELAY, Lease
 from flask_reqconn.names import CancelReason, Stat
 from flask_reqconn.probes import SocketProbe
 from flask_reqconn.probes.waitress import WaitressProbe
-from flask_reqconn.watcher import WATCH_DELAY, ClientWatch, PendingWatch, get_watcher
+from flask_reqconn.watcher import ClientWatch, get_watcher
 from tests import pg
 from tests.appfixtures import AppFactory
 
@@ -127,7 +127,7 @@ def test_a_lease_released_before_its_delay_is_never_registered(
     client, server = pair
     app = make_app()
     taken = state_of(app).pools["default"].checkout(method="GET", path="/w", endpoint="w")
-    get_watcher().watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+    taken.watch_client_later(SocketProbe(server), True)
     taken.release(ReleaseReason.TEARDOWN)
     time.sleep(WATCH_DELAY * 4)
     assert taken.watch is None
@@ -140,7 +140,7 @@ def test_a_lease_still_held_after_its_delay_is_registered(
     lease: Lease, pair: tuple[socket.socket, socket.socket]
 ) -> None:
     client, server = pair
-    get_watcher().watch_client_later(lease, SocketProbe(server), eof_means_gone=True)
+    lease.watch_client_later(SocketProbe(server), True)
     pg.wait_until(lambda: lease.watch, timeout=20, message="registered once due")
     client.close()
     pg.wait_until(lambda: lease.cancelled, timeout=20, message="the watcher saw the close")
@@ -153,16 +153,15 @@ def test_a_request_released_in_time_takes_its_entry_off_the_queue_itself(
     _client, server = pair
     app = make_app()
     holder = state_of(app).pools["default"]
-    watcher = get_watcher()
     for _ in range(20):
         taken = holder.checkout(method="GET", path="/w", endpoint="w")
-        watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
-        assert isinstance(taken.watch, PendingWatch)
-        queued = [entry for entry in watcher._pending if entry.lease is taken]
+        taken.watch_client_later(SocketProbe(server), True)
+        assert taken.watch is PENDING_CLIENTS
+        queued = [queued for queued in PENDING_CLIENTS if queued is taken]
         assert len(queued) == 1
         taken.release(ReleaseReason.TEARDOWN)
         assert taken.watch is None
-        assert all(entry.lease is not taken for entry in watcher._pending)
+        assert taken not in list(PENDING_CLIENTS)
 
 
 def test_a_release_never_takes_another_requests_entry_off_the_queue(
@@ -173,19 +172,18 @@ def test_a_release_never_takes_another_requests_entry_off_the_queue(
     client, server = pair
     app = make_app(max_size=3)
     holder = state_of(app).pools["default"]
-    watcher = get_watcher()
     short_client, short_server = socket.socketpair()
     try:
         early = holder.checkout(method="GET", path="/short", endpoint="short")
-        watcher.watch_client_later(early, SocketProbe(short_server), eof_means_gone=True)
+        early.watch_client_later(SocketProbe(short_server), True)
         long = holder.checkout(method="GET", path="/long", endpoint="long")
-        watcher.watch_client_later(long, SocketProbe(server), eof_means_gone=True)
+        long.watch_client_later(SocketProbe(server), True)
         early.release(ReleaseReason.TEARDOWN)  # older than the long one: not the newest
         for _ in range(30):
             short = holder.checkout(method="GET", path="/short", endpoint="short")
-            watcher.watch_client_later(short, SocketProbe(short_server), eof_means_gone=True)
+            short.watch_client_later(SocketProbe(short_server), True)
             short.release(ReleaseReason.TEARDOWN)
-        assert any(entry.lease is long for entry in watcher._pending)
+        assert long in list(PENDING_CLIENTS)
         pg.wait_until(
             lambda: isinstance(long.watch, ClientWatch), timeout=20, message="registered once due"
         )
@@ -193,7 +191,7 @@ def test_a_release_never_takes_another_requests_entry_off_the_queue(
         pg.wait_until(lambda: long.cancelled, timeout=20, message="the watcher saw the close")
         long.release(ReleaseReason.TEARDOWN)
         pg.wait_until(
-            lambda: all(entry.lease is not early for entry in watcher._pending),
+            lambda: early not in list(PENDING_CLIENTS),
             timeout=20,
             message="the watcher dropped the released request's entry",
         )
@@ -211,7 +209,7 @@ def test_the_watcher_does_not_wake_per_request(
     holder = state_of(app).pools["default"]
     watcher = get_watcher()
     taken = holder.checkout(method="GET", path="/w", endpoint="w")
-    watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+    taken.watch_client_later(SocketProbe(server), True)
     taken.release(ReleaseReason.TEARDOWN)  # the thread is running
     wakes = [0]
     register_due = watcher._register_due
@@ -227,7 +225,7 @@ def test_the_watcher_does_not_wake_per_request(
     requests = 0
     while time.monotonic() - started < 0.5 or requests < 100:
         taken = holder.checkout(method="GET", path="/w", endpoint="w")
-        watcher.watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+        taken.watch_client_later(SocketProbe(server), True)
         taken.release(ReleaseReason.TEARDOWN)
         requests += 1
     elapsed = time.monotonic() - started
@@ -255,16 +253,17 @@ def test_max_hold_cancels_a_runaway_request_and_the_connection_is_replaced(
 
 
 def one_watched_request(holder: Any, server: socket.socket) -> None:
-    """A request whose client is queued for the watcher (which starts it if needed)."""
+    """A request whose client is queued for the watcher (started by the pool's opening)."""
     taken = holder.checkout(method="GET", path="/w", endpoint="w")
-    get_watcher().watch_client_later(taken, SocketProbe(server), eof_means_gone=True)
+    taken.watch_client_later(SocketProbe(server), True)
     taken.release(ReleaseReason.TEARDOWN)
 
 
 def test_the_watcher_is_restarted_after_it_stopped(
     make_app: AppFactory, pair: tuple[socket.socket, socket.socket]
 ) -> None:
-    """``running`` is a flag the thread clears as it ends: a stopped watcher is started again."""
+    """``running`` is a flag the thread clears as it ends: a stopped watcher is started
+    again with the next pool that opens."""
     _client, server = pair
     holder = state_of(make_app()).pools["default"]
     watcher = get_watcher()
@@ -274,6 +273,7 @@ def test_the_watcher_is_restarted_after_it_stopped(
     watcher.stop()
     assert not first.is_alive()
     assert not watcher.running
+    holder.close()
     one_watched_request(holder, server)
     second = watcher._thread
     assert second is not None and second is not first and second.is_alive()

@@ -39,9 +39,8 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy import event, exc
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
-from ...checkout import current_leases, on_query_canceled
+from ...checkout import current_leases, get_conn, on_query_canceled
 from ...errors import ReqConnError
-from ...extension import get_conn
 from ...lost import database_unavailable, lost_lease
 from ...owner import own
 from ...state import state_of
