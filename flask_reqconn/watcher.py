@@ -1,7 +1,8 @@
 """One background thread per worker process: departed clients, long holds, leaks.
 
-The watcher is started lazily, in the process that serves requests (never at
-import or in ``init_app``), restarted in a forked child, and stopped at exit.
+The watcher starts with the first pool of the process that serves requests
+(pools open there, never at import or in ``init_app``), again in a forked child,
+and stops at exit.
 
 - **Departed clients.** The client sockets of requests holding a connection
   are registered with ``epoll`` (``EPOLLRDHUP``, one-shot): when one reports a
