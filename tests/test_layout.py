@@ -6,7 +6,13 @@ import ast
 import importlib
 import logging
 import re
+import socket
+import sys
 from pathlib import Path
+from types import FrameType
+
+from flask_reqconn import get_conn
+from tests.appfixtures import AppFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "flask_reqconn"
@@ -181,3 +187,49 @@ def test_every_logger_is_named_after_its_module_and_documented() -> None:
     }
     for name in used:  # the module's ``logger``, a child of flask_reqconn's
         assert importlib.import_module(name).logger is logging.getLogger(name)
+
+
+#: The package modules one request runs in, in the order it first enters each: an eager
+#: checkout under gunicorn (the client's socket in the environ), a view running one
+#: query, the release at teardown. docs/lifecycle.rst walks through them in this order.
+REQUEST_PATH = (
+    "flask_reqconn.middleware",
+    "flask_reqconn.checkout",
+    "flask_reqconn.lease",
+    "flask_reqconn.probes",
+    "flask_reqconn.pool",
+    "flask_reqconn.connection",
+)
+
+
+def test_one_request_runs_in_the_modules_of_its_path(make_app: AppFactory) -> None:
+    """Every call into the package during one eager request, traced: six modules."""
+    app = make_app()
+
+    @app.get("/one")
+    def one() -> str:
+        return str(get_conn().execute("select 1").fetchone())
+
+    client_end, server_end = socket.socketpair()
+    environ = {"gunicorn.socket": server_end}
+    client = app.test_client()
+    entered: list[str] = []
+
+    def profile(frame: FrameType, event: str, _arg: object) -> None:
+        if event == "call":
+            module = frame.f_globals.get("__name__", "")
+            if module.startswith("flask_reqconn.") and module not in entered:
+                entered.append(module)
+
+    try:
+        assert client.get("/one", environ_base=environ).status_code == 200  # the pool opens
+        sys.setprofile(profile)
+        try:
+            response = client.get("/one", environ_base=environ)
+        finally:
+            sys.setprofile(None)
+    finally:
+        client_end.close()
+        server_end.close()
+    assert response.status_code == 200
+    assert tuple(entered) == REQUEST_PATH
