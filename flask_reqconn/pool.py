@@ -217,7 +217,7 @@ class PoolHolder:
         :param site: called only with leak detection on, to record where the
             connection was taken.
         :param owner: who may use the connection (the request's leases), see
-            :class:`~flask_reqconn.owner.LeasedConnection`.
+            :class:`~flask_reqconn.connection.LeasedConnection`.
         :param thread_id: the thread serving the request, if the checkout runs in
             another (an ``async def`` view's, in asgiref's thread); default: this one.
         :raises PoolExhausted: when no connection came within the timeout or
