@@ -12,7 +12,7 @@ backend, without the connection's start-up and exit. The client runs natively an
 sends what the apps send: psycopg's ``BEGIN``, the query through psycopg (``SELECT 1``,
 or with ``--read`` ``/read``'s indexed lookup; prepared by psycopg from its fifth use,
 as in the apps, unless the variant says otherwise), and then the variant's ending
-(``COMMIT``, or hand-back SQL through ``PQexec``, as :mod:`flask_reqconn.handback`
+(``COMMIT``, or hand-back SQL through ``PQexec``, as :mod:`flask_reqconn.connection`
 sends it). Two runs agree within about 1.5 %: other load on the machine changes the
 time, not the count (the backend's timed work, such as its statistics flushes, is a
 likely source of the rest). The server's own background processes are not counted, nor
@@ -25,7 +25,7 @@ statement the real request path sends, liveness and hand-back included.
 
 Variants (``--list`` prints them): ``bare`` is the pool's ``BEGIN``, query,
 ``COMMIT``; ``handback``, ``handback-noreset`` and ``handback-committed`` call the
-importable :func:`flask_reqconn.handback.clean_connection` (``PYTHONPATH`` picks
+importable :func:`flask_reqconn.connection.clean_connection` (``PYTHONPATH`` picks
 which); the rest send fixed SQL, to price each statement of the hand-back and each
 alternative considered.
 """
@@ -141,11 +141,11 @@ def commit(conn: psycopg.Connection[Any]) -> None:
 
 def library(reset_session: bool) -> Ending:
     """An ending that is this checkout's hand-back."""
-    from flask_reqconn import handback
+    from flask_reqconn import connection
 
     def ending(conn: psycopg.Connection[Any]) -> None:
-        baseline = handback.Baseline(autocommit=False, row_factory=conn.row_factory)
-        outcome = handback.clean_connection(conn, baseline, reset_session=reset_session)
+        baseline = connection.Baseline(autocommit=False, row_factory=conn.row_factory)
+        outcome = connection.clean_connection(conn, baseline, reset_session=reset_session)
         if outcome.discarded or outcome.discarded_writes:
             raise RuntimeError(f"hand-back failed: {outcome}")
 

@@ -104,12 +104,13 @@ FLOOR_GUARANTEES: dict[str, str] = {
     "checkpoll": "the same check with one poll object per thread, kept between requests",
     "owner": "LeasedConnection: the owner context variable set per request, own() at"
     " checkout and release",
-    "live": "liveness check of the pooled connection's socket (flask_reqconn.liveness.server_gone)",
+    "live": "liveness check of the pooled connection's socket"
+    " (flask_reqconn.connection.server_gone)",
     "count": "counters: checkouts and releases, plain integers",
     "hist": "counters and the wait and hold time histograms (Histogram.observe)",
     "noreset": "hand-back without the session reset: the write check and ROLLBACK",
     "rollback": "hand-back: ROLLBACK alone (no write check, no reset)",
-    "hold": "REQCONN_MAX_HOLD: the socket's identity (flask_reqconn.owner.socket_id) and"
+    "hold": "REQCONN_MAX_HOLD: the socket's identity (flask_reqconn.connection.socket_id) and"
     " the connection queued for a watcher thread (a deque append)",
     "lease": "a lease object per request: a threading.Lock (exactly-once release) and a"
     " finalizer (__del__)",
@@ -421,7 +422,7 @@ class _HoldWatcher(threading.Thread):
     """
 
     def __init__(self) -> None:
-        from flask_reqconn.owner import socket_id
+        from flask_reqconn.connection import socket_id
 
         super().__init__(name="bench-floor-watcher", daemon=True)
         self.socket_id = socket_id
@@ -490,7 +491,7 @@ class _ThreadPoll(threading.local):
 
 
 def _server_gone_polled(conn: Any, local: _ThreadPoll, server_gone: Any) -> bool:
-    """``livepoll``: ``flask_reqconn.liveness.server_gone`` with the thread's poll object,
+    """``livepoll``: ``flask_reqconn.connection.server_gone`` with the thread's poll object,
     asked only when the connection's socket has something to read."""
     pgconn = conn.pgconn
     if pgconn.status != _CONN_OK:
@@ -604,8 +605,8 @@ def _floor(
     ``bare``; ``before_request`` takes a connection (``getconn()``) and puts it on the
     request object; the views find it there (:func:`get_conn`, one lookup);
     ``teardown_request`` sends the library's hand-back SQL for the connection's
-    transaction status with the session reset on (``flask_reqconn.handback._SQL``, one
-    ``PQexec`` under the connection's lock, as ``handback._run`` does; a write check that
+    transaction status with the session reset on (``flask_reqconn.connection._SQL``, one
+    ``PQexec`` under the connection's lock, as ``connection._run`` does; a write check that
     failed is followed by the rollback of a failed transaction) and ``putconn()``\\ s it.
     Each guarantee is a branch taken or not; the branches cost a few hundred
     instructions per request together, below what two counts of the same code differ by.
@@ -615,10 +616,9 @@ def _floor(
     from psycopg.pq import TransactionStatus
     from psycopg_pool import ConnectionPool
 
+    from flask_reqconn.connection import _SQL as HANDBACK_SQL
+    from flask_reqconn.connection import LeasedConnection, current_owner, own, server_gone
     from flask_reqconn.errors import ClientGone
-    from flask_reqconn.handback import _SQL as HANDBACK_SQL
-    from flask_reqconn.liveness import server_gone
-    from flask_reqconn.owner import LeasedConnection, current_owner, own
     from flask_reqconn.probes.peek import socket_gone
 
     guard = "guard" in guarantees

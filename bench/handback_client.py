@@ -8,7 +8,7 @@ One connection plays a request over and over (``SELECT 1``, then the ending) und
 divided by 500 is what one costs (as ``instructions.py`` counts). The endings: the bare
 pool's ``commit()``; flask-reqconn's hand-back (rollback, write check, session reset)
 sent as before 0fd520a, through psycopg's wait with a result object per statement;
-and as now, through libpq's ``PQexec`` (``flask_reqconn.handback.clean_connection``).
+and as now, through libpq's ``PQexec`` (``flask_reqconn.connection.clean_connection``).
 PostgreSQL's side of the same endings is ``handback_sql.py``'s.
 """
 
@@ -29,9 +29,9 @@ BENCH = Path(__file__).resolve().parent
 LOOP = """
 import sys, psycopg
 from psycopg import generators
-from flask_reqconn import handback
+from flask_reqconn import connection
 conn = psycopg.connect(sys.argv[1])
-baseline = handback.Baseline(autocommit=False, row_factory=conn.row_factory)
+baseline = connection.Baseline(autocommit=False, row_factory=conn.row_factory)
 # the hand-back of a transaction that wrote nothing, as it was sent before 0fd520a
 OLD = (
     b"SELECT txid_current_if_assigned() IS NOT NULL, pg_advisory_unlock_all(); ROLLBACK;"
@@ -48,9 +48,9 @@ for _ in range(n):
         with conn.lock:
             pgconn.send_query(OLD)
             conn.wait(generators.execute(pgconn))
-        handback.restore_attributes(conn, baseline)
+        connection.restore_attributes(conn, baseline)
     else:
-        handback.clean_connection(conn, baseline, reset_session=True)
+        connection.clean_connection(conn, baseline, reset_session=True)
 """
 ENDINGS = {
     "commit": "psycopg's commit() (the bare pool)",

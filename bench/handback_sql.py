@@ -31,7 +31,7 @@ import psycopg
 from psycopg import generators, pq
 from psycopg.pq import TransactionStatus
 
-from flask_reqconn.handback import _SQL
+from flask_reqconn.connection import _SQL
 
 WRITE_CHECK = "SELECT txid_current_if_assigned() IS NOT NULL"
 MARKED_BEGIN = "BEGIN; SET LOCAL reqconn.tx = 'y'"

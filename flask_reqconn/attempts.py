@@ -4,7 +4,7 @@ When a pool cannot open connections (the server's ``max_connections`` is reached
 "too many clients", "remaining connection slots are reserved"; a failed login; an
 unknown database; a closed port; an unknown host), psycopg_pool logs a WARNING for
 every attempt (``error connecting in 'pool': ...``) and tries again, every half
-second with :class:`~flask_reqconn.liveness.RequestPool`: hundreds of lines a minute
+second with :class:`~flask_reqconn.pool.RequestPool`: hundreds of lines a minute
 per worker, while requests waiting for the pool looked exhausted.
 
 :class:`ConnectAttempts` keeps the state of one opened pool: the cause of its last

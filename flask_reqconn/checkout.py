@@ -24,13 +24,12 @@ from psycopg.pq import TransactionStatus
 from werkzeug.exceptions import ServiceUnavailable
 
 from .body import BODY_LEFT_TO_VIEW
+from .connection import current_owner, make_read_only
 from .errors import ClientGone, ConnectionReleased, PoolExhausted, ReqConnError
-from .handback import make_read_only
 from .lease import Lease, RequestLeases
 from .lost import database_unavailable, lost_lease
 from .middleware import SERVING_THREAD, body_may_use_connection
 from .names import DEFAULT_POOL, CancelReason, ReleaseReason, Stat
-from .owner import current_owner
 from .probes import probe_for
 from .sites import checkout_site
 from .state import state_of

@@ -22,8 +22,7 @@ from .names import Stat
 
 if t.TYPE_CHECKING:
     from .lease import Lease
-    from .liveness import RequestPool
-    from .pool import PoolHolder
+    from .pool import PoolHolder, RequestPool
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import time
 import typing as t
 from collections.abc import Callable
 
+from .connection import Owner, own, socket_id
 from .errors import ConnectionReleased
 from .names import DEFAULT_POOL, CancelReason, ReleaseReason, Stat
-from .owner import Owner, own, socket_id
 
 if t.TYPE_CHECKING:
     import psycopg
@@ -204,7 +204,7 @@ class Lease:
         checkout_site: str | None = None,
     ) -> None:
         self._holder = holder
-        #: who may use the connection (:class:`~flask_reqconn.owner.LeasedConnection`)
+        #: who may use the connection (:class:`~flask_reqconn.connection.LeasedConnection`)
         self.owner = owner
         self.pool_name = holder.name
         self.conn: psycopg.Connection[t.Any] | None = None

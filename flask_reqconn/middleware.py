@@ -36,11 +36,11 @@ from psycopg.errors import InFailedSqlTransaction, QueryCanceled
 from werkzeug.wsgi import ClosingIterator
 
 from .body import BodyError, ClientBody, body_size, log_body_error, receive
+from .connection import current_owner
 from .errors import ClientGone, DatabaseUnavailable
 from .lease import Lease, RequestLeases
 from .lost import database_unavailable, lost_lease
 from .names import DEFAULT_POOL, CancelReason, ReleaseReason, Stat
-from .owner import current_owner
 from .probes import is_client_abort, is_file_wrapper
 from .streamanswer import HeldStart, StreamCut
 

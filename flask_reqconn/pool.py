@@ -5,6 +5,21 @@ nothing is opened at import or in ``init_app``, so a pool never crosses a
 ``fork()`` (gunicorn ``--preload``). If the pid changes anyway, the child opens
 a fresh pool and leaves the parent's alone: it keeps a reference to it so that
 garbage collection never sends a ``Terminate`` over the parent's sockets.
+
+psycopg_pool reconnects with an exponential back-off (1 s, doubling, up to
+``reconnect_timeout``): after an outage of 40 s its next attempt can be tens of
+seconds away. :class:`RequestPool` caps the delay between attempts, with
+jitter, so a pool serves again within about a second of the server coming back.
+
+psycopg_pool logs a WARNING for every closed connection given back to it
+(``discarding closed connection``, ``_return_connection``): during an outage,
+one line per request. flask-reqconn closes the connections it discards itself
+and reports them in its own counters and rate-limited WARNINGs, so
+:meth:`RequestPool.putconn` replaces a closed connection without that line.
+
+It also logs a WARNING for every failed connection attempt. ``RequestPool``
+reports each attempt to its :class:`~flask_reqconn.attempts.ConnectAttempts` instead,
+which says once per burst that the database refuses connections, and why.
 """
 
 from __future__ import annotations
@@ -16,21 +31,34 @@ import os
 import threading
 import time
 import typing as t
+import weakref
 from collections.abc import Callable, Iterator
 
 import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool.base import AttemptWithBackoff, BasePool
+from psycopg_pool.pool import AddConnection
 
 from . import holds, sizing
+from .attempts import ConnectAttempts, observe
 from .config import AppSettings, PoolSettings
+from .connection import (
+    Baseline,
+    Block,
+    LeasedConnection,
+    Owner,
+    clean_connection,
+    make_read_only,
+    own,
+    restore_attributes,
+    server_gone,
+    socket_id,
+)
 from .exhaustion import Exhaustion, ReportLimit
-from .handback import Baseline, clean_connection, make_read_only, restore_attributes
 from .lease import Lease, LeaseState
-from .liveness import RequestPool, server_gone
 from .names import CancelReason, ReleaseReason, Stat
-from .owner import Block, LeasedConnection, Owner, own, socket_id
 from .stats import Histogram, Listener
 from .watcher import get_watcher
 
@@ -304,7 +332,7 @@ class PoolHolder:
         :param site: called only with leak detection on, to record where the
             connection was taken.
         :param owner: who may use the connection (the request's leases), see
-            :class:`~flask_reqconn.owner.LeasedConnection`.
+            :class:`~flask_reqconn.connection.LeasedConnection`.
         :param thread_id: the thread serving the request, if the checkout runs in
             another (an ``async def`` view's, in asgiref's thread); default: this one.
         :param environ: the request's WSGI environ: the first checkout of each process
@@ -555,3 +583,89 @@ class PoolHolder:
         data["refusing"] = self.exhaustion.attempts.refusing() if self.is_open else None
         data["pool"] = self.pool.get_stats() if self.is_open else {}
         return data
+
+
+#: Seconds between reconnection attempts at most (jittered by :data:`RECONNECT_JITTER`).
+RECONNECT_MAX_DELAY = 0.5
+RECONNECT_JITTER = 0.2
+#: Read once: on Python 3.11 reading an enum member through its class costs about as
+#: much as a function call, and every putconn() reads it.
+_UNKNOWN = TransactionStatus.UNKNOWN
+
+
+class _CappedBackoff(AttemptWithBackoff):
+    """psycopg_pool's back-off with the delay capped at :data:`RECONNECT_MAX_DELAY`."""
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        cap = BasePool._jitter(RECONNECT_MAX_DELAY, -RECONNECT_JITTER, RECONNECT_JITTER)
+        self.delay = min(self.delay, cap)
+
+
+class RequestPool(ConnectionPool[t.Any]):
+    """psycopg_pool's ``ConnectionPool`` reconnecting at most every ~0.5 s (jittered),
+    quiet about the closed connections flask-reqconn gives back.
+
+    Each missing connection has one attempt in flight at a time, so a worker
+    makes at most ``max_size`` / 0.4 attempts per second during an outage.
+    Each attempt is reported to :attr:`attempts`, if set, instead of psycopg_pool's
+    WARNING for each failure.
+    """
+
+    #: where connection attempts are reported (set before the pool opens)
+    attempts: ConnectAttempts | None = None
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: checked-out connections already replaced (:meth:`replace`)
+        self._replaced: weakref.WeakSet[psycopg.Connection[t.Any]] = weakref.WeakSet()
+
+    def putconn(self, conn: psycopg.Connection[t.Any]) -> None:
+        """``putconn()``; a closed connection is replaced without psycopg_pool's WARNING.
+
+        What psycopg_pool does for it (``returns_bad`` counted, a new connection
+        added), minus the log line, plus one thing: the connection forgets its
+        pool, so a second ``putconn()`` of it raises instead of growing the pool.
+        """
+        if conn.pgconn.transaction_status != _UNKNOWN:
+            super().putconn(conn)
+            return
+        self._check_pool_putconn(conn)
+        conn._pool = None
+        if self._closed or conn in self._replaced:
+            self._replaced.discard(conn)
+            return
+        self._stats[self._RETURNS_BAD] += 1
+        self.run_task(AddConnection(self))
+
+    def replace(self, conn: psycopg.Connection[t.Any]) -> None:
+        """Add a connection in place of *conn* now, though *conn* is still checked out.
+
+        For a connection whose socket was shut down while a request keeps it (see
+        :meth:`~flask_reqconn.lease.Lease.sever`): when it comes back, closed,
+        :meth:`putconn` does not replace it again. Safe from any thread.
+        """
+        if self._closed or conn in self._replaced:
+            return
+        self._replaced.add(conn)
+        self._stats[self._RETURNS_BAD] += 1
+        self.run_task(AddConnection(self))
+
+    def _add_connection(
+        self, attempt: AttemptWithBackoff | None, growing: bool = False
+    ) -> None:
+        if attempt is None:
+            attempt = _CappedBackoff(timeout=self.reconnect_timeout)
+        report = self.attempts
+        if report is None:
+            super()._add_connection(attempt, growing)
+            return
+        errors = self.get_stats().get("connections_errors", 0)
+        with observe() as outcome:
+            super()._add_connection(attempt, growing)
+        if outcome.error is not None:
+            report.failed(outcome.error)
+        elif self.get_stats().get("connections_errors", 0) != errors:
+            report.failed(None)  # failed, but psycopg.pool logs nothing at WARNING
+        else:
+            report.succeeded()

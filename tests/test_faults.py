@@ -23,13 +23,8 @@ from flask import Flask
 
 from bench.faults import Clients, summarize
 from flask_reqconn import DatabaseUnavailable, get_conn, state_of
-from flask_reqconn.liveness import (
-    RECONNECT_JITTER,
-    RECONNECT_MAX_DELAY,
-    RequestPool,
-    _CappedBackoff,
-    server_gone,
-)
+from flask_reqconn.connection import server_gone
+from flask_reqconn.pool import RECONNECT_JITTER, RECONNECT_MAX_DELAY, RequestPool, _CappedBackoff
 from tests import pg, servers
 from tests.appfixtures import AppFactory
 from tests.fix_faults import FaultServer, RestartMode

@@ -413,10 +413,10 @@ def test_a_hand_back_statement_that_fails_discards_the_connection(
 ) -> None:
     """The hand-back goes to libpq directly: an error in any of its statements (here one
     added to it) still discards the connection, and the next request gets a clean one."""
-    from flask_reqconn import handback
+    from flask_reqconn import connection
 
-    failing = {key: sql + b"; SELECT 1/0" for key, sql in handback._SQL.items()}
-    monkeypatch.setattr(handback, "_SQL", failing)
+    failing = {key: sql + b"; SELECT 1/0" for key, sql in connection._SQL.items()}
+    monkeypatch.setattr(connection, "_SQL", failing)
     app = make_app(max_size=1, reset_session=reset_session)
 
     @app.get("/pid")
@@ -549,7 +549,7 @@ def test_notifications_that_arrive_at_the_hand_back_go_to_the_request_s_handlers
 
 
 def test_the_psycopg_internals_the_hand_back_builds_on_have_their_shape(pg_dsn: str) -> None:
-    """``flask_reqconn.handback`` sends its SQL through these psycopg internals (a
+    """``flask_reqconn.connection`` sends its hand-back's SQL through these psycopg internals (a
     measured gain, see the performance page). If a release changes one, the hand-back
     would fail on every request and discard every connection: fail here first, before
     the upper bound on psycopg in pyproject.toml is raised."""
@@ -557,15 +557,15 @@ def test_the_psycopg_internals_the_hand_back_builds_on_have_their_shape(pg_dsn: 
 
     from psycopg import generators, waiting
 
-    from flask_reqconn import handback
+    from flask_reqconn import connection
 
     if psycopg.pq.__impl__ in ("c", "binary"):
         # psycopg's own wait in C: the hand-back's PQexec path is taken where it is used
-        assert callable(waiting.wait_c) and handback._WAIT_C is waiting.wait_c
+        assert callable(waiting.wait_c) and connection._WAIT_C is waiting.wait_c
     inspect.signature(generators.execute).bind("pgconn")  # TypeError if not
     with psycopg.connect(pg_dsn) as conn:
         assert callable(conn.pgconn.exec_) and callable(conn.pgconn.send_query)
         conn.execute("select 1")
-        clear = conn._prepared.clear  # what handback._forget_prepared calls
+        clear = conn._prepared.clear  # what connection._forget_prepared calls
         assert callable(clear)
         inspect.signature(clear).bind()

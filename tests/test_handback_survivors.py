@@ -21,7 +21,7 @@ import psycopg.waiting
 import pytest
 from flask import Flask
 
-from flask_reqconn import get_conn, handback
+from flask_reqconn import connection, get_conn
 from tests import pg
 from tests.appfixtures import AppFactory
 
@@ -70,13 +70,13 @@ SURVIVORS: dict[str, tuple[str, str]] = {
 def wait(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The hand-back's two ways to libpq; checks afterwards that the one meant was taken."""
     calls = [0]
-    real = handback.generators.execute
+    real = connection.generators.execute
 
     def execute(pgconn: Any) -> Any:
         calls[0] += 1
         return real(pgconn)
 
-    monkeypatch.setattr(handback, "generators", types.SimpleNamespace(execute=execute))
+    monkeypatch.setattr(connection, "generators", types.SimpleNamespace(execute=execute))
     if request.param != "PQexec":
         monkeypatch.setattr(psycopg.waiting, "wait", psycopg.waiting.wait_selector)
     yield request.param

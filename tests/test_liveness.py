@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_reqconn import ReqConn, get_conn, handback, state_of
+from flask_reqconn import ReqConn, connection, get_conn, state_of
 from flask_reqconn.config import load_pool
 from flask_reqconn.names import CancelReason
 from flask_reqconn.netdefaults import TCP_DEFAULTS, uses_tcp
@@ -48,7 +48,7 @@ def test_validate_idle_runs_a_query_on_connections_idle_that_long(
     client = app.test_client()
     assert client.get("/select").status_code == 200
     assert client.get("/noop").status_code == 200  # idle < 0.3 s: no validation query
-    assert last_query().startswith(handback._WRITE_CHECK)  # the hand-back's
+    assert last_query().startswith(connection._WRITE_CHECK)  # the hand-back's
     time.sleep(0.5)
     assert client.get("/noop").status_code == 200  # idle > 0.3 s: validated
     # psycopg_pool's check_connection(): an empty statement (3.2.3 and later; SELECT 1 before)
@@ -251,7 +251,7 @@ def test_tcp_defaults_reach_the_connection(fault_pg: FaultServer) -> None:
 
 
 def test_the_psycopg_pool_internals_the_request_pool_builds_on_have_their_shape() -> None:
-    """``liveness.RequestPool`` overrides or calls these psycopg_pool internals. If a
+    """``pool.RequestPool`` overrides or calls these psycopg_pool internals. If a
     release changes one, the pool could stop replacing the connections flask-reqconn
     discards (it would shrink until every request hangs): fail here first, before the
     upper bound on psycopg-pool in pyproject.toml is raised."""
@@ -262,7 +262,7 @@ def test_the_psycopg_pool_internals_the_request_pool_builds_on_have_their_shape(
     from psycopg_pool.pool import AddConnection
 
     def fits(fn: Any, *args: Any, **kwargs: Any) -> bool:
-        """*fn* takes the arguments the way liveness.py passes them."""
+        """*fn* takes the arguments the way pool.py passes them."""
         inspect.signature(fn).bind(*args, **kwargs)  # TypeError if not
         return True
 

@@ -24,8 +24,8 @@ from flask import Response, stream_with_context
 from psycopg_pool import ConnectionPool
 
 from flask_reqconn import get_conn, state_of
-from flask_reqconn.liveness import RequestPool
 from flask_reqconn.lost import is_lost
+from flask_reqconn.pool import RequestPool
 from tests import pg, servers
 from tests.appfixtures import AppFactory
 

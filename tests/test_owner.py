@@ -1,4 +1,4 @@
-"""Only its own live request ever uses a connection (flask_reqconn.owner).
+"""Only its own live request ever uses a connection (flask_reqconn.connection).
 
 A connection kept past its request (a global, a thread the view started, a block that
 ended) refuses to run statements, commit or roll back anywhere else, so a later request

@@ -40,9 +40,9 @@ from sqlalchemy import event, exc
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from ...checkout import current_leases, get_conn, on_query_canceled
+from ...connection import own
 from ...errors import ReqConnError
 from ...lost import database_unavailable, lost_lease
-from ...owner import own
 from ...state import state_of
 from . import sessions
 from .connection import INIT_SAVEPOINT, RequestConnection
@@ -217,7 +217,7 @@ class RequestPool(Pool):
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         state: AppState = state_of(app)
         cm = state.ext.connection(self._reqconn_pool, app=app)
-        # The block's bookkeeping of who runs now (flask_reqconn.owner) happens in a
+        # The block's bookkeeping of who runs now (flask_reqconn.connection) happens in a
         # context of its own: the check-in may come from another context (a request
         # that used a session begun in a test body), whose own must stay as it is.
         context = contextvars.copy_context()

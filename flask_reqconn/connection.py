@@ -1,36 +1,256 @@
-"""Bringing a connection back to a clean state before it returns to the pool.
+"""The pooled connection: who may use it, whether its server is still there, and how
+it comes back clean.
 
-What a request leaves behind must not reach the next one: an open transaction
-is rolled back, and session state (``SET``, ``SET ROLE``, ``set_config(...,
-false)``, ``LISTEN``, advisory locks, temporary tables, open cursors) is reset,
-in one round trip. psycopg's prepared statements survive the rollback of a
-transaction that wrote nothing. The statements go to libpq directly: through
-``PQexec`` (one wait in C, one result) where psycopg itself waits in C, so the
-hand-back does not build a result object per statement. Client-side attributes
-a view may have changed (``autocommit``, ``read_only``, ``isolation_level``,
-``deferrable``, ``row_factory``) are put back. A connection that is mid-query,
-broken or left in pipeline mode is left for the pool to discard.
+**Who may use it.** The pools of flask-reqconn make :class:`LeasedConnection` objects.
+Each knows its owner: the request that holds it (its
+:class:`~flask_reqconn.lease.RequestLeases`), a ``reqconn.connection()`` block
+(:class:`Block`), or, once given back, the :class:`~flask_reqconn.lease.Lease` that
+ended. The code running now says who it is through :data:`current_owner`, a context
+variable the request's checkout sets. A statement, a commit or a rollback from anyone
+but the owner raises :class:`~flask_reqconn.ConnectionReleased`, whose message the owner
+writes (its ``refusal()``): a connection kept past its request never acts inside
+another request's transaction.
+
+**Whether its server is still there.** An idle connection whose backend ended
+(``pg_terminate_backend``, ``idle_session_timeout``, a restart, a failover, a proxy
+restart) still looks fine to psycopg until it is used: its socket, though, is readable
+at once and holds a ``FATAL`` ErrorResponse or an EOF. A healthy idle connection has
+nothing to read, or only asynchronous messages (a pending ``NOTIFY``, a
+ParameterStatus, a notice). :func:`server_gone` tells the two apart without a round
+trip and without consuming anything, so psycopg still sees every byte.
+
+**How it comes back clean.** What a request leaves behind must not reach the next one:
+an open transaction is rolled back, and session state (``SET``, ``SET ROLE``,
+``set_config(..., false)``, ``LISTEN``, advisory locks, temporary tables, open cursors)
+is reset, in one round trip (:func:`clean_connection`). psycopg's prepared statements
+survive the rollback of a transaction that wrote nothing. The statements go to libpq
+directly: through ``PQexec`` (one wait in C, one result) where psycopg itself waits in
+C, so the hand-back does not build a result object per statement. Client-side
+attributes a view may have changed (``autocommit``, ``read_only``, ``isolation_level``,
+``deferrable``, ``row_factory``) are put back. A connection that is mid-query, broken
+or left in pipeline mode is left for the pool to discard.
 
 What each statement costs PostgreSQL is counted by ``bench/backend_instructions.py``
-(see the performance page): every statement of a string is planned and run on its
-own (8,000 to 14,000 backend instructions for each utility statement, 23,000 for
-the simplest ``SELECT``), so the write check is one more column of the ``SELECT``
-that releases advisory locks anyway, in its cheapest form.
+(see the performance page): every statement of a string is planned and run on its own
+(8,000 to 14,000 backend instructions for each utility statement, 23,000 for the
+simplest ``SELECT``), so the write check is one more column of the ``SELECT`` that
+releases advisory locks anyway, in its cheapest form.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import errno
 import logging
+import os
+import socket
 import typing as t
+from collections.abc import Iterator
 
 import psycopg
 from psycopg import generators, pq, waiting
 from psycopg.pq import DiagnosticField, ExecStatus, PipelineStatus, TransactionStatus
 
+from .errors import ConnectionReleased
 from .lost import is_lost
+from .probes.peek import readable
 
-logger = logging.getLogger("flask_reqconn.handback")
+logger = logging.getLogger(__name__)
+
+# -- who may use it -----------------------------------------------------------------
+
+#: Who is running now, as far as connections care: the request (its leases) or a
+#: ``reqconn.connection()`` block. Set in the request's context by its first
+#: checkout: a thread the view starts has a context of its own, and code that runs
+#: after the request belongs to another.
+current_owner: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "flask_reqconn_owner", default=None
+)
+
+
+class Owner(t.Protocol):
+    """What owns a connection: it says why others may not use it."""
+
+    def refusal(self) -> str: ...
+
+
+class LeasedConnection(psycopg.Connection[t.Any]):
+    """psycopg's connection, usable only by its owner (see the module docstring).
+
+    Running a statement (``execute``, ``cursor``), ``commit``, ``rollback``,
+    ``transaction`` and ``pipeline`` check the owner; everything else is
+    psycopg's own. ``cancel()`` and ``close()`` are not checked: flask-reqconn's
+    watcher and hand-back use them.
+    """
+
+    #: the request or block that may use the connection, the lease that gave it
+    #: back, or None (the pool's own, never handed out)
+    owner: Owner | None = None
+    #: (descriptor, inode) of its socket, once asked (:func:`socket_id`)
+    sock_id: tuple[int, int] | None = None
+
+    def _check_owner(self) -> None:
+        owner = self.owner
+        if owner is not None and owner is not current_owner.get():
+            raise ConnectionReleased(owner.refusal())
+
+    def cursor(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        self._check_owner()
+        return super().cursor(*args, **kwargs)
+
+    def commit(self) -> None:
+        self._check_owner()
+        super().commit()
+
+    def rollback(self) -> None:
+        self._check_owner()
+        super().rollback()
+
+    def transaction(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        self._check_owner()
+        return super().transaction(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[t.Any]:
+        self._check_owner()
+        with super().pipeline() as pipeline:
+            yield pipeline
+
+
+def socket_id(conn: psycopg.Connection[t.Any]) -> tuple[int, int] | None:
+    """(descriptor, inode) of *conn*'s socket, to shut it down from another thread
+    without libpq and only while it is still the same socket. Asked once per
+    connection (its socket never changes)."""
+    known = getattr(conn, "sock_id", None)
+    if known is not None:
+        return known  # type: ignore[no-any-return]
+    try:
+        fd = conn.pgconn.socket
+        found = (fd, os.fstat(fd).st_ino)
+    except Exception:
+        return None
+    if isinstance(conn, LeasedConnection):
+        conn.sock_id = found
+    return found
+
+
+def own(conn: psycopg.Connection[t.Any] | None, owner: Owner | None) -> None:
+    """Make *owner* the only one who may use *conn* from now on."""
+    if isinstance(conn, LeasedConnection):
+        conn.owner = owner
+
+
+class Block:
+    """The owner of a connection taken by ``reqconn.connection()`` (outside requests)."""
+
+    __slots__ = ("pool_name", "ended")
+
+    def __init__(self, pool_name: str, *, ended: bool = False) -> None:
+        self.pool_name = pool_name
+        #: the block is over: its connection is no one's to use
+        self.ended = ended
+
+    @classmethod
+    @contextlib.contextmanager
+    def holding(cls, conn: psycopg.Connection[t.Any], pool_name: str) -> Iterator[None]:
+        """Own *conn* for the block; commit it when the block succeeds.
+
+        The commit is the block's own, whichever context ends it (SQLAlchemy may
+        close its connection from another): it is not checked.
+        """
+        block = cls(pool_name)
+        own(conn, block)
+        token = current_owner.set(block)
+        try:
+            yield
+        except BaseException:
+            own(conn, cls(pool_name, ended=True))
+            raise  # the hand-back rolls back
+        finally:
+            with contextlib.suppress(ValueError):  # ended in another context: nothing to undo
+                current_owner.reset(token)
+        own(conn, cls(pool_name, ended=True))
+        if not conn.closed:
+            psycopg.Connection.commit(conn)
+
+    def refusal(self) -> str:
+        if self.ended:
+            return (
+                f"this connection (pool {self.pool_name!r}) was used after its"
+                " 'with reqconn.connection() as conn:' block ended; it is back in the pool"
+            )
+        return (
+            f"this connection (pool {self.pool_name!r}) belongs to a"
+            " 'with reqconn.connection() as conn:' block; use it inside that block only"
+        )
+
+
+# -- is its server still there ------------------------------------------------------
+
+#: Message types an idle connection may legitimately receive: NotificationResponse,
+#: NoticeResponse, ParameterStatus. Anything else (an ErrorResponse) means gone.
+_IDLE_MESSAGES = frozenset(b"ANS")
+_PEEK = 65536
+_GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT})
+
+
+def server_gone(conn: psycopg.Connection[t.Any]) -> bool:
+    """True when the idle *conn* certainly lost its server side. Never raises.
+
+    One ``poll()`` when the socket has nothing to read (the common case); a
+    non-consuming peek at what arrived otherwise.
+    """
+    if conn.closed or conn.broken:
+        return True
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:
+        return True
+    try:
+        if not readable(fd):
+            return False
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            data = sock.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        return exc.errno in _GONE_ERRNOS
+    if not data:
+        return True  # EOF: the server closed the connection
+    return _has_error(data)
+
+
+def _has_error(data: bytes) -> bool:
+    """Does this stream of backend messages say the session ended?
+
+    An ErrorResponse does; so does a notice with an ``57P`` SQLSTATE (operator
+    intervention: an immediate shutdown sends its "terminating connection"
+    as a WARNING notice before it closes). NOTIFYs, other notices and
+    ParameterStatus messages are what a healthy idle connection receives.
+    """
+    pos = 0
+    while pos + 5 <= len(data):
+        kind = data[pos]
+        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if kind not in _IDLE_MESSAGES:
+            return True
+        if kind == ord("N") and _sqlstate(data[pos + 5 : end]).startswith(b"57P"):
+            return True
+        pos = end
+    return pos < len(data) and data[pos] not in _IDLE_MESSAGES
+
+
+def _sqlstate(fields: bytes) -> bytes:
+    """The ``C`` field of an ErrorResponse/NoticeResponse body (b"" if not in view)."""
+    for field in fields.split(b"\0"):
+        if field[:1] == b"C":
+            return field[1:]
+    return b""
+
+
+# -- the hand-back ------------------------------------------------------------------
 
 #: The session reset: run after any rollback, in the same round trip. ``SET SESSION
 #: AUTHORIZATION DEFAULT`` also ends a ``SET ROLE`` (``RESET ALL`` leaves the role
