@@ -39,7 +39,7 @@ from psycopg_pool.base import AttemptWithBackoff, BasePool
 from psycopg_pool.pool import AddConnection
 
 from .attempts import ConnectAttempts, observe
-from .probes.peek import readable
+from .probes import readable
 
 #: Seconds between reconnection attempts at most (jittered by :data:`RECONNECT_JITTER`).
 RECONNECT_MAX_DELAY = 0.5
