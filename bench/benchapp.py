@@ -100,7 +100,7 @@ FLOOR_GUARANTEES: dict[str, str] = {
     "guard": "WSGI wrapper: release when an exception leaves the app, or at the close()"
     " of a streamed response",
     "check": "client check before the pool wait: a new poll object, then MSG_PEEK"
-    " (flask_reqconn.probes.peek.socket_gone)",
+    " (flask_reqconn.probes.socket_gone)",
     "checkpoll": "the same check with one poll object per thread, kept between requests",
     "owner": "LeasedConnection: the owner context variable set per request, own() at"
     " checkout and release",
@@ -530,7 +530,7 @@ def _both_polled(sock: Any, conn: Any, socket_gone: Any, server_gone: Any) -> in
 
 
 def _client_gone_polled(sock: socket.socket, local: _ThreadPoll) -> bool:
-    """``flask_reqconn.probes.peek.socket_gone`` with the thread's poll object."""
+    """``flask_reqconn.probes.socket_gone`` with the thread's poll object."""
     try:
         fd = sock.fileno()
         if fd < 0:
@@ -619,7 +619,7 @@ def _floor(
     from flask_reqconn.connection import _SQL as HANDBACK_SQL
     from flask_reqconn.connection import LeasedConnection, current_owner, own, server_gone
     from flask_reqconn.errors import ClientGone
-    from flask_reqconn.probes.peek import socket_gone
+    from flask_reqconn.probes import socket_gone
 
     guard = "guard" in guarantees
     check = "check" in guarantees

@@ -363,7 +363,7 @@ def instrument_reqconn(app: Any, timers: Timers, endpoint: str) -> Callable[[], 
     # the client-gone peek: the socket probe's gone() in flask_reqconn.probes today,
     # ClientProbe.gone before, a function before that
     try:
-        from flask_reqconn.probes.peek import SocketProbe
+        from flask_reqconn.probes import SocketProbe
     except ImportError:
         SocketProbe = None  # noqa: N806 - older flask_reqconn
     if SocketProbe is not None:

@@ -55,7 +55,7 @@ from psycopg.pq import DiagnosticField, ExecStatus, PipelineStatus, TransactionS
 
 from .errors import ConnectionReleased
 from .lost import is_lost
-from .probes.peek import readable
+from .probes import readable
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,8 @@ import errno
 import socket
 import ssl
 import struct
+import sys
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -13,12 +15,14 @@ from werkzeug.exceptions import ClientDisconnected
 
 from flask_reqconn.probes import (
     NO_PROBE,
+    SOCKET_KEYS,
     SocketProbe,
     is_client_abort,
     is_file_wrapper,
     probe_for,
     socket_gone,
 )
+from flask_reqconn.probes.uwsgi import BorrowedSocket
 from flask_reqconn.probes.waitress import WaitressProbe
 
 
@@ -114,6 +118,25 @@ def test_each_server_gets_its_probe(pair: tuple[socket.socket, socket.socket]) -
     assert isinstance(waitress, WaitressProbe) and waitress.watchable
     assert waitress.fileno() == -1  # polled by the watcher
     assert probe_for({}) is NO_PROBE and not NO_PROBE.watchable and NO_PROBE.fileno() == -1
+
+
+def test_uwsgi_s_borrowed_descriptor_is_peeked(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, server = pair
+    fake = types.ModuleType("uwsgi")
+    fake.connection_fd = server.fileno  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "uwsgi", fake)
+    probe = probe_for({"uwsgi.version": b"2.0"})
+    assert isinstance(probe, SocketProbe) and isinstance(probe.sock, BorrowedSocket)
+    assert probe.fileno() == server.fileno() and not probe.gone()
+    client.close()
+    wait_readable(server)
+    assert probe.gone() is True
+
+
+def test_the_socket_keys_are_each_server_s_in_order() -> None:
+    assert SOCKET_KEYS == ("gunicorn.socket", "gunicorn.sock", "werkzeug.socket")
 
 
 def test_a_failing_waitress_check_means_present() -> None:

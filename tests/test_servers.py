@@ -274,8 +274,8 @@ def test_borrowed_uwsgi_descriptor_is_never_closed_by_the_probe() -> None:
     import os
     import socket
 
-    from flask_reqconn.probes import uwsgi
-    from flask_reqconn.probes.uwsgi import BorrowedSocket, UwsgiProbe
+    from flask_reqconn.probes import SocketProbe, uwsgi
+    from flask_reqconn.probes.uwsgi import BorrowedSocket
 
     ours, peer = socket.socketpair()
     with ours, peer:
@@ -283,13 +283,13 @@ def test_borrowed_uwsgi_descriptor_is_never_closed_by_the_probe() -> None:
         BorrowedSocket(fd).close()
         with BorrowedSocket(fd):
             pass
-        cycle: list[Any] = [UwsgiProbe(fd)]
+        cycle: list[Any] = [SocketProbe(BorrowedSocket(fd))]
         cycle.append(cycle)
         del cycle
         gc.collect()
         os.fstat(fd)  # still open
-        probe = UwsgiProbe(fd)
+        probe = SocketProbe(BorrowedSocket(fd))
         assert probe.watchable and not probe.gone()
         peer.close()
         assert probe.gone() and not probe.gone(eof_means_gone=False)
-        assert uwsgi.probe({}) is None  # not under uWSGI: nothing imported
+        assert uwsgi.client_socket({}) is None  # not under uWSGI: nothing imported

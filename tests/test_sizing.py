@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from flask_reqconn.probes import Concurrency, concurrency_for
-from flask_reqconn.probes.base import caller_self
+from flask_reqconn.probes.workers import caller_self
 from tests import fix_servers, pg, servers
 
 Spawn = Callable[..., servers.ServerProcess]

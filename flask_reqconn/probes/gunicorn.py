@@ -1,10 +1,10 @@
 """gunicorn: sync, gthread and gevent workers, and ``gevent_pywsgi``.
 
 The client socket is ``environ["gunicorn.socket"]`` (``"gunicorn.sock"``
-under ``gevent_pywsgi``), peeked by :class:`~flask_reqconn.probes.peek.SocketProbe`;
-gunicorn's own TLS sockets cannot be peeked. Its ``wsgi.file_wrapper`` keeps
-the file as ``.filelike``. How many requests a worker runs at once is read from
-the worker object (its ``cfg``), found up the request thread's stack.
+under ``gevent_pywsgi``), peeked by :mod:`flask_reqconn.probes`; gunicorn's own
+TLS sockets cannot be peeked. Its ``wsgi.file_wrapper`` keeps the file as
+``.filelike``. How many requests a worker runs at once is read from the worker
+object (its ``cfg``), found up the request thread's stack.
 """
 
 from __future__ import annotations
@@ -12,19 +12,10 @@ from __future__ import annotations
 import sys
 import typing as t
 
-from .base import ClientProbe, Concurrency, caller_self
-from .peek import SocketProbe, peekable
+from .workers import Concurrency, caller_self
 
-
-def probe(environ: t.Mapping[str, t.Any]) -> ClientProbe | None:
-    """The probe of a gunicorn request, or None when *environ* is not gunicorn's."""
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        sock = environ.get("gunicorn.sock")
-        if sock is None:
-            return None
-    raw = peekable(sock)
-    return SocketProbe(raw) if raw is not None else None
+#: The environ keys of the client socket, in the order tried.
+SOCKET_KEYS = ("gunicorn.socket", "gunicorn.sock")
 
 
 def is_file_wrapper(body: t.Any) -> bool:
@@ -40,7 +31,7 @@ def concurrency(environ: t.Mapping[str, t.Any]) -> Concurrency | None:
     up to the worker's ``handle_request``: call it once per process, in the thread
     serving a request.
     """
-    if "gunicorn.socket" not in environ and "gunicorn.sock" not in environ:
+    if not any(key in environ for key in SOCKET_KEYS):
         return None
     base = sys.modules.get("gunicorn.workers.base")
     if base is None:

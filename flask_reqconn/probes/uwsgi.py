@@ -3,9 +3,10 @@
 uWSGI puts no socket in the environ; its ``uwsgi`` module (importable only inside
 a uWSGI worker) returns the descriptor of the current request's connection: the
 HTTP client's with ``--http-socket``, the front server's (nginx ``uwsgi_pass``)
-with ``--socket``/``--uwsgi-socket``. The probe borrows that descriptor: a
-:class:`BorrowedSocket` wraps it without owning it, so peeking costs no ``dup``
-and nothing of flask-reqconn ever closes uWSGI's descriptor.
+with ``--socket``/``--uwsgi-socket``. :func:`client_socket` borrows that descriptor,
+which :mod:`flask_reqconn.probes` peeks: a :class:`BorrowedSocket` wraps it without
+owning it, so peeking costs no ``dup`` and nothing of flask-reqconn ever closes
+uWSGI's descriptor.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import socket
 import sys
 import typing as t
 
-from .base import ClientProbe, Concurrency
-from .peek import SocketProbe
+from .workers import Concurrency
 
 #: The environ key uWSGI always sets; nothing is imported when it is absent.
 UWSGI_ENVIRON_KEY = "uwsgi.version"
@@ -41,17 +41,9 @@ class BorrowedSocket(socket.socket):
         self.detach()
 
 
-class UwsgiProbe(SocketProbe):
-    """A uWSGI request's client, seen through its borrowed descriptor."""
-
-    __slots__ = ()
-
-    def __init__(self, fd: int) -> None:
-        super().__init__(BorrowedSocket(fd))
-
-
-def probe(environ: t.Mapping[str, t.Any]) -> ClientProbe | None:
-    """The probe of a uWSGI request, or None when *environ* is not uWSGI's.
+def client_socket(environ: t.Mapping[str, t.Any]) -> BorrowedSocket | None:
+    """The client socket of a uWSGI request, borrowed, or None when *environ* is not
+    uWSGI's.
 
     Must be called in the thread serving the request: ``connection_fd()`` answers
     for the current thread's request.
@@ -71,7 +63,7 @@ def probe(environ: t.Mapping[str, t.Any]) -> ClientProbe | None:
     if fd < 0:
         return None
     try:
-        return UwsgiProbe(fd)
+        return BorrowedSocket(fd)
     except OSError:  # not a socket (a closed or foreign descriptor)
         return None
 

@@ -13,7 +13,10 @@ import sys
 import typing as t
 from collections.abc import Callable
 
-from .base import ClientProbe, Concurrency, caller_self
+from .workers import Concurrency, caller_self
+
+if t.TYPE_CHECKING:
+    from . import ClientProbe
 
 
 class WaitressProbe:

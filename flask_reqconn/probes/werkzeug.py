@@ -1,7 +1,8 @@
 """The werkzeug development server (``flask run``).
 
-The client socket is ``environ["werkzeug.socket"]``. The server offers no
-``wsgi.file_wrapper``, so ``send_file`` uses werkzeug's own ``FileWrapper``.
+The client socket is ``environ["werkzeug.socket"]``, peeked by :mod:`flask_reqconn.probes`.
+The server offers no ``wsgi.file_wrapper``, so ``send_file`` uses werkzeug's own
+``FileWrapper``.
 """
 
 from __future__ import annotations
@@ -10,17 +11,8 @@ import typing as t
 
 from werkzeug.wsgi import FileWrapper
 
-from .base import ClientProbe
-from .peek import SocketProbe, peekable
-
-
-def probe(environ: t.Mapping[str, t.Any]) -> ClientProbe | None:
-    """The probe of a werkzeug request, or None when *environ* is not werkzeug's."""
-    sock = environ.get("werkzeug.socket")
-    if sock is None:
-        return None
-    raw = peekable(sock)
-    return SocketProbe(raw) if raw is not None else None
+#: The environ key of the client socket.
+SOCKET_KEYS = ("werkzeug.socket",)
 
 
 def is_file_wrapper(body: t.Any) -> bool:
