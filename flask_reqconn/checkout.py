@@ -150,16 +150,18 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
     the request; flask-reqconn rolls back what is left open and returns it.
 
     The first ``get_conn()`` without a name routes the request: a read-only view's
-    goes to the read pool (:func:`read_only_checkout`).
+    goes to the read pool (``REQCONN_READ_POOL``).
 
     :param name: the pool name; default pool when omitted.
     :raises ReqConnError: outside a request, or before ``init_app``.
     :raises PoolExhausted: no connection within ``REQCONN_TIMEOUT`` (503).
     :raises ClientGone: the client already disconnected (499), or a query of this
         request was cancelled for that.
-    :raises ServiceUnavailable: ``REQCONN_MAX_HOLD`` took the connection back (503).
     :raises ConnectionReleased: the request's connection was already given back, or
         the request has ended.
+
+    After ``REQCONN_MAX_HOLD`` took the request's connection back, it raises
+    werkzeug's ``ServiceUnavailable`` (503).
     """
     try:
         rq = request._get_current_object()  # type: ignore[attr-defined]
