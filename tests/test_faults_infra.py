@@ -220,6 +220,10 @@ def test_watchdog_cleans_up_after_the_owner_is_killed() -> None:
         assert owner.stdout is not None
         line = owner.stdout.readline()
         info = json.loads(line)
+        pids = {int(p): s for p, s in info["pids"].items()}
+        # alive while their owner is: checked before it dies, since the watchdog may
+        # clean up within moments of the death
+        assert any(servers.pid_alive(p, s) for p, s in pids.items())
     finally:
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(10)
@@ -227,8 +231,6 @@ def test_watchdog_cleans_up_after_the_owner_is_killed() -> None:
         pgdata=[info["pgdata"]], netns=[info["netns"]], links=[info["link"]],
         routes=[f"{info['addr']}/32"], dirs=[str(Path(info["pgdata"]).parent)],
     )  # fmt: skip
-    pids = {int(p): s for p, s in info["pids"].items()}
-    assert any(servers.pid_alive(p, s) for p, s in pids.items())
     pg.wait_until(
         lambda: not fix_faults.leftovers(plan)
         and not any(servers.pid_alive(p, s) for p, s in pids.items())
