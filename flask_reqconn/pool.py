@@ -1,5 +1,9 @@
 """The process-local psycopg pool behind one configured pool name.
 
+:class:`PoolHolder` owns it: opening, the checkout (skipping idle connections whose
+server is gone), the hand-back, and the pool's counters (:class:`PoolCounters`).
+:class:`RequestPool` is the psycopg_pool ``ConnectionPool`` underneath.
+
 The pool is opened lazily, in the process that serves requests, on first use:
 nothing is opened at import or in ``init_app``, so a pool never crosses a
 ``fork()`` (gunicorn ``--preload``). If the pid changes anyway, the child opens
