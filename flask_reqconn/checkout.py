@@ -108,10 +108,7 @@ def checkout(
     """
     if req.client_gone:
         raise ClientGone()
-    try:
-        holder = state.pools[name]
-    except KeyError:
-        holder = state.pool(name)  # raises, naming the configured pools
+    holder = state.pools[name]  # raises ReqConnError for a pool not configured
     environ = req.environ
     settings = state.settings
     probe = req.probe
@@ -164,7 +161,7 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
     werkzeug's ``ServiceUnavailable`` (503).
     """
     try:
-        rq = request._get_current_object()  # type: ignore[attr-defined]
+        req = current_leases()
     except RuntimeError:
         raise ReqConnError(
             "get_conn() was called outside of a request. In a streamed response, call"
@@ -172,10 +169,10 @@ def get_conn(name: str | None = None) -> psycopg.Connection[t.Any]:
             " generator with flask.stream_with_context(). In scripts and CLI commands use"
             " 'with reqconn.connection() as conn:'."
         ) from None
-    req: RequestLeases | None = getattr(rq, REQUEST_ATTR, None)
     if req is None or req.ended:
-        req = request_leases(state_of(None), rq)  # raises ConnectionReleased if it ended
-    state = t.cast("AppState", req.state)
+        req = request_leases(state_of(None))  # raises ConnectionReleased if it ended
+    state = req.state
+    assert state is not None  # request_leases() made req with the app's state
     read_only = False
     if name is None and not req.routed:
         read_only = state.policy.read_only[req.endpoint]

@@ -25,6 +25,16 @@ if t.TYPE_CHECKING:
     from .extension import ReqConn
 
 
+class Pools(dict[str, PoolHolder]):
+    """The app's pools by name; a name not configured raises :class:`ReqConnError`
+    naming the configured ones."""
+
+    def __missing__(self, name: str) -> PoolHolder:
+        raise ReqConnError(
+            f"no pool named {name!r}; configured pools: {', '.join(sorted(self))}"
+        )
+
+
 class AppState:
     """Everything flask-reqconn keeps for one app, in the process that serves it.
 
@@ -50,21 +60,23 @@ class AppState:
         self.settings = settings
         #: per-endpoint decisions (eager checkout, read-only, cancel on disconnect)
         self.policy = Policy(marks, settings)
-        #: finalizer work of all pools, run at the next safe point
         #: finalizer work waiting for a safe point (:func:`~flask_reqconn.middleware.run_deferred`)
         self.deferred: collections.deque[Callable[[], None]] = collections.deque()
         #: where the WSGI wrapper finds the request's leases in the environ
         self.environ_key = f"flask_reqconn.request.{id(self):x}"
         #: the pools of the app by name: ``"default"`` and those of ``REQCONN_POOLS``
-        self.pools: dict[str, PoolHolder] = {
-            name: PoolHolder(
+        self.pools = Pools(
+            (
                 name,
-                pool_settings,
-                settings,
-                label=f"reqconn:{app_name}" + ("" if name == DEFAULT_POOL else f":{name}"),
+                PoolHolder(
+                    name,
+                    pool_settings,
+                    settings,
+                    label=f"reqconn:{app_name}" + ("" if name == DEFAULT_POOL else f":{name}"),
+                ),
             )
             for name, pool_settings in pools.items()
-        }
+        )
         #: some pool commits after the view (REQCONN_TRANSACTION = "atomic")
         self.any_atomic = any(p.transaction == "atomic" for p in pools.values())
 
@@ -76,12 +88,7 @@ class AppState:
 
         :raises ReqConnError: no such pool is configured.
         """
-        try:
-            return self.pools[name]
-        except KeyError:
-            raise ReqConnError(
-                f"no pool named {name!r}; configured pools: {', '.join(sorted(self.pools))}"
-            ) from None
+        return self.pools[name]
 
     def add_listener(self, listener: Listener, pool: str | None = None) -> None:
         """Send every later event of *pool* (default: every pool) to *listener*.

@@ -14,6 +14,7 @@ from flask_reqconn import (
     PoolExhausted,
     ReleaseReason,
     ReqConn,
+    ReqConnError,
     get_conn,
     state_of,
 )
@@ -95,6 +96,28 @@ def test_read_pool_must_exist() -> None:
 
 
 # -- named pools ---------------------------------------------------------------------
+
+
+def test_a_pool_name_not_configured_is_a_clear_error(make_app: AppFactory) -> None:
+    """``get_conn(name)``, ``connection(name)`` and ``add_listener(pool=...)`` name the
+    pools there are; the request's own connection is still given back."""
+    app = make_app()
+
+    @app.get("/typo")
+    def typo() -> str:
+        get_conn()
+        expected = "no pool named 'replcia'; configured pools: default"
+        with pytest.raises(ReqConnError, match=expected):
+            get_conn("replcia")
+        return "ok"
+
+    assert app.test_client().get("/typo").status_code == 200
+    with pytest.raises(ReqConnError, match="no pool named 'replcia'"):
+        with reqconn_of(app).connection("replcia", app=app):
+            pass
+    with pytest.raises(ReqConnError, match="no pool named 'replcia'"):
+        state_of(app).add_listener(object(), pool="replcia")  # type: ignore[arg-type]
+    assert state_of(app).stats()["checked_out"] == 0
 
 
 @pytest.mark.slow
