@@ -292,16 +292,16 @@ def before_request(state: AppState) -> None:
 
 def after_request(state: AppState, response: Response) -> Response:
     """Keep a streamed body's connection for the WSGI wrapper; commit in atomic mode."""
-    req = current_leases()
-    if req is None:
-        if not (response.is_streamed and body_may_use_connection(response.response)):
-            return response
-        req = request_leases(state)  # the body may check out: the WSGI wrapper guards it
     if response.is_streamed and body_may_use_connection(response.response):
+        req = current_leases()
+        if req is None:  # the body may check out: the WSGI wrapper guards it
+            req = request_leases(state)
         req.streamed = True
     if state.any_atomic:
-        current_owner.set(req)  # the view may have checked out in another thread (async)
-        _commit_atomic(state, req, response.status_code)
+        req = current_leases()
+        if req is not None:
+            current_owner.set(req)  # the view may have checked out in another thread (async)
+            _commit_atomic(state, req, response.status_code)
     return response
 
 

@@ -191,16 +191,17 @@ class LeaseGuard:
     ) -> t.Callable[[bytes], object]:
         """The app's ``start_response``: a streamed body's status line waits for its first
         chunk (:class:`~flask_reqconn.streamanswer.HeldStart`, made for streams only)."""
-        held: HeldStart | None = environ.get(HELD_START)
-        if exc_info is not None:
-            if held is not None:
-                held.drop()
-            return start_response(status, headers, exc_info)
-        req = environ.get(self._key)
-        if req is not None and req.streamed and self._flask_app is not None:
+        if exc_info is None:
+            req = environ.get(self._key)
+            if req is None or not req.streamed:
+                return start_response(status, headers)
+            assert self._flask_app is not None  # passed to the app only with a Flask app
             held = environ[HELD_START] = HeldStart(start_response, environ, self._flask_app)
             return held.hold(status, headers)
-        return start_response(status, headers)
+        held_before: HeldStart | None = environ.get(HELD_START)
+        if held_before is not None:
+            held_before.drop()
+        return start_response(status, headers, exc_info)
 
     def _take_body(self, environ: WSGIEnvironment) -> None:
         """Read the body before the app runs (eager checkout), or guard the view's reads."""
