@@ -97,12 +97,14 @@ def bootstrap() -> None:
 DB_VARIANTS = ["bare", "eager", "eager-noreset", "lazy", "fsqla"]
 NODB_VARIANTS = ["plain", "bare", "eager", "lazy", "fsqla"]
 ENDPOINTS = {"select1": DB_VARIANTS, "read": DB_VARIANTS, "nodb": NODB_VARIANTS}
-#: What each safety feature costs on /select1: one switched off at a time, then all.
+#: What each safety feature costs on /select1: one switched off at a time, then all; and
+#: ``floor-all``, every guarantee at its least (``benchapp``): the throughput of the floor.
 ABLATION = {
     "select1": [
         "bare", "eager", "eager-noreset", "eager-nocheck", "eager-nocancel", "eager-leak",
-        "eager-noreset-nocheck-nocancel",
+        "eager-noreset-nocheck-nocancel", "floor-all",
     ],
+    "read": ["bare", "eager", "floor-all"],
 }  # fmt: skip
 LABELS = {
     "bare": "(a) bare psycopg_pool",
@@ -111,6 +113,7 @@ LABELS = {
     "fsqla": "(d) Flask-SQLAlchemy",
     "plain": "(e) plain Flask",
     "fsqlarc": "(f) Flask-SQLAlchemy on reqconn",
+    "floor": "floor: the shape and a connection",
 }
 SWITCH_LABELS = {
     "noreset": "RESET_SESSION=False",
@@ -129,6 +132,8 @@ def label(variant: str) -> str:
     base, *switches = variant.split("-")
     if not switches:
         return LABELS[base]
+    if variant == "floor-all":
+        return "floor-all: every guarantee at its least"
     if base == "fsqla":
         return f"{LABELS[base]}, " + ", ".join(FSQLA_SWITCH_LABELS[s] for s in switches)
     if len(switches) == len(SWITCH_LABELS):
@@ -765,6 +770,17 @@ def targets(results: dict[str, Any]) -> list[str]:
                 theirs = s[ep]["fsqla"]["rps_median"]
                 verdicts.append(f"/{ep} {ours / theirs:.2f}x")
             lines.append(f"{variant} vs Flask-SQLAlchemy, {wc}: " + ", ".join(verdicts))
+    for key in ("ablation", "ablation_sync"):
+        s = results.get(key, {}).get("summary", {})
+        for ep, by_variant in s.items():
+            if "floor-all" in by_variant:
+                floor = by_variant["floor-all"]["ratio_bare"]
+                eager = by_variant["eager"]["rps_median"] / by_variant["floor-all"]["rps_median"]
+                lines.append(
+                    f"floor-all ÷ (a) on /{ep}, {results[key]['worker_class']}: {floor:.3f}:"
+                    f" the target 0.95 is {'above' if floor < 0.95 else 'within'} the floor"
+                    f" (eager ÷ floor-all = {eager:.3f})"
+                )
     storm = results.get("storm")
     if storm and "eager" in storm["variants"]:
         row = storm["variants"]["eager"]
@@ -798,8 +814,9 @@ def report(results: dict[str, Any], rst: bool = False) -> str:
         res = results[key]
         lines.append("")
         lines.append(
-            f"what each safety feature costs, gunicorn {res['worker_class']}, /select1:"
-            f" {res['rounds']} rounds x {res['duration']:g} s per cell"
+            f"what each safety feature costs, and every guarantee at its least (floor-all),"
+            f" gunicorn {res['worker_class']}: {res['rounds']} rounds x {res['duration']:g} s"
+            " per cell"
         )
         lines += http_table(res, rst)
     if "storm" in results:
