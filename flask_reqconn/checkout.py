@@ -292,16 +292,17 @@ def before_request(state: AppState) -> None:
 
 def after_request(state: AppState, response: Response) -> Response:
     """Keep a streamed body's connection for the WSGI wrapper; commit in atomic mode."""
-    if response.is_streamed and body_may_use_connection(response.response):
-        req = current_leases()
+    streamed = response.is_streamed and body_may_use_connection(response.response)
+    if not (streamed or state.any_atomic):
+        return response  # the common case: nothing to keep, nothing to commit
+    req = current_leases()
+    if streamed:
         if req is None:  # the body may check out: the WSGI wrapper guards it
             req = request_leases(state)
         req.streamed = True
-    if state.any_atomic:
-        req = current_leases()
-        if req is not None:
-            current_owner.set(req)  # the view may have checked out in another thread (async)
-            _commit_atomic(state, req, response.status_code)
+    if state.any_atomic and req is not None:
+        current_owner.set(req)  # the view may have checked out in another thread (async)
+        _commit_atomic(state, req, response.status_code)
     return response
 
 

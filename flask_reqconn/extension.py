@@ -155,6 +155,6 @@ class ReqConn:
         :param timeout: seconds to wait for a connection (default ``REQCONN_TIMEOUT``).
         :raises PoolExhausted: no connection in time.
         """
-        holder = state_of(app).pool(name or DEFAULT_POOL)
+        holder = state_of(app).pools[name or DEFAULT_POOL]
         with holder.connection(timeout=timeout) as conn:
             yield conn

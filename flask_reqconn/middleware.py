@@ -379,7 +379,7 @@ class GuardedIterable:
             return
         for lease in self._req.leases.values():
             if lease.active:
-                self._state.pool(lease.pool_name).warn_finalized(lease)
+                self._state.pools[lease.pool_name].warn_finalized(lease)
         self._close(ReleaseReason.FINALIZER)
 
 

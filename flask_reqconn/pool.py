@@ -186,7 +186,6 @@ class PoolCounters:
         return data
 
 
-
 class PoolHolder:
     """Owns the pool of one name for one app: opening, checkout, hand-back, counters."""
 

@@ -83,19 +83,12 @@ class AppState:
     def __repr__(self) -> str:
         return f"<AppState {self.app_name!r} {self.settings.checkout}>"
 
-    def pool(self, name: str) -> PoolHolder:
-        """The pool named *name*.
-
-        :raises ReqConnError: no such pool is configured.
-        """
-        return self.pools[name]
-
     def add_listener(self, listener: Listener, pool: str | None = None) -> None:
         """Send every later event of *pool* (default: every pool) to *listener*.
 
         :raises ReqConnError: no such pool is configured.
         """
-        for holder in self.pools.values() if pool is None else (self.pool(pool),):
+        for holder in self.pools.values() if pool is None else (self.pools[pool],):
             holder.add_listener(listener)
 
     def stats(self) -> dict[str, t.Any]:

@@ -78,7 +78,7 @@ def test_an_uncertain_cancel_never_reaches_the_next_borrower(fault_pg: FaultServ
         REQCONN_TIMEOUT=20, REQCONN_CONNECT_ARGS={"application_name": "uncertain"},
     )  # fmt: skip
     ext = ReqConn(app)
-    holder = state_of(app).pool("default")
+    holder = state_of(app).pools["default"]
     try:
         pg.wait_until(
             lambda: holder.pool.get_stats()["pool_available"] == 2, timeout=30,
@@ -150,7 +150,7 @@ def test_max_hold_severs_a_hand_back_blocked_on_a_frozen_server(fault_pg: FaultS
         REQCONN_CONNECT_ARGS={"application_name": "frozen_handback"},
     )  # fmt: skip
     ext = ReqConn(app)
-    holder = state_of(app).pool("default")
+    holder = state_of(app).pools["default"]
     freeze_for = 15.0
     try:
         pg.wait_until(
@@ -241,7 +241,7 @@ def test_tcp_defaults_reach_the_connection(fault_pg: FaultServer) -> None:
     app.config.update(REQCONN_CONNINFO=fault_pg.dsn, REQCONN_MIN_SIZE=0)
     ext = ReqConn(app)
     try:
-        with state_of(app).pool("default").connection() as conn:
+        with state_of(app).pools["default"].connection() as conn:
             params = conn.info.get_parameters()
             dsn = conn.info.dsn
         assert "keepalives_idle=5" in dsn and "tcp_user_timeout=8000" in dsn, dsn
