@@ -83,6 +83,13 @@ class AppState:
     def __repr__(self) -> str:
         return f"<AppState {self.app_name!r} {self.settings.checkout}>"
 
+    def pool(self, name: str) -> PoolHolder:
+        """The pool named *name*: ``pools[name]``.
+
+        :raises ReqConnError: no such pool is configured.
+        """
+        return self.pools[name]
+
     def add_listener(self, listener: Listener, pool: str | None = None) -> None:
         """Send every later event of *pool* (default: every pool) to *listener*.
 
