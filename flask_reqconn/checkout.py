@@ -28,7 +28,7 @@ from .connection import current_owner, make_read_only
 from .errors import ClientGone, ConnectionReleased, PoolExhausted, ReqConnError
 from .lease import Lease, RequestLeases
 from .lost import database_unavailable, lost_lease
-from .middleware import SERVING_THREAD, body_may_use_connection
+from .middleware import body_may_use_connection
 from .names import DEFAULT_POOL, CancelReason, ReleaseReason, Stat
 from .probes import probe_for
 from .sites import checkout_site
@@ -109,33 +109,21 @@ def checkout(
     if req.client_gone:
         raise ClientGone()
     holder = state.pools[name]  # raises ReqConnError for a pool not configured
-    environ = req.environ
     settings = state.settings
     probe = req.probe
     if probe is None:
-        probe = req.probe = probe_for(environ)
+        probe = req.probe = probe_for(req.environ)
     eof = settings.eof_means_gone
     if settings.check_client and probe.gone(eof):
         _client_gone(state, req, name)
-    method = environ.get("REQUEST_METHOD", "")
-    endpoint = req.endpoint
-    lease = holder.checkout(
-        method=method,
-        path=environ.get("PATH_INFO", ""),
-        endpoint=endpoint,
-        site=checkout_site,
-        quiet_exhaustion=quiet_exhaustion,
-        owner=req,
-        thread_id=environ.get(SERVING_THREAD),
-        environ=environ,
-    )
+    lease = holder.checkout(req, site=checkout_site, quiet_exhaustion=quiet_exhaustion)
     req.leases[name] = lease
     if settings.check_client and lease.wait_time > _RECHECK_AFTER_WAIT and probe.gone(eof):
         lease.release(ReleaseReason.CLIENT_GONE)
         _client_gone(state, req, name, lease)
     if holder.settings.read_only:
         make_read_only(lease.conn)
-    if state.policy.cancel_armed[endpoint, method]:
+    if state.policy.cancel_armed[req.endpoint, req.method]:
         lease.watch_client_later(probe, eof)
     return lease
 

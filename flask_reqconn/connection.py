@@ -193,6 +193,7 @@ class Block:
 #: NoticeResponse, ParameterStatus. Anything else (an ErrorResponse) means gone.
 _IDLE_MESSAGES = frozenset(b"ANS")
 _PEEK = 65536
+_CONNECTION_OK = pq.ConnStatus.OK
 _GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT})
 
 
@@ -202,10 +203,11 @@ def server_gone(conn: psycopg.Connection[t.Any]) -> bool:
     One ``poll()`` when the socket has nothing to read (the common case); a
     non-consuming peek at what arrived otherwise.
     """
-    if conn.closed or conn.broken:
+    pgconn = conn.pgconn
+    if pgconn.status != _CONNECTION_OK:  # closed, or broken
         return True
     try:
-        fd = conn.pgconn.socket
+        fd = pgconn.socket
     except psycopg.OperationalError:
         return True
     try:
@@ -332,11 +334,9 @@ def clean_connection(
     A connection that is closed, broken, or in the middle of a query is left
     as it is: ``putconn`` discards such connections.
     """
-    if conn.closed:
-        return _DISCARDED
     pgconn = conn.pgconn
     status = pgconn.transaction_status
-    if status == _UNKNOWN:
+    if status == _UNKNOWN:  # closed, or broken
         return _DISCARDED
     if status == _ACTIVE:
         # Returned mid-query (an abandoned stream, a raw send_query): stop the
@@ -352,7 +352,7 @@ def clean_connection(
             last = _run(conn, _SQL[status, reset_session])
             if status != _IDLE:
                 outcome = _ROLLED_BACK
-            if status == _INTRANS and _is_write_check(conn, last):
+            if status == _INTRANS and last.status == _FATAL_ERROR and _is_write_check(conn, last):
                 # the transaction wrote; the check failed, so it is in error now
                 outcome = _ROLLED_BACK_WRITES
                 status = _INERROR
@@ -381,12 +381,12 @@ def clean_connection(
     return outcome
 
 
-def _is_write_check(conn: psycopg.Connection[t.Any], result: pq.abc.PGresult) -> bool:
-    """Is *result* the write check's failure? (No other statement of the hand-back
-    divides, and only the check runs inside the request's transaction.)"""
+def _is_write_check(conn: psycopg.Connection[t.Any], failed: pq.abc.PGresult) -> bool:
+    """Is *failed* (a result with status ``FATAL_ERROR``) the write check's failure?
+    (No other statement of the hand-back divides, and only the check runs inside the
+    request's transaction.)"""
     return (
-        result.status == _FATAL_ERROR
-        and result.error_field(DiagnosticField.SQLSTATE) == b"22012"
+        failed.error_field(DiagnosticField.SQLSTATE) == b"22012"
         and conn.pgconn.transaction_status == _INERROR
     )
 

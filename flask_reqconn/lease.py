@@ -19,9 +19,9 @@ import time
 import typing as t
 from collections.abc import Callable
 
-from .connection import Owner, own, socket_id
+from .connection import LeasedConnection, socket_id
 from .errors import ConnectionReleased
-from .names import DEFAULT_POOL, CancelReason, ReleaseReason, Stat
+from .names import DEFAULT_POOL, SERVING_THREAD, CancelReason, ReleaseReason, Stat
 
 if t.TYPE_CHECKING:
     import psycopg
@@ -161,17 +161,14 @@ class Lease:
     """A connection checked out from a pool for one request.
 
     Created by the pool's checkout; the connection is in ``conn`` while
-    :attr:`active`.
+    :attr:`active`. What the request is (method, path, endpoint, serving thread)
+    is its owner's, the request's :class:`RequestLeases`.
     """
 
     __slots__ = (
         "conn",
         "handle",
-        "pool_name",
-        "method",
-        "path",
-        "endpoint",
-        "thread_id",
+        "owner",
         "requested_at",
         "checked_out_at",
         "wait_time",
@@ -188,33 +185,22 @@ class Lease:
         "_state",
         "_lock",
         "_holder",
-        "owner",
         "__weakref__",
     )
 
     def __init__(
         self,
         holder: PoolHolder,
-        *,
-        method: str = "",
-        path: str = "",
-        endpoint: str | None = None,
-        owner: Owner | None = None,
-        thread_id: int | None = None,
+        owner: RequestLeases | None = None,
         checkout_site: str | None = None,
     ) -> None:
         self._holder = holder
-        #: who may use the connection (:class:`~flask_reqconn.connection.LeasedConnection`)
+        #: the request that may use the connection (None: anyone, a lease taken
+        #: outside a request)
         self.owner = owner
-        self.pool_name = holder.name
-        self.conn: psycopg.Connection[t.Any] | None = None
+        self.conn: LeasedConnection | None = None
         #: what get_conn() hands to the app: :attr:`conn`, or a strict-mode proxy of it
         self.handle: psycopg.Connection[t.Any] | None = None
-        self.method = method
-        self.path = path
-        self.endpoint = endpoint
-        #: the thread serving the request (given by the checkout), else this one
-        self.thread_id = threading.get_ident() if thread_id is None else thread_id
         self.requested_at = time.monotonic()
         self.checked_out_at = 0.0
         #: seconds spent waiting for the pool (set at checkout)
@@ -242,6 +228,27 @@ class Lease:
         self.handed_out = False
         self._state = _WAITING
         self._lock = threading.Lock()
+
+    @property
+    def pool_name(self) -> str:
+        return self._holder.name
+
+    @property
+    def method(self) -> str:
+        return self.owner.method if self.owner is not None else ""
+
+    @property
+    def path(self) -> str:
+        return self.owner.path if self.owner is not None else ""
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.owner.endpoint if self.owner is not None else None
+
+    @property
+    def thread_id(self) -> int:
+        """The thread serving the request (0: unknown)."""
+        return self.owner.thread_id if self.owner is not None else 0
 
     def __repr__(self) -> str:
         return (
@@ -277,16 +284,16 @@ class Lease:
             "checkout_site": self.checkout_site,
         }
 
-    def activate(self, conn: psycopg.Connection[t.Any]) -> None:
+    def activate(self, conn: LeasedConnection) -> None:
         """The pool gave *conn*: the lease holds it from now on (called by its pool)."""
         self.conn = conn
-        own(conn, self.owner)
+        conn.owner = self.owner
         self.handle = conn if handout_wrapper is None else handout_wrapper(self, conn)
         now = self.checked_out_at = time.monotonic()
-        self.wait_time = max(0.0, now - self.requested_at)
+        self.wait_time = now - self.requested_at
         if self._holder.max_hold is not None:
             # for sever(): the watcher must not call libpq (recorded at connect)
-            sock = getattr(conn, "sock_id", None) or socket_id(conn)
+            sock = conn.sock_id or socket_id(conn)
             self._sock = [sock] if sock is not None else None
         self._state = _ACTIVE
 
@@ -344,7 +351,8 @@ class Lease:
             self.released_by = reason
             self.released_at = time.monotonic()
             self._state = _RELEASING
-            own(self.conn, self)  # from now on, no code of the request may use it
+            if self.conn is not None:  # from now on, no code of the request may use it
+                self.conn.owner = self
         watch = self.watch
         if watch is not None:
             self.watch = None
@@ -506,6 +514,19 @@ class RequestLeases:
         self.probe: ClientProbe | None = None
         #: the request is over (:meth:`end`): no more checkouts
         self.ended = False
+
+    @property
+    def method(self) -> str:
+        return self.environ.get("REQUEST_METHOD", "")  # type: ignore[no-any-return]
+
+    @property
+    def path(self) -> str:
+        return self.environ.get("PATH_INFO", "")  # type: ignore[no-any-return]
+
+    @property
+    def thread_id(self) -> int:
+        """The thread serving the request (the WSGI server's; 0: unknown)."""
+        return self.environ.get(SERVING_THREAD, 0)  # type: ignore[no-any-return]
 
     def refusal(self) -> str:
         """Why code outside this request may not use its connection (as its owner)."""

@@ -40,7 +40,7 @@ from .connection import current_owner
 from .errors import ClientGone, DatabaseUnavailable
 from .lease import Lease, RequestLeases
 from .lost import database_unavailable, lost_lease
-from .names import DEFAULT_POOL, CancelReason, ReleaseReason, Stat
+from .names import DEFAULT_POOL, SERVING_THREAD, CancelReason, ReleaseReason, Stat
 from .probes import is_client_abort, is_file_wrapper
 from .streamanswer import HeldStart, StreamCut
 
@@ -53,11 +53,6 @@ if t.TYPE_CHECKING:
 #: Where the WSGI wrapper keeps a streamed response's held status line, if any.
 HELD_START = "flask_reqconn.held_start"
 logger = logging.getLogger(__name__)
-
-#: The environ key of the thread serving the request (the WSGI server's), recorded by
-#: :class:`LeaseGuard`: an ``async def`` view runs in asgiref's thread, and its leases
-#: still name this one (leak reports, ``stats()`` holders).
-SERVING_THREAD = "flask_reqconn.thread"
 
 #: What a generator raises when its client left: the cancelled query, a query on the
 #: connection the cancel left in error, ``get_conn()`` after the cancel (or

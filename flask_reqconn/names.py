@@ -13,6 +13,10 @@ import enum
 DEFAULT_POOL = "default"
 #: The key of the per-app state in ``app.extensions``.
 EXTENSION_KEY = "reqconn"
+#: The environ key of the thread serving the request (the WSGI server's), recorded by
+#: the WSGI wrapper: an ``async def`` view runs in asgiref's thread, and its leases
+#: still name this one (leak reports, ``stats()`` holders).
+SERVING_THREAD = "flask_reqconn.thread"
 
 
 def config_key(pool: str, key: str) -> str:

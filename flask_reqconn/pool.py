@@ -61,7 +61,7 @@ from .connection import (
     socket_id,
 )
 from .exhaustion import Exhaustion, ReportLimit
-from .lease import Lease, LeaseState
+from .lease import Lease, LeaseState, RequestLeases
 from .names import CancelReason, ReleaseReason, Stat
 from .stats import Histogram, Listener
 from .watcher import get_watcher
@@ -103,12 +103,12 @@ class PoolCounters:
         #: checkouts (their wait) and releases (their reason and hold) not folded yet
         self._checkouts: collections.deque[float] = collections.deque()
         self._releases: collections.deque[tuple[ReleaseReason, float]] = collections.deque()
-        #: the leases held now, by id
-        self._held: dict[int, Lease] = {}
+        #: the leases held now
+        self._held: set[Lease] = set()
 
     def checked_out(self, lease: Lease) -> None:
         wait = lease.wait_time
-        self._held[id(lease)] = lease
+        self._held.add(lease)
         checkouts = self._checkouts
         checkouts.append(wait)
         if len(checkouts) >= _FOLD_EVERY:
@@ -117,8 +117,8 @@ class PoolCounters:
             listener.checked_out(self.pool, wait)
 
     def released(self, lease: Lease, reason: ReleaseReason) -> None:
-        held = lease.held_for
-        self._held.pop(id(lease), None)
+        held = lease.released_at - lease.checked_out_at  # released: both are set
+        self._held.discard(lease)
         releases = self._releases
         releases.append((reason, held))
         if len(releases) >= _FOLD_EVERY:
@@ -163,7 +163,7 @@ class PoolCounters:
         :param releasing: also those whose connection is being handed back.
         """
         with self._lock:
-            leases = list(self._held.values())
+            leases = list(self._held)
         return [
             lease
             for lease in leases
@@ -320,44 +320,31 @@ class PoolHolder:
 
     def checkout(
         self,
+        owner: RequestLeases | None = None,
         *,
-        method: str,
-        path: str,
-        endpoint: str | None,
         site: Callable[[], str | None] | None = None,
         quiet_exhaustion: bool = False,
-        owner: Owner | None = None,
-        thread_id: int | None = None,
-        environ: t.Mapping[str, t.Any] | None = None,
     ) -> Lease:
         """Wait for a connection and return it as an active :class:`Lease`.
 
+        :param owner: the request that may use the connection, see
+            :class:`~flask_reqconn.connection.LeasedConnection` (None: anyone). The
+            first checkout of each process asks the server, through the request's
+            environ, how many requests a worker runs at once
+            (:func:`~flask_reqconn.sizing.check_concurrency`).
         :param site: called only with leak detection on, to record where the
             connection was taken.
-        :param owner: who may use the connection (the request's leases), see
-            :class:`~flask_reqconn.connection.LeasedConnection`.
-        :param thread_id: the thread serving the request, if the checkout runs in
-            another (an ``async def`` view's, in asgiref's thread); default: this one.
-        :param environ: the request's WSGI environ: the first checkout of each process
-            asks the server how many requests a worker runs at once
-            (:func:`~flask_reqconn.sizing.check_concurrency`).
+        :param quiet_exhaustion: a fallback follows an exhaustion: do not count or log it.
         :raises PoolExhausted: when no connection came within the timeout or
             the wait queue is full.
         """
-        if environ is not None and self.size_checked_in != os.getpid():
-            self._check_size(environ)
-        pool = self.pool
+        if owner is not None and self.size_checked_in != os.getpid():
+            self._check_size(owner.environ)
         lease = Lease(
-            self,
-            method=method,
-            path=path,
-            endpoint=endpoint,
-            owner=owner,
-            thread_id=thread_id,
-            checkout_site=site() if site is not None and self.leak_threshold is not None else None,
+            self, owner, site() if site is not None and self.leak_threshold is not None else None
         )
         try:
-            lease.activate(self._getconn_alive(pool, owner))
+            lease.activate(self._getconn_alive(self.pool, lease))
         except (PoolTimeout, TooManyRequests) as exc:
             # quiet_exhaustion: a fallback follows, not an answered 503
             raise self.exhaustion.answer(exc, None if quiet_exhaustion else lease) from exc
@@ -366,8 +353,8 @@ class PoolHolder:
             logger.debug(
                 "checked out %s for %s %s after %.3f s",
                 self.log_name,
-                method,
-                path,
+                lease.method,
+                lease.path,
                 lease.wait_time,
             )
         return lease
@@ -381,29 +368,26 @@ class PoolHolder:
         if found is not None:
             self.processes = found.processes
 
-    def _getconn_alive(
-        self, pool: ConnectionPool[t.Any], owner: Owner | None
-    ) -> psycopg.Connection[t.Any]:
+    def _getconn_alive(self, pool: ConnectionPool[t.Any], lease: Lease) -> LeasedConnection:
         """``getconn()``, discarding connections whose server side is gone (no round trip).
 
         Bounded: at most ``max_size`` dead connections are skipped, all within
-        the pool's timeout.
-
-        :param owner: who the validation query (``REQCONN_VALIDATE_IDLE``) runs for.
+        the pool's timeout, counted from the lease's request for a connection.
         """
-        deadline = time.monotonic() + self.settings.timeout
-        for _ in range(self.settings.max_size):
-            conn: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
+        conn: LeasedConnection = pool.getconn()  # the pool's timeout, REQCONN_TIMEOUT
+        settings = self.settings
+        for _ in range(settings.max_size):
             if not server_gone(conn) and (
-                self.settings.validate_idle is None or self._validated(conn, owner)
+                settings.validate_idle is None or self._validated(conn, lease.owner)
             ):
                 return conn
             self.counters.add(Stat.DEAD_DISCARDED)
             logger.debug("discarded a connection of %s whose server side was gone", self.log_name)
             conn.close()
             pool.putconn(conn)  # closed: the pool replaces it
-        last: psycopg.Connection[t.Any] = pool.getconn(max(0.0, deadline - time.monotonic()))
-        return last
+            waited = time.monotonic() - lease.requested_at
+            conn = pool.getconn(max(0.0, settings.timeout - waited))
+        return conn
 
     def _validated(self, conn: psycopg.Connection[t.Any], owner: Owner | None) -> bool:
         """``REQCONN_VALIDATE_IDLE``: a round trip on a connection idle that long."""
@@ -425,29 +409,22 @@ class PoolHolder:
         """Clean the lease's connection and return it to the pool. Never raises."""
         conn = lease.conn
         try:
-            if conn is not None and (
-                lease.cancelled is _MAX_HOLD
-                or lease.cancel_uncertain
-                or lease.severed
-                or conn.closed
-            ):
+            if conn is None:
+                pass
+            elif lease.cancelled is _MAX_HOLD or lease.cancel_uncertain or lease.severed:
                 # reclaimed (never reuse a connection a runaway request held), or
                 # a cancel request that may still be on its way: it would hit the
                 # next borrower's statement
                 self.counters.add(Stat.DISCARDED_CONNECTIONS)
                 conn.close()
                 self._putconn(conn, lease)
-            elif (
-                conn is not None
-                and not lease.handed_out
-                and conn.pgconn.transaction_status == _IDLE
-            ):
+            elif not lease.handed_out and conn.pgconn.transaction_status == _IDLE:
                 # get_conn() never gave it out (an eager checkout the view did not
                 # use): no statement ran, so no round trip; only the client-side
                 # attributes (read-only routing) are restored
                 restore_attributes(conn, self.baseline)
                 self._putconn(conn, lease)
-            elif conn is not None:
+            else:
                 outcome = clean_connection(
                     conn, self.baseline, reset_session=self.settings.reset_session
                 )
@@ -631,7 +608,7 @@ class RequestPool(ConnectionPool[t.Any]):
         pool, so a second ``putconn()`` of it raises instead of growing the pool.
         """
         if conn.pgconn.transaction_status != _UNKNOWN:
-            super().putconn(conn)
+            ConnectionPool.putconn(self, conn)
             return
         self._check_pool_putconn(conn)
         conn._pool = None

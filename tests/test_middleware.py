@@ -44,8 +44,8 @@ class Inner:
         self.closed = 0
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        req = self.req = RequestLeases()
-        self.lease = self.state.pools["default"].checkout(method="GET", path="/", endpoint="x")
+        req = self.req = RequestLeases(environ, "x")
+        self.lease = self.state.pools["default"].checkout(req)
         req.leases["default"] = self.lease
         req.streamed = self.streamed
         environ[self.state.environ_key] = req

@@ -40,7 +40,7 @@ def test_concurrent_releases_put_the_connection_back_exactly_once(make_app: AppF
     reasons = list(ReleaseReason)
     rounds = 150
     for _ in range(rounds):
-        lease = holder.checkout(method="GET", path="/race", endpoint="race")
+        lease = holder.checkout()
         results: list[bool] = []
         lock = threading.Lock()
 
@@ -94,7 +94,7 @@ def test_teardown_and_response_close_race(make_app: AppFactory) -> None:
 def test_release_of_an_inactive_lease_is_a_no_op(make_app: AppFactory) -> None:
     app = make_app()
     holder = holder_of(app)
-    lease = holder.checkout(method="GET", path="/", endpoint=None)
+    lease = holder.checkout()
     assert lease.release(ReleaseReason.TEARDOWN) is True
     assert lease.release(ReleaseReason.CLOSE) is False
     assert lease.release(ReleaseReason.FINALIZER) is False

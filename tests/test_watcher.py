@@ -43,7 +43,7 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 @pytest.fixture
 def lease(make_app: AppFactory) -> Iterator[Lease]:
     app = make_app()
-    taken = state_of(app).pools["default"].checkout(method="GET", path="/w", endpoint="w")
+    taken = state_of(app).pools["default"].checkout()
     try:
         yield taken
     finally:
@@ -110,7 +110,7 @@ def test_release_drops_the_registration(
 ) -> None:
     client, server = pair
     app = make_app()
-    taken = state_of(app).pools["default"].checkout(method="GET", path="/w", endpoint="w")
+    taken = state_of(app).pools["default"].checkout()
     watcher = get_watcher()
     watch = watcher.watch_client(taken, SocketProbe(server), eof_means_gone=True)
     assert watch is not None and watcher._by_fd.get(server.fileno()) is watch
@@ -126,7 +126,7 @@ def test_a_lease_released_before_its_delay_is_never_registered(
 ) -> None:
     client, server = pair
     app = make_app()
-    taken = state_of(app).pools["default"].checkout(method="GET", path="/w", endpoint="w")
+    taken = state_of(app).pools["default"].checkout()
     taken.watch_client_later(SocketProbe(server), True)
     taken.release(ReleaseReason.TEARDOWN)
     time.sleep(WATCH_DELAY * 4)
@@ -154,7 +154,7 @@ def test_a_request_released_in_time_takes_its_entry_off_the_queue_itself(
     app = make_app()
     holder = state_of(app).pools["default"]
     for _ in range(20):
-        taken = holder.checkout(method="GET", path="/w", endpoint="w")
+        taken = holder.checkout()
         taken.watch_client_later(SocketProbe(server), True)
         assert taken.watch is PENDING_CLIENTS
         queued = [queued for queued in PENDING_CLIENTS if queued is taken]
@@ -174,13 +174,13 @@ def test_a_release_never_takes_another_requests_entry_off_the_queue(
     holder = state_of(app).pools["default"]
     short_client, short_server = socket.socketpair()
     try:
-        early = holder.checkout(method="GET", path="/short", endpoint="short")
+        early = holder.checkout()
         early.watch_client_later(SocketProbe(short_server), True)
-        long = holder.checkout(method="GET", path="/long", endpoint="long")
+        long = holder.checkout()
         long.watch_client_later(SocketProbe(server), True)
         early.release(ReleaseReason.TEARDOWN)  # older than the long one: not the newest
         for _ in range(30):
-            short = holder.checkout(method="GET", path="/short", endpoint="short")
+            short = holder.checkout()
             short.watch_client_later(SocketProbe(short_server), True)
             short.release(ReleaseReason.TEARDOWN)
         assert long in list(PENDING_CLIENTS)
@@ -208,7 +208,7 @@ def test_the_watcher_does_not_wake_per_request(
     app = make_app()
     holder = state_of(app).pools["default"]
     watcher = get_watcher()
-    taken = holder.checkout(method="GET", path="/w", endpoint="w")
+    taken = holder.checkout()
     taken.watch_client_later(SocketProbe(server), True)
     taken.release(ReleaseReason.TEARDOWN)  # the thread is running
     wakes = [0]
@@ -224,7 +224,7 @@ def test_the_watcher_does_not_wake_per_request(
     started = time.monotonic()
     requests = 0
     while time.monotonic() - started < 0.5 or requests < 100:
-        taken = holder.checkout(method="GET", path="/w", endpoint="w")
+        taken = holder.checkout()
         taken.watch_client_later(SocketProbe(server), True)
         taken.release(ReleaseReason.TEARDOWN)
         requests += 1
@@ -254,7 +254,7 @@ def test_max_hold_cancels_a_runaway_request_and_the_connection_is_replaced(
 
 def one_watched_request(holder: Any, server: socket.socket) -> None:
     """A request whose client is queued for the watcher (started by the pool's opening)."""
-    taken = holder.checkout(method="GET", path="/w", endpoint="w")
+    taken = holder.checkout()
     taken.watch_client_later(SocketProbe(server), True)
     taken.release(ReleaseReason.TEARDOWN)
 

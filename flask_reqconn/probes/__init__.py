@@ -101,8 +101,15 @@ _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.EBADF})
 
 
+#: Python's own socket class; None if gevent patched it before this import (then every
+#: socket takes the full check of :func:`peekable`).
+_PLAIN_SOCKET = socket.socket if socket.socket.__module__ == "socket" else None
+
+
 def peekable(sock: t.Any) -> _socket.socket | None:
     """The plain socket under *sock* if it can be peeked (not TLS), else None."""
+    if type(sock) is _PLAIN_SOCKET:  # gunicorn's, werkzeug's: the common case
+        return sock
     if sock is None or isinstance(sock, ssl.SSLSocket) or hasattr(sock, "_sslobj"):
         return None
     # gevent wraps a real socket; peeking through the wrapper would wait for
@@ -111,12 +118,16 @@ def peekable(sock: t.Any) -> _socket.socket | None:
     return raw if isinstance(raw, _socket.socket) else None
 
 
+#: What :func:`readable` asks ``poll()`` about: data, EOF, an error.
+_POLL_IN = select.POLLIN | select.POLLERR | select.POLLHUP
+
+
 def readable(fd: int) -> bool:
     """Is there something to read on *fd* (data, EOF, an error), right now?"""
     poll = getattr(select, "poll", None)
     if poll is not None:  # not under gevent's patched select
         p = poll()
-        p.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        p.register(fd, _POLL_IN)
         return bool(p.poll(0))
     ready, _, _ = select.select([fd], [], [], 0)
     return bool(ready)
