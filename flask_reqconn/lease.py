@@ -162,7 +162,7 @@ class Lease:
 
     Created by the pool's checkout; the connection is in ``conn`` while
     :attr:`active`. What the request is (method, path, endpoint, serving thread)
-    is its owner's, the request's :class:`RequestLeases`.
+    is its owner's, the request's :class:`~flask_reqconn.lease.RequestLeases`.
     """
 
     __slots__ = (
@@ -517,10 +517,12 @@ class RequestLeases:
 
     @property
     def method(self) -> str:
+        """The request's HTTP method."""
         return self.environ.get("REQUEST_METHOD", "")  # type: ignore[no-any-return]
 
     @property
     def path(self) -> str:
+        """The request's path (``PATH_INFO``)."""
         return self.environ.get("PATH_INFO", "")  # type: ignore[no-any-return]
 
     @property
