@@ -123,7 +123,7 @@ def checkout(
         _client_gone(state, req, name, lease)
     if holder.settings.read_only:
         make_read_only(lease.conn)
-    if state.policy.cancel_armed[req.endpoint, req.method]:
+    if state.policy.cancel_armed[lease.endpoint, lease.method]:
         lease.watch_client_later(probe, eof)
     return lease
 

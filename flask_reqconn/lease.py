@@ -161,14 +161,21 @@ class Lease:
     """A connection checked out from a pool for one request.
 
     Created by the pool's checkout; the connection is in ``conn`` while
-    :attr:`active`. What the request is (method, path, endpoint, serving thread)
-    is its owner's, the request's :class:`~flask_reqconn.lease.RequestLeases`.
+    :attr:`active`. It holds its request (:attr:`owner`) only while it holds the
+    connection: once released, it refers to nothing of the request but what the
+    request was (method, path, endpoint, serving thread), so that the request's
+    objects are freed as soon as the request is over, without the garbage
+    collector, as Flask frees its own.
     """
 
     __slots__ = (
         "conn",
         "handle",
         "owner",
+        "method",
+        "path",
+        "endpoint",
+        "thread_id",
         "requested_at",
         "checked_out_at",
         "wait_time",
@@ -195,9 +202,20 @@ class Lease:
         checkout_site: str | None = None,
     ) -> None:
         self._holder = holder
-        #: the request that may use the connection (None: anyone, a lease taken
-        #: outside a request)
+        #: the request that may use the connection, until the release (None: anyone,
+        #: a lease taken outside a request)
         self.owner = owner
+        if owner is not None:
+            environ = owner.environ
+            self.method: str = environ.get("REQUEST_METHOD", "")
+            self.path: str = environ.get("PATH_INFO", "")
+            self.endpoint = owner.endpoint
+            #: the thread serving the request (the WSGI server's; 0: unknown)
+            self.thread_id: int = environ.get(SERVING_THREAD, 0)
+        else:
+            self.method = self.path = ""
+            self.endpoint = None
+            self.thread_id = 0
         self.conn: LeasedConnection | None = None
         #: what get_conn() hands to the app: :attr:`conn`, or a strict-mode proxy of it
         self.handle: psycopg.Connection[t.Any] | None = None
@@ -232,23 +250,6 @@ class Lease:
     @property
     def pool_name(self) -> str:
         return self._holder.name
-
-    @property
-    def method(self) -> str:
-        return self.owner.method if self.owner is not None else ""
-
-    @property
-    def path(self) -> str:
-        return self.owner.path if self.owner is not None else ""
-
-    @property
-    def endpoint(self) -> str | None:
-        return self.owner.endpoint if self.owner is not None else None
-
-    @property
-    def thread_id(self) -> int:
-        """The thread serving the request (0: unknown)."""
-        return self.owner.thread_id if self.owner is not None else 0
 
     def __repr__(self) -> str:
         return (
@@ -361,6 +362,7 @@ class Lease:
             self._holder.give_back(self, reason)
         finally:
             self._state = _RELEASED
+            self.owner = None  # the connection may keep this lease: not its request
         return True
 
     def count(self, stat: Stat) -> None:
@@ -514,21 +516,6 @@ class RequestLeases:
         self.probe: ClientProbe | None = None
         #: the request is over (:meth:`end`): no more checkouts
         self.ended = False
-
-    @property
-    def method(self) -> str:
-        """The request's HTTP method."""
-        return self.environ.get("REQUEST_METHOD", "")  # type: ignore[no-any-return]
-
-    @property
-    def path(self) -> str:
-        """The request's path (``PATH_INFO``)."""
-        return self.environ.get("PATH_INFO", "")  # type: ignore[no-any-return]
-
-    @property
-    def thread_id(self) -> int:
-        """The thread serving the request (the WSGI server's; 0: unknown)."""
-        return self.environ.get(SERVING_THREAD, 0)  # type: ignore[no-any-return]
 
     def refusal(self) -> str:
         """Why code outside this request may not use its connection (as its owner)."""

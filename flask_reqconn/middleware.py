@@ -165,16 +165,18 @@ class LeaseGuard:
                 else functools.partial(self._start_response, environ, start_response),
             )
         except BaseException as exc:
-            req = environ.get(self._key)
+            req = environ.pop(self._key, None)
             if req is not None:
                 req.end(_reason_for(exc))
             raise
-        req = environ.get(self._key)
+        # out of the environ, which it refers to: without that cycle the request's
+        # objects are freed when it is over, without the garbage collector
+        req = environ.pop(self._key, None)
         if req is None:
             return app_iter
         if req.ended or (not req.streamed and not req.has_active()):
             return app_iter  # released by teardown (or nothing left to release)
-        return GuardedIterable(app_iter, req, state, environ.get(HELD_START))
+        return GuardedIterable(app_iter, req, state, environ.pop(HELD_START, None))
 
     def _start_response(
         self,

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+import gc
 import threading
 from typing import Any
 
-from flask import Flask
+import pytest
+from flask import Flask, stream_with_context
 from werkzeug.test import EnvironBuilder
 
-from flask_reqconn import ReleaseReason, checkout, state_of
-from flask_reqconn.lease import LeaseState
+from flask_reqconn import ReleaseReason, checkout, get_conn, state_of
+from flask_reqconn.lease import LeaseState, RequestLeases
 from flask_reqconn.middleware import GuardedIterable
 from tests.appfixtures import AppFactory, reqconn_of
 
@@ -111,3 +113,39 @@ def test_wsgi_wrapper_passes_non_streams_through_untouched(make_app: AppFactory)
     environ = EnvironBuilder(path="/").get_environ()
     result = app.wsgi_app(environ, lambda *a: None)
     assert not isinstance(result, GuardedIterable)
+
+
+@pytest.mark.parametrize("body", ["fixed", "streamed"])
+def test_a_request_leaves_nothing_for_the_garbage_collector(
+    make_app: AppFactory, body: str
+) -> None:
+    """As Flask frees its own request objects: once a request is over, nothing of
+    flask-reqconn's is left in a reference cycle (the environ and the request's
+    leases, the lease and its request), and the connection, which keeps the lease it
+    was released by, does not keep the request."""
+    app = make_app()
+
+    @app.get("/")
+    def index() -> Any:
+        get_conn().execute("select 1")
+        if body == "streamed":
+            return stream_with_context(iter([b"a", b"b"]))
+        return "ok"
+
+    client = app.test_client()
+    assert client.get("/").status_code == 200  # the pool is open
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            assert client.get("/").data in (b"ok", b"ab")
+        state = state_of(app)
+        requests = [
+            o for o in gc.get_objects() if isinstance(o, RequestLeases) and o.state is state
+        ]
+    finally:
+        gc.enable()
+    # not one per request: at most the last ones, which this thread's context and the
+    # test client still name
+    assert len(requests) <= 2, requests
+    assert reqconn_of(app).stats(app)["checked_out"] == 0
