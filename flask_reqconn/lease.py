@@ -161,7 +161,7 @@ class Lease:
     """A connection checked out from a pool for one request.
 
     Created by the pool's checkout; the connection is in ``conn`` while
-    :attr:`active`. It holds its request (:attr:`owner`) only while it holds the
+    :attr:`active`. It holds its request (``owner``) only while it holds the
     connection: once released, it refers to nothing of the request but what the
     request was (method, path, endpoint, serving thread), so that the request's
     objects are freed as soon as the request is over, without the garbage
