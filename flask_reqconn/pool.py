@@ -117,7 +117,7 @@ class PoolCounters:
             listener.checked_out(self.pool, wait)
 
     def released(self, lease: Lease, reason: ReleaseReason) -> None:
-        held = lease.released_at - lease.checked_out_at  # released: both are set
+        held = lease.held_for
         self._held.discard(lease)
         releases = self._releases
         releases.append((reason, held))
@@ -409,9 +409,9 @@ class PoolHolder:
         """Clean the lease's connection and return it to the pool. Never raises."""
         conn = lease.conn
         try:
-            if conn is None:
-                pass
-            elif lease.cancelled is _MAX_HOLD or lease.cancel_uncertain or lease.severed:
+            if conn is None:  # never activated: nothing to give back
+                return
+            if lease.cancelled is _MAX_HOLD or lease.cancel_uncertain or lease.severed:
                 # reclaimed (never reuse a connection a runaway request held), or
                 # a cancel request that may still be on its way: it would hit the
                 # next borrower's statement
@@ -608,7 +608,7 @@ class RequestPool(ConnectionPool[t.Any]):
         pool, so a second ``putconn()`` of it raises instead of growing the pool.
         """
         if conn.pgconn.transaction_status != _UNKNOWN:
-            ConnectionPool.putconn(self, conn)
+            super().putconn(conn)
             return
         self._check_pool_putconn(conn)
         conn._pool = None
