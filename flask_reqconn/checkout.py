@@ -31,7 +31,7 @@ from .lost import database_unavailable, lost_lease
 from .middleware import body_may_use_connection
 from .names import DEFAULT_POOL, CancelReason, ReleaseReason, Stat
 from .probes import probe_for
-from .sites import checkout_site
+from .sites import checkout_site, view_site
 from .state import state_of
 
 if t.TYPE_CHECKING:
@@ -98,10 +98,12 @@ def checkout(
     req: RequestLeases,
     name: str,
     *,
+    site: t.Callable[[], str | None] = checkout_site,
     quiet_exhaustion: bool = False,
 ) -> Lease:
     """Check out *name*'s connection for this request, skipping dead clients.
 
+    :param site: where the checkout happens, asked with leak detection on only.
     :param quiet_exhaustion: a fallback follows an exhaustion: do not count or log it.
     :raises ClientGone: the client left (499).
     :raises PoolExhausted: no connection in time (503).
@@ -116,7 +118,7 @@ def checkout(
     eof = settings.eof_means_gone
     if settings.check_client and probe.gone(eof):
         _client_gone(state, req, name)
-    lease = holder.checkout(req, site=checkout_site, quiet_exhaustion=quiet_exhaustion)
+    lease = holder.checkout(req, site=site, quiet_exhaustion=quiet_exhaustion)
     req.leases[name] = lease
     if settings.check_client and lease.wait_time > _RECHECK_AFTER_WAIT and probe.gone(eof):
         lease.release(ReleaseReason.CLIENT_GONE)
@@ -275,7 +277,7 @@ def before_request(state: AppState) -> None:
     ):
         req = request_leases(state, rq)
         req.routed = True  # eager views are never read-only: get_conn() is the default pool
-        checkout(state, req, DEFAULT_POOL)
+        checkout(state, req, DEFAULT_POOL, site=view_site)
 
 
 def after_request(state: AppState, response: Response) -> Response:

@@ -1,18 +1,26 @@
 """Where a request took its connection, for leak reports.
 
-Only used with leak detection on (``REQCONN_LEAK_THRESHOLD``). The frames of
-the app are found as Flask-SQLAlchemy's ``record_queries`` finds them: by the
-module name against the app's ``import_name`` (its top-level package), plus
-the view function itself, wherever it is defined. Frames are walked outward
-from the checkout up to Flask's dispatch of the view, without reading source
-lines (cheap enough for every checkout).
+Only used with leak detection on (``REQCONN_LEAK_THRESHOLD``).
+
+- An eager checkout runs in flask-reqconn's own ``before_request`` hook, before
+  the view: the stack holds no code of the app's that will use the connection
+  (at most the app's WSGI middleware, around it), so its site is the view
+  itself (:func:`view_site`), found once per view.
+- Any other checkout is a ``get_conn()`` call (:func:`checkout_site`). The frames
+  of the app are found as Flask-SQLAlchemy's ``record_queries`` finds them: by the
+  module name against the app's ``import_name`` (its top-level package), plus the
+  view function itself, wherever it is defined. Frames are walked outward from
+  the checkout up to Flask's dispatch of the view, without reading source lines
+  (cheap enough for every checkout).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
+import typing as t
 
 from flask import current_app, request
 
@@ -24,18 +32,17 @@ _DISPATCH = frozenset({("flask.app", "dispatch_request"), ("flask.helpers", "gen
 
 
 def checkout_site() -> str | None:
-    """The app's frames inside the view (innermost first), else the view itself.
+    """Where ``get_conn()`` was called: the app's frames inside the view (innermost
+    first), else the view itself (a call from outside the app's modules).
 
-    The view is named for an eager checkout, which runs before the view: its
-    definition is the best guess of who will use the connection. An ``async def``
-    view's coroutine runs in asgiref's thread, where Flask's dispatch is not up the
-    stack: its frames are all the walk finds.
+    An ``async def`` view's coroutine runs in asgiref's thread, where Flask's
+    dispatch is not up the stack: its frames are all the walk finds.
     """
-    app = current_app
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
     top = app.import_name.partition(".")[0]
     prefix = f"{top}."
-    view = app.view_functions.get(request.endpoint or "")
-    view_code = getattr(inspect.unwrap(view), "__code__", None) if view is not None else None
+    view = app.view_functions.get(request._get_current_object().endpoint or "")  # type: ignore[attr-defined]
+    view_code = _code_of(view) if view is not None else None
     found: list[str] = []
     frame = sys._getframe(1)
     for _ in range(_MAX_FRAMES):
@@ -52,7 +59,31 @@ def checkout_site() -> str | None:
         frame = frame.f_back  # type: ignore[assignment]
     if found:  # no dispatch on this thread: an async view's coroutine, in asgiref's thread
         return " <- ".join(found[:_MAX_SITES])
-    if view_code is None:
+    return None if view is None else _view_site(view, "view")
+
+
+def view_site() -> str | None:
+    """The current request's view, where an eager checkout names it (None: no view).
+
+    Through the objects behind Flask's proxies: an attribute read through a proxy
+    costs the message of an ``AttributeError`` first.
+    """
+    endpoint = request._get_current_object().endpoint  # type: ignore[attr-defined]
+    view = current_app._get_current_object().view_functions.get(endpoint or "")  # type: ignore[attr-defined]
+    return None if view is None else _view_site(view, "view, eager checkout")
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_of(view: t.Callable[..., t.Any]) -> t.Any:
+    """The code of *view*'s own function, under its decorators (None: not a function)."""
+    return getattr(inspect.unwrap(view), "__code__", None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _view_site(view: t.Callable[..., t.Any], what: str) -> str | None:
+    """Where *view* is defined, as leak reports name it, with *what* in brackets."""
+    code = _code_of(view)
+    if code is None:
         return None
     name = getattr(view, "__qualname__", "?")
-    return f"{view_code.co_filename}:{view_code.co_firstlineno} in {name} (view, eager checkout)"
+    return f"{code.co_filename}:{code.co_firstlineno} in {name} ({what})"

@@ -90,6 +90,40 @@ def test_eager_checkout_site_names_the_view(
     assert "slow_view (view, eager checkout)" in warnings[0]
 
 
+class _AppMiddleware:
+    """WSGI middleware of the app's own, around ``wsgi_app``: app code on the stack of
+    every hook, though not the code that uses the connection."""
+
+    def __init__(self, wsgi_app: Any) -> None:
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        return self.wsgi_app(environ, start_response)
+
+
+def test_eager_checkout_site_is_the_view_whatever_app_code_is_around_it(
+    make_app: AppFactory,
+) -> None:
+    """The app's package is this test's (so the test and the middleware are app code,
+    up the stack of the eager checkout): the site is still the view."""
+    app = make_app(leak_threshold=30)
+    app.import_name = __name__
+    app.wsgi_app = _AppMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    seen: list[Any] = []
+
+    @app.get("/held")
+    def held_view() -> str:
+        seen.append(stats(app)["pools"]["default"]["holders"])
+        return "ok"
+
+    for _ in range(2):  # the second from what the first found
+        assert app.test_client().get("/held").status_code == 200
+    code = held_view.__code__
+    view = f"{code.co_filename}:{code.co_firstlineno} in {held_view.__qualname__}"
+    sites = [holders[0]["checkout_site"] for holders in seen]
+    assert sites == [f"{view} (view, eager checkout)"] * 2
+
+
 def test_fast_requests_never_warn(make_app: AppFactory, caplog: pytest.LogCaptureFixture) -> None:
     app = make_app(leak_threshold=5)
 
