@@ -194,7 +194,7 @@ class RequestPool(Pool):
             proxy = RequestConnection(conn, lease)
             environ[self._environ_key] = proxy
             # sessions left on it are rolled back when the lease ends (see .sessions)
-            sessions.watch(state_of(current_app))
+            sessions.watch(state_of())
         # The request's record, unless SQLAlchemy invalidated it: a hard invalidation
         # took the wrapper out of it; a soft one (or a hard one that a listener
         # interrupted), which leaves it in, made the wrapper forget it (_forget_record).
@@ -339,7 +339,7 @@ def _on_error(context: ExceptionContext) -> None:
     if not isinstance(orig, psycopg.OperationalError) or not has_request_context():
         return
     try:
-        state = state_of(current_app)
+        state = state_of()
     except ReqConnError:
         return
     if isinstance(orig, psycopg.errors.QueryCanceled):
