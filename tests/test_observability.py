@@ -261,6 +261,10 @@ def test_metrics_parse_and_carry_the_documented_names(make_app: AppFactory) -> N
                  reason="teardown") == 3  # fmt: skip
     assert value("flask_reqconn_checked_out", "flask_reqconn_checked_out") == 0
     assert value("flask_reqconn_hold_seconds", "flask_reqconn_hold_seconds_count") == 3
+    # every series of the pool is there from the start, at 0: a rate sees the first event
+    assert value("flask_reqconn_pool_exhausted", "flask_reqconn_pool_exhausted_total",
+                 pool="default") == 0  # fmt: skip
+    assert value("flask_reqconn_releases", "flask_reqconn_releases_total", reason="abort") == 0
 
 
 @pytest.mark.slow
