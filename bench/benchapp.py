@@ -73,14 +73,16 @@ APPLICATION_NAME_PREFIX = "bench_"
 VARIANTS = (
     "bare", "eager", "lazy", "fsqla", "plain", "fsqlarc", "plainshape", "bareshape", "floor"
 )  # fmt: skip
-#: Suffixes for ``eager`` and ``lazy`` that switch one feature off each, combinable
-#: (``eager-noreset-nocheck``): what each safety feature costs.
+#: Suffixes for ``eager`` and ``lazy`` that switch one feature off (or on) each,
+#: combinable (``eager-noreset-nocheck``): what each safety feature costs.
 FEATURE_SWITCHES: dict[str, dict[str, Any]] = {
     "noreset": {"REQCONN_RESET_SESSION": False},
     "nocheck": {"REQCONN_CHECK_CLIENT": False},
     "nocancel": {"REQCONN_CANCEL_ON_DISCONNECT": "off"},
     "noprep": {"REQCONN_CONNECT_ARGS": {"prepare_threshold": None}},
     "leak": {"REQCONN_LEAK_THRESHOLD": 30},
+    # not a setting: PrometheusMetrics on the app, in a registry of its own
+    "metrics": {"BENCH_METRICS": True},
 }
 #: Suffixes for ``fsqla`` (the app on its own ``QueuePool``), combinable: the
 #: ``SQLALCHEMY_ENGINE_OPTIONS`` real Flask-SQLAlchemy apps add to theirs.
@@ -814,9 +816,16 @@ def _reqconn(
             **extra.pop("REQCONN_CONNECT_ARGS", {}),
         },
     )
+    metrics = extra.pop("BENCH_METRICS", False)
     app.config.update(extra)
     reqconn = ReqConn(app)
     app.extensions["bench_reqconn"] = reqconn
+    if metrics:
+        from prometheus_client import CollectorRegistry
+
+        from flask_reqconn.integrations.prometheus import PrometheusMetrics
+
+        PrometheusMetrics(CollectorRegistry()).init_app(app)
 
     @app.get("/select1")
     def select1() -> str:
