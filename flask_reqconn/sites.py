@@ -5,7 +5,7 @@ Only used with leak detection on (``REQCONN_LEAK_THRESHOLD``).
 - An eager checkout runs in flask-reqconn's own ``before_request`` hook, before
   the view: the stack holds no code of the app's that will use the connection
   (at most the app's WSGI middleware, around it), so its site is the view
-  itself (:func:`view_site`), found once per view.
+  itself (:func:`view_site`), its code found once per view.
 - Any other checkout is a ``get_conn()`` call (:func:`checkout_site`). The frames
   of the app are found as Flask-SQLAlchemy's ``record_queries`` finds them: by the
   module name against the app's ``import_name`` (its top-level package), plus the
@@ -16,11 +16,11 @@ Only used with leak detection on (``REQCONN_LEAK_THRESHOLD``).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import sys
 import typing as t
+import weakref
 
 from flask import current_app, request
 
@@ -73,13 +73,23 @@ def view_site() -> str | None:
     return None if view is None else _view_site(view, "view, eager checkout")
 
 
-@functools.lru_cache(maxsize=1024)
+#: Each view's own code, under its decorators, once found (weakly: apps come and go,
+#: in test suites most of all).
+_codes: weakref.WeakKeyDictionary[t.Callable[..., t.Any], t.Any] = weakref.WeakKeyDictionary()
+
+
 def _code_of(view: t.Callable[..., t.Any]) -> t.Any:
     """The code of *view*'s own function, under its decorators (None: not a function)."""
-    return getattr(inspect.unwrap(view), "__code__", None)
+    try:
+        return _codes[view]
+    except KeyError:
+        pass
+    except TypeError:  # pragma: no cover - a view that cannot be weakly referenced
+        return getattr(inspect.unwrap(view), "__code__", None)
+    code = _codes[view] = getattr(inspect.unwrap(view), "__code__", None)
+    return code
 
 
-@functools.lru_cache(maxsize=1024)
 def _view_site(view: t.Callable[..., t.Any], what: str) -> str | None:
     """Where *view* is defined, as leak reports name it, with *what* in brackets."""
     code = _code_of(view)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -11,7 +13,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from flask_reqconn import ConfigError, get_conn, state_of
+from flask_reqconn import ConfigError, ReqConn, get_conn, state_of
 from flask_reqconn.integrations.prometheus import PrometheusMetrics
 from flask_reqconn.stats import BUCKETS
 from tests import pg
@@ -122,6 +124,25 @@ def test_eager_checkout_site_is_the_view_whatever_app_code_is_around_it(
     view = f"{code.co_filename}:{code.co_firstlineno} in {held_view.__qualname__}"
     sites = [holders[0]["checkout_site"] for holders in seen]
     assert sites == [f"{view} (view, eager checkout)"] * 2
+
+
+def test_leak_detection_keeps_no_view_of_an_app_that_is_gone(pg_dsn: str) -> None:
+    """Test suites make an app per test: what a checkout site remembers of a view must
+    not keep the view, or the app its closure refers to, alive."""
+    app = Flask(pg.unique_name("rc"))
+    app.config.update(REQCONN_CONNINFO=pg_dsn, REQCONN_MIN_SIZE=0, REQCONN_LEAK_THRESHOLD=30)
+    reqconn = ReqConn(app)
+
+    @app.get("/")
+    def index() -> str:
+        return str(get_conn().execute("select 1").fetchone()[0]) + app.name[:0]
+
+    assert app.test_client().get("/").status_code == 200
+    reqconn.close(app)
+    gone = weakref.ref(index)
+    del index, app, reqconn
+    gc.collect()
+    assert gone() is None
 
 
 def test_fast_requests_never_warn(make_app: AppFactory, caplog: pytest.LogCaptureFixture) -> None:

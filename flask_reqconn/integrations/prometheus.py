@@ -159,7 +159,7 @@ class _PoolListener:
 
     Each metric's child for the pool's labels is made once, here, as
     ``prometheus_client`` advises: ``labels()`` checks and looks its labels up under a
-    lock on every call, which cost a request more than the rest of flask-reqconn. Every
+    lock on every call, which would cost each event more than the update itself. Every
     series of the pool is thereby exported from the start, at 0, so a rate sees the
     first event too.
     """
