@@ -145,6 +145,25 @@ def test_leak_detection_keeps_no_view_of_an_app_that_is_gone(pg_dsn: str) -> Non
     assert gone() is None
 
 
+class _SlottedView:
+    """A view that cannot be referenced weakly: a callable object with slots."""
+
+    __slots__ = ()
+
+    def __call__(self) -> str:
+        return str(get_conn().execute("select 1").fetchone()[0])
+
+
+@pytest.mark.parametrize("checkout", ["eager", "lazy"])
+def test_leak_detection_takes_views_that_cannot_be_referenced_weakly(
+    make_app: AppFactory, checkout: str
+) -> None:
+    app = make_app(leak_threshold=30, checkout=checkout)
+    app.add_url_rule("/", "slotted", _SlottedView())
+    for _ in range(2):
+        assert app.test_client().get("/").status_code == 200
+
+
 def test_fast_requests_never_warn(make_app: AppFactory, caplog: pytest.LogCaptureFixture) -> None:
     app = make_app(leak_threshold=5)
 
